@@ -1,0 +1,30 @@
+# The README's two commands. Both bootstrap .venv on a fresh machine with only Python installed.
+# torch is installed first, pinned, so that pip keeps it when it installs the project:
+# the default is the CPU build; for a GPU machine pass e.g.
+#   make demo TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu128"
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.weightwise-installed
+
+.PHONY: demo test bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) examples/bbc_news_noisy_labels.py
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest
+
+bench: $(STAMP)
+	$(PY) benchmarks/score_store.py
+
+clean:
+	rm -rf $(VENV) lightning_logs wandb runs .pytest_cache

@@ -1,0 +1,21 @@
+"""Pure functions on per-sample losses, usable in any PyTorch training loop.
+
+* :func:`sequence_loss` - token-level LM loss reduced to one value per sequence.
+* :func:`loss_weights` - the loss-based reweighting strategies of Sow et al. (ICLR 2025).
+* :func:`weighted_mean` - the weighted reduction to the scalar that is backpropagated.
+"""
+
+from weightwise.losses.per_sample import check_per_sample_loss, sequence_loss
+from weightwise.losses.reduction import weighted_mean
+from weightwise.losses.reweighting import STRATEGIES, Strategy, loss_weights, normalize_losses, strategy_scores
+
+__all__ = [
+    "STRATEGIES",
+    "Strategy",
+    "check_per_sample_loss",
+    "loss_weights",
+    "normalize_losses",
+    "sequence_loss",
+    "strategy_scores",
+    "weighted_mean",
+]

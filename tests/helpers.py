@@ -1,0 +1,63 @@
+"""Tiny real models and data shared by the tests (a linear classifier on separable Gaussian blobs)."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from weightwise import IndexedDataset
+
+N_FEATURES, N_CLASSES = 8, 3
+
+
+def blobs(n: int = 64, seed: int = 0) -> TensorDataset:
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, N_CLASSES, (n,), generator=gen)
+    centers = torch.randn(N_CLASSES, N_FEATURES, generator=gen) * 3
+    x = centers[y] + torch.randn(n, N_FEATURES, generator=gen)
+    return TensorDataset(x, y)
+
+
+def indexed_loader(n: int = 64, batch_size: int = 8, shuffle: bool = False, seed: int = 0) -> DataLoader:
+    return DataLoader(IndexedDataset(blobs(n, seed)), batch_size=batch_size, shuffle=shuffle)
+
+
+class Classifier(pl.LightningModule):
+    """``per_sample=True``: returns the unreduced loss ``[B]`` (weightwise style); else the mean."""
+
+    def __init__(self, per_sample: bool = True, lr: float = 0.1, optimizer: str = "sgd") -> None:
+        super().__init__()
+        self.per_sample = per_sample
+        self.lr = lr
+        self.optimizer = optimizer
+        self.net = torch.nn.Sequential(torch.nn.Linear(N_FEATURES, 16), torch.nn.Tanh(), torch.nn.Linear(16, N_CLASSES))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch[0], batch[1]
+        losses = F.cross_entropy(self.net(x), y, reduction="none")
+        return losses if self.per_sample else losses.mean()
+
+    def configure_optimizers(self):
+        if self.optimizer == "adamw":
+            return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.01)
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def trainer(**kwargs) -> pl.Trainer:
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    defaults.update(kwargs)
+    return pl.Trainer(**defaults)
+
+
+def flat_params(module: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in module.parameters()])

@@ -1,0 +1,64 @@
+import math
+
+import pytest
+import torch
+
+from weightwise import SampleScoreStore
+
+
+def test_update_records_loss_ema_count_step():
+    store = SampleScoreStore(ema_decay=0.5)
+    store.update(torch.tensor([3, 1]), torch.tensor([2.0, 4.0]), step=0, weights=torch.tensor([0.5, 1.5]))
+    assert len(store) == 4
+    assert store.count.tolist() == [0, 1, 0, 1]
+    assert math.isnan(store.loss[0]) and store.loss[3] == 2.0
+    assert store.last_step.tolist() == [-1, 0, -1, 0]
+    assert store.weight[1] == 1.5
+    store.update(torch.tensor([3]), torch.tensor([4.0]), step=5)
+    assert store.ema[3] == 0.5 * 2.0 + 0.5 * 4.0
+    assert store.loss[3] == 4.0 and store.count[3] == 2 and store.last_step[3] == 5
+    assert store.seen.tolist() == [False, True, False, True]
+
+
+def test_repeated_ids_in_one_batch_keep_the_last_occurrence_and_count_once():
+    store = SampleScoreStore(num_samples=3)
+    store.update(torch.tensor([2, 0, 2]), torch.tensor([1.0, 5.0, 9.0]), step=1)
+    assert store.loss[2] == 9.0 and store.count[2] == 1 and store.count[0] == 1
+
+
+def test_grows_past_preallocation_and_keeps_values():
+    store = SampleScoreStore(num_samples=2)
+    store.update(torch.tensor([1]), torch.tensor([1.0]), step=0)
+    store.update(torch.tensor([100]), torch.tensor([2.0]), step=1)
+    assert len(store) == 101 and store.loss[1] == 1.0 and store.loss[100] == 2.0
+
+
+def test_state_dict_round_trip():
+    store = SampleScoreStore(ema_decay=0.8)
+    store.update(torch.arange(5), torch.arange(5).float(), step=3)
+    restored = SampleScoreStore()
+    restored.load_state_dict(store.state_dict())
+    assert restored.ema_decay == 0.8 and len(restored) == 5
+    for field in ("loss", "ema", "count", "last_step"):
+        assert torch.equal(getattr(restored, field), getattr(store, field))
+    with pytest.raises(KeyError, match="lacks"):
+        restored.load_state_dict({"loss": torch.zeros(1)})
+
+
+def test_bad_input():
+    store = SampleScoreStore()
+    with pytest.raises(ValueError, match="1-D"):
+        store.update(torch.arange(3), torch.rand(4), step=0)
+    with pytest.raises(ValueError, match="non-negative"):
+        store.update(torch.tensor([-1]), torch.rand(1), step=0)
+    with pytest.raises(ValueError, match="ema_decay"):
+        SampleScoreStore(ema_decay=1.0)
+
+
+def test_million_sample_store_updates_only_the_batch():
+    # Not a timing assertion (those live in benchmarks/): a Python loop over N would show up as a
+    # touched-entry count of N; here only the batch's entries change.
+    store = SampleScoreStore(num_samples=1_000_000)
+    ids = torch.randint(0, 1_000_000, (4096,))
+    store.update(ids, torch.rand(4096), step=0)
+    assert int(store.count.sum()) == ids.unique().numel()
