@@ -1,0 +1,94 @@
+"""Real 2-process runs on CPU with the gloo backend."""
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import Classifier, blobs, flat_params, trainer
+from lightning.pytorch import seed_everything
+from torch.utils.data import DataLoader, DistributedSampler
+
+from weightwise import IndexedDataset
+
+from weightwise.callbacks import LossReweighting
+
+SCRIPTS = Path(__file__).parent / "scripts"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_script(*args: str) -> None:
+    done = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def test_all_gather_variable_with_unequal_lengths(tmp_path):
+    run_script(str(SCRIPTS / "gather.py"), str(tmp_path), str(free_port()))
+    expected_ids = [0, 1, 2, 100, 101, 102, 103, 104]
+    for rank, local in ((0, (0, 3)), (1, (3, 8))):
+        out = torch.load(tmp_path / f"rank{rank}.pt")
+        assert out["ids"].tolist() == expected_ids
+        assert out["losses"].tolist() == [0.0, 1.0, 2.0, 10.0, 11.0, 12.0, 13.0, 14.0]
+        assert out["local"] == local
+
+
+def ddp_fit_run(out_dir: Path, strategy: str, *extra: str) -> list[dict]:
+    run_script(str(SCRIPTS / "ddp_fit.py"), str(out_dir), strategy, *extra)
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def linupper_ddp_run(tmp_path_factory) -> list[dict]:
+    return ddp_fit_run(tmp_path_factory.mktemp("ddp_linupper"), "linupper")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["linupper", "quadratic"])
+def test_ddp_weights_use_the_global_batch_and_match_single_process(tmp_path, strategy, request):
+    import ddp_fit  # the script's constants, so both runs see the same setup
+
+    ranks = request.getfixturevalue("linupper_ddp_run") if strategy == "linupper" else ddp_fit_run(tmp_path, strategy)
+
+    # Every rank's score store holds every sample, seen once per epoch, with identical values.
+    for field in ("loss", "ema", "weight", "count", "last_step"):
+        assert torch.equal(ranks[0]["scores"][field], ranks[1]["scores"][field]), field
+    assert ranks[0]["scores"]["count"].tolist() == [ddp_fit.EPOCHS] * ddp_fit.N_SAMPLES
+
+    # One process fed each step's *global* batch (both ranks' samples, in the DistributedSampler's
+    # order) takes the same steps: the weights were computed over the global batch.
+    dataset = IndexedDataset(blobs(ddp_fit.N_SAMPLES))
+    global_batches = []
+    for epoch in range(ddp_fit.EPOCHS):
+        shards = []
+        for rank in (0, 1):
+            sampler = DistributedSampler(dataset, num_replicas=2, rank=rank, shuffle=True, seed=0)
+            sampler.set_epoch(epoch)
+            shards.append(list(sampler))
+        for start in range(0, len(shards[0]), ddp_fit.LOCAL_BATCH):
+            global_batches.append([i for shard in shards for i in shard[start : start + ddp_fit.LOCAL_BATCH]])
+    seed_everything(0)
+    single = Classifier(lr=0.5)
+    callback = LossReweighting(strategy)
+    trainer(max_epochs=1, callbacks=[callback]).fit(single, DataLoader(dataset, batch_sampler=global_batches))
+    assert torch.allclose(ranks[0]["params"], flat_params(single), atol=1e-5)
+    assert torch.allclose(ranks[0]["scores"]["weight"], callback.reducer.scores.weight, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_ddp_checkpoint_resume_continues_the_same_run(tmp_path, linupper_ddp_run):
+    import ddp_fit
+
+    ddp_fit_run(tmp_path, "linupper", "1")  # first epoch, then stop
+    assert torch.load(tmp_path / "last.ckpt", weights_only=False)["weightwise"]["scores"]["count"].sum() == 48
+    resumed = ddp_fit_run(tmp_path, "linupper", str(ddp_fit.EPOCHS), str(tmp_path / "last.ckpt"))
+    straight = linupper_ddp_run
+    assert torch.allclose(resumed[0]["params"], straight[0]["params"], atol=1e-6)
+    for field in ("loss", "ema", "weight", "count", "last_step"):
+        assert torch.allclose(resumed[1]["scores"][field].double(), straight[1]["scores"][field].double()), field
