@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from weightwise import IndexedDataset
+from weightwise.losses import el2n
 
 N_FEATURES, N_CLASSES = 8, 3
 
@@ -20,24 +21,31 @@ def blobs(n: int = 64, seed: int = 0) -> TensorDataset:
     return TensorDataset(x, y)
 
 
-def indexed_loader(n: int = 64, batch_size: int = 8, shuffle: bool = False, seed: int = 0) -> DataLoader:
-    return DataLoader(IndexedDataset(blobs(n, seed)), batch_size=batch_size, shuffle=shuffle)
+def indexed_loader(n: int = 64, batch_size: int = 8, shuffle: bool = False, seed: int = 0, sampler=None) -> DataLoader:
+    return DataLoader(IndexedDataset(blobs(n, seed)), batch_size=batch_size, shuffle=shuffle, sampler=sampler)
 
 
 class Classifier(pl.LightningModule):
     """``per_sample=True``: returns the unreduced loss ``[B]`` (weightwise style); else the mean."""
 
-    def __init__(self, per_sample: bool = True, lr: float = 0.1, optimizer: str = "sgd") -> None:
+    def __init__(self, per_sample: bool = True, lr: float = 0.1, optimizer: str = "sgd", el2n: bool = False) -> None:
         super().__init__()
         self.per_sample = per_sample
+        self.el2n = el2n
         self.lr = lr
         self.optimizer = optimizer
         self.net = torch.nn.Sequential(torch.nn.Linear(N_FEATURES, 16), torch.nn.Tanh(), torch.nn.Linear(16, N_CLASSES))
 
     def training_step(self, batch, batch_idx):
         x, y = batch[0], batch[1]
-        losses = F.cross_entropy(self.net(x), y, reduction="none")
+        logits = self.net(x)
+        losses = F.cross_entropy(logits, y, reduction="none")
+        if self.el2n:
+            return {"loss": losses, "scores": {"el2n": el2n(logits, y)}}
         return losses if self.per_sample else losses.mean()
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", F.cross_entropy(self.net(batch[0]), batch[1]))
 
     def configure_optimizers(self):
         if self.optimizer == "adamw":

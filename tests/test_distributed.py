@@ -92,3 +92,23 @@ def test_ddp_checkpoint_resume_continues_the_same_run(tmp_path, linupper_ddp_run
     assert torch.allclose(resumed[0]["params"], straight[0]["params"], atol=1e-6)
     for field in ("loss", "ema", "weight", "count", "last_step"):
         assert torch.allclose(resumed[1]["scores"][field].double(), straight[1]["scores"][field].double()), field
+
+
+@pytest.mark.slow
+def test_ddp_pruning_shards_one_plan_disjointly_on_every_rank(tmp_path):
+    import ddp_pruning
+
+    run_script(str(SCRIPTS / "ddp_pruning.py"), str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert ranks[0]["plans"] == ranks[1]["plans"]  # identical decisions on every rank
+    assert ranks[0]["ledger"]["samples_visited"] == ranks[1]["ledger"]["samples_visited"]
+    pruned_epochs = 0
+    for epoch, plan in ranks[0]["plans"].items():
+        shard0, shard1 = ranks[0]["ids"][epoch], ranks[1]["ids"][epoch]
+        assert not set(shard0) & set(shard1), epoch  # disjoint
+        assert sorted(shard0 + shard1) == sorted(plan), epoch  # together exactly the plan, no repeats
+        assert len(set(plan)) == len(plan)
+        pruned_epochs += len(plan) < ddp_pruning.N_SAMPLES
+    assert pruned_epochs >= 2
+    for field in ("loss", "count", "weight"):
+        assert torch.equal(ranks[0]["scores"][field].nan_to_num(-1), ranks[1]["scores"][field].nan_to_num(-1))

@@ -62,3 +62,23 @@ def test_million_sample_store_updates_only_the_batch():
     ids = torch.randint(0, 1_000_000, (4096,))
     store.update(ids, torch.rand(4096), step=0)
     assert int(store.count.sum()) == ids.unique().numel()
+
+
+def test_named_signals_are_recorded_grown_and_checkpointed():
+    store = SampleScoreStore()
+    store.update(torch.arange(3), torch.rand(3), step=0)
+    store.record("el2n", torch.tensor([0, 2]), torch.tensor([0.5, 0.7]))
+    store.update(torch.tensor([9]), torch.rand(1), step=1)  # grows the signal too
+    el2n = store.signal("el2n")
+    assert len(el2n) == 10 and el2n[0] == 0.5 and el2n[2] == 0.7 and math.isnan(el2n[1]) and math.isnan(el2n[9])
+    restored = SampleScoreStore()
+    restored.load_state_dict(store.state_dict())
+    assert torch.equal(restored.signal("el2n").nan_to_num(-1), el2n.nan_to_num(-1))
+    assert restored.signal_names == ["el2n"]
+
+
+def test_unknown_signal_error_names_the_fix():
+    with pytest.raises(KeyError, match="'scores'"):
+        SampleScoreStore().signal("grand")
+    with pytest.raises(ValueError, match="built-in"):
+        SampleScoreStore().record("loss", torch.arange(2), torch.rand(2))

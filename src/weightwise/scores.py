@@ -1,5 +1,8 @@
 """The per-sample score store: what the run currently knows about every training sample.
 
+Besides the loss it records any named per-sample signal a ``training_step`` returns (e.g. EL2N or
+a gradient-norm bound, see :mod:`weightwise.losses.scores`), so samplers can rank samples by it.
+
 Pruning, importance sampling and reporting read it; the loss reducer writes it once per step with
 the *global* batch (every rank's samples), so on every rank it holds the same values and the
 decisions taken from it agree (contract 5). It is saved in and restored from Lightning
@@ -39,6 +42,7 @@ class SampleScoreStore:
             raise ValueError(f"num_samples must be >= 0, got {num_samples}")
         self.ema_decay = ema_decay
         self._size = num_samples
+        self._signals: dict[str, Tensor] = {}
         self._alloc(num_samples, torch.device("cpu"))
 
     def _alloc(self, capacity: int, device: torch.device) -> None:
@@ -48,6 +52,7 @@ class SampleScoreStore:
         self._weight = torch.full((capacity,), nan, device=device)
         self._count = torch.zeros(capacity, dtype=torch.long, device=device)
         self._last_step = torch.full((capacity,), -1, dtype=torch.long, device=device)
+        self._signals = {name: torch.full((capacity,), nan, device=device) for name in self._signals}
 
     def __len__(self) -> int:
         return self._size
@@ -82,6 +87,37 @@ class SampleScoreStore:
         return self._last_step[: self._size]
 
     @property
+    def signal_names(self) -> list[str]:
+        """Names of the extra signals recorded so far (besides loss, ema, weight)."""
+        return sorted(self._signals)
+
+    def signal(self, name: str) -> Tensor:
+        """A per-sample signal by name, ``[N]``: ``"loss"``, ``"ema"``, ``"weight"`` or a recorded one."""
+        if name in ("loss", "ema", "weight"):
+            return getattr(self, name)
+        if name not in self._signals:
+            raise KeyError(
+                f"no per-sample signal {name!r} was recorded (have: loss, ema, weight"
+                f"{''.join(', ' + n for n in self.signal_names)}). Return it from training_step as"
+                f" {{'loss': losses, 'scores': {{{name!r}: values}}}}, e.g. weightwise.losses.el2n(logits, y)."
+            )
+        return self._signals[name][: self._size]
+
+    def record(self, name: str, sample_ids: Tensor, values: Tensor) -> None:
+        """Store a named per-sample signal (latest value wins) for ``sample_ids``."""
+        if name in ("loss", "ema", "weight", "count", "last_step"):
+            raise ValueError(f"{name!r} is a built-in field; record extra signals under another name")
+        if sample_ids.shape != values.shape or sample_ids.ndim != 1:
+            raise ValueError(f"signal {name!r}: ids {tuple(sample_ids.shape)} and values {tuple(values.shape)} must be 1-D of one length")
+        if sample_ids.numel() == 0:
+            return
+        ids = sample_ids.to(device=values.device, dtype=torch.long)
+        self._ensure(int(ids.max()) + 1, values.device)
+        if name not in self._signals:
+            self._signals[name] = torch.full((self._loss.numel(),), float("nan"), device=self.device)
+        self._signals[name][ids] = values.detach().float()
+
+    @property
     def seen(self) -> Tensor:
         """Boolean mask of samples trained on at least once, ``[N]``."""
         return self.count > 0
@@ -90,12 +126,16 @@ class SampleScoreStore:
         if device != self.device:
             for name in _FIELDS:
                 setattr(self, f"_{name}", getattr(self, f"_{name}").to(device))
+            self._signals = {name: values.to(device) for name, values in self._signals.items()}
         capacity = self._loss.numel()
         if size > capacity:
             old = {name: getattr(self, f"_{name}") for name in _FIELDS}
+            old_signals = self._signals
             self._alloc(max(size, 2 * capacity), device)
             for name, values in old.items():
                 getattr(self, f"_{name}")[:capacity] = values
+            for name, values in old_signals.items():
+                self._signals[name][:capacity] = values
         self._size = max(self._size, size)
 
     def update(self, sample_ids: Tensor, losses: Tensor, step: int, weights: Tensor | None = None) -> None:
@@ -138,6 +178,7 @@ class SampleScoreStore:
     def state_dict(self) -> dict[str, Any]:
         """CPU copies of the filled part of every field, and the EMA decay."""
         state: dict[str, Any] = {name: getattr(self, name).cpu().clone() for name in _FIELDS}
+        state["signals"] = {name: self.signal(name).cpu().clone() for name in self._signals}
         state["ema_decay"] = self.ema_decay
         return state
 
@@ -151,3 +192,4 @@ class SampleScoreStore:
         self._size = int(state["loss"].numel())
         for name in _FIELDS:
             setattr(self, f"_{name}", state[name].to(device).clone())
+        self._signals = {name: values.to(device).clone() for name, values in state.get("signals", {}).items()}

@@ -117,26 +117,42 @@ class PerSampleLossReducer:
         if isinstance(output, Mapping):
             if "loss" not in output:
                 raise MisconfigurationException("training_step returned a dict without a 'loss' key")
-            extra = {k: v for k, v in output.items() if k not in ("loss", "sample_ids")}
-            losses, ids = output["loss"], output.get("sample_ids")
+            extra = {k: v for k, v in output.items() if k not in ("loss", "sample_ids", "scores")}
+            losses, ids, signals = output["loss"], output.get("sample_ids"), output.get("scores", {})
         else:
-            extra, losses, ids = None, output, None
+            extra, losses, ids, signals = None, output, None, {}
         if ids is None:
             ids = sample_ids_from_batch(batch, self.sample_id_key)
         losses = check_per_sample_loss(losses, batch_size=int(ids.numel()))
-        loss = self._weighted_loss(losses, ids.to(losses.device))
+        loss = self._weighted_loss(losses, ids.to(losses.device), self._check_signals(signals, losses))
         return loss if extra is None else {"loss": loss, **extra}
 
-    def _weighted_loss(self, losses: Tensor, ids: Tensor) -> Tensor:
-        (global_losses, global_ids), local = distributed.all_gather_variable(losses.float(), ids.long())
+    @staticmethod
+    def _check_signals(signals: Any, losses: Tensor) -> dict[str, Tensor]:
+        if not isinstance(signals, Mapping) or not all(
+            isinstance(v, Tensor) and v.shape == losses.shape for v in signals.values()
+        ):
+            raise ValueError(
+                "training_step's 'scores' must be a dict of per-sample tensors shaped like the loss"
+                f" {tuple(losses.shape)}, e.g. {{'el2n': weightwise.losses.el2n(logits, y)}}"
+            )
+        return {name: v.detach().float().to(losses.device) for name, v in signals.items()}
+
+    def _weighted_loss(self, losses: Tensor, ids: Tensor, signals: dict[str, Tensor]) -> Tensor:
+        names = list(signals)
+        gathered, local = distributed.all_gather_variable(losses.float(), ids.long(), *signals.values())
+        global_losses, global_ids, global_signals = gathered[0], gathered[1], gathered[2:]
         finite = torch.isfinite(global_losses)
         n_finite = int(finite.sum())
         if n_finite < global_losses.numel():
             self._handle_nonfinite(global_ids[~finite], n_finite)
             global_losses, global_ids = global_losses[finite], global_ids[finite]
+            global_signals = [values[finite] for values in global_signals]
             local_finite = finite[local]
             local = slice(int(finite[: local.start].sum()), int(finite[: local.stop].sum()))
             losses = losses[local_finite]
+        for name, values in zip(names, global_signals):
+            self.scores.record(name, global_ids, values)
 
         weights = torch.ones_like(global_losses)
         for contributor in self.contributors:

@@ -1,0 +1,143 @@
+"""``DataPruning``: connects a weightwise sampler to the run and keeps the compute-savings ledger."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from weightwise.callbacks.base import SampleWeightCallback
+from weightwise.callbacks.reduction import NonFinitePolicy
+from weightwise.data import SAMPLE_ID_KEY
+from weightwise.samplers import EpochSampler, InfoBatchSampler
+
+
+class DataPruning(SampleWeightCallback):
+    """Dynamic data pruning / importance sampling with a sampler from :mod:`weightwise.samplers`.
+
+    Put the sampler in the training ``DataLoader`` and this callback in the ``Trainer``::
+
+        sampler = InfoBatchSampler(len(train_set), prune_ratio=0.5)
+        loader = DataLoader(IndexedDataset(train_set), batch_size=32, sampler=sampler)
+        trainer = pl.Trainer(callbacks=[DataPruning()], use_distributed_sampler=False)
+
+    The callback
+
+    * attaches the run's score store to the sampler (the losses every step records are its scores)
+      and gives ``InfoBatchSampler`` the number of epochs from ``Trainer(max_epochs)``;
+    * multiplies the sampler's per-sample correction (``1/(1-r)``, ``1/(N p_i)``) into the one
+      combined loss weight (DESIGN.md contract 3), so it composes with ``LossReweighting``;
+    * tells Lightning each epoch's true length, so the progress bar, ``val_check_interval`` and the
+      epoch end follow the pruned epoch;
+    * logs a ledger every epoch: ``weightwise/epoch_samples`` (visited, all ranks),
+      ``weightwise/epoch_fraction_skipped``, ``weightwise/samples_skipped_total`` (forward and
+      backward passes saved against full-data epochs), ``weightwise/fraction_skipped_total`` and
+      ``weightwise/epoch_seconds``;
+    * checkpoints the sampler's state and the ledger (contract 4).
+
+    Learning-rate schedules: size them in steps. ``trainer.estimated_stepping_batches`` is computed
+    from the first (full) epoch, so with pruning it is an upper bound on the steps the run takes.
+    """
+
+    def __init__(self, *, nonfinite: NonFinitePolicy = "raise", sample_id_key: str = SAMPLE_ID_KEY) -> None:
+        super().__init__(nonfinite=nonfinite, sample_id_key=sample_id_key)
+        self.sampler: EpochSampler | None = None
+        self.ledger: dict[str, float] = {"epochs": 0, "samples_visited": 0, "samples_full": 0, "seconds": 0.0}
+        self._pending_sampler_state: dict[str, Any] | None = None
+        self._epoch_start = 0.0
+
+    # ------------------------------------------------------------------ wiring
+    @staticmethod
+    def find_sampler(trainer: pl.Trainer) -> EpochSampler:
+        """The weightwise sampler of the (single) training DataLoader; errors name the fix."""
+        loader = trainer.train_dataloader
+        if not isinstance(loader, DataLoader):
+            raise MisconfigurationException(
+                f"DataPruning supports one training DataLoader, got {type(loader).__name__}"
+            )
+        candidates = [loader.sampler, getattr(loader.batch_sampler, "sampler", None)]
+        for sampler in candidates:
+            if isinstance(sampler, EpochSampler):
+                return sampler
+            wrapped = getattr(getattr(sampler, "dataset", None), "_sampler", None)
+            if isinstance(wrapped, EpochSampler):
+                raise MisconfigurationException(
+                    "Lightning wrapped the weightwise sampler in a DistributedSampler, which would shard it twice."
+                    " weightwise samplers shard themselves: pass Trainer(use_distributed_sampler=False)."
+                )
+        raise MisconfigurationException(
+            "DataPruning needs the training DataLoader to use a weightwise sampler, e.g."
+            " DataLoader(IndexedDataset(ds), batch_size=32, sampler=weightwise.samplers.InfoBatchSampler(len(ds)))"
+        )
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        sampler = self.sampler = self.find_sampler(trainer)
+        if self._pending_sampler_state is not None:
+            sampler.load_state_dict(self._pending_sampler_state)
+            self._pending_sampler_state = None
+        if isinstance(sampler, InfoBatchSampler) and sampler.num_epochs is None:
+            if trainer.max_epochs is None or trainer.max_epochs < 0:
+                raise MisconfigurationException("InfoBatchSampler needs num_epochs= when Trainer(max_epochs) is unset")
+            sampler.num_epochs = trainer.max_epochs
+        assert self.reducer is not None
+        sampler.attach_scores(self.reducer.scores)
+        sampler.set_epoch(trainer.current_epoch)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert self.sampler is not None
+        self.sampler.refresh()  # plan this epoch from the scores as they are now
+        self._set_epoch_length(trainer)
+        self._epoch_start = time.perf_counter()
+
+    @staticmethod
+    def _set_epoch_length(trainer: pl.Trainer) -> None:
+        # Lightning sizes the epoch once, from the first epoch's length (FitLoop.setup_data). A pruned
+        # epoch is shorter: update the count that the epoch loop, the progress bar
+        # (trainer.num_training_batches) and val_check_interval read.
+        batches = len(trainer.train_dataloader)
+        limit = trainer.limit_train_batches
+        if isinstance(limit, int):
+            batches = min(batches, limit)
+        elif limit is not None and limit < 1.0:
+            batches = max(1, int(batches * limit))
+        trainer.fit_loop.max_batches = batches
+        if isinstance(trainer.val_check_interval, float) and trainer.val_check_batch not in (None, float("inf")):
+            trainer.val_check_batch = max(1, int(batches * trainer.val_check_interval))
+
+    # ------------------------------------------------------------------ weights and ledger
+    def sample_weights(self, losses: Tensor, sample_ids: Tensor, trainer: pl.Trainer) -> Tensor | None:
+        weights = self.sampler.epoch_weights() if self.sampler is not None else None
+        return None if weights is None else weights.to(losses.device)[sample_ids]
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert self.sampler is not None
+        visited = int(self.sampler.plan.indices.numel())
+        full = self.sampler.num_samples
+        seconds = time.perf_counter() - self._epoch_start
+        self.ledger["epochs"] += 1
+        self.ledger["samples_visited"] += visited
+        self.ledger["samples_full"] += full
+        self.ledger["seconds"] += seconds
+        skipped_total = self.ledger["samples_full"] - self.ledger["samples_visited"]
+        metrics = {
+            "weightwise/epoch_samples": float(visited),
+            "weightwise/epoch_fraction_skipped": 1.0 - visited / full,
+            "weightwise/samples_skipped_total": float(skipped_total),
+            "weightwise/fraction_skipped_total": skipped_total / self.ledger["samples_full"],
+            "weightwise/epoch_seconds": seconds,
+        }
+        pl_module.log_dict({k: torch.tensor(v) for k, v in metrics.items()}, on_step=False, on_epoch=True)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        sampler_state = self.sampler.state_dict() if self.sampler is not None else self._pending_sampler_state
+        return {"ledger": dict(self.ledger), "sampler": sampler_state}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.ledger = dict(state_dict["ledger"])
+        self._pending_sampler_state = state_dict["sampler"]

@@ -1,0 +1,128 @@
+"""DataPruning with real Trainer runs: shorter epochs, corrections, ledger, composition, resume."""
+
+import csv
+from types import SimpleNamespace
+
+import pytest
+import torch
+from helpers import Classifier, flat_params, indexed_loader, trainer
+from lightning.pytorch import seed_everything
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from weightwise.callbacks import DataPruning, LossReweighting
+from weightwise.losses import loss_weights
+from weightwise.samplers import ImportanceSampler, InfoBatchSampler, RandomSubsetSampler, ScorePruningSampler
+
+
+class Recorder(Callback):
+    """Which sample ids each epoch trained on, and how many batches Lightning thought it had."""
+
+    def __init__(self):
+        self.ids, self.num_batches, self.validations = {}, {}, 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.ids.setdefault(trainer.current_epoch, []).extend(batch.sample_id.tolist())
+        self.num_batches[trainer.current_epoch] = trainer.num_training_batches
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        self.validations += 1
+
+
+def test_infobatch_epochs_shrink_validation_runs_and_ledger_is_logged(tmp_path):
+    sampler = InfoBatchSampler(64, prune_ratio=0.5)
+    recorder = Recorder()
+    pruning = DataPruning()
+    fit = trainer(
+        max_epochs=8,
+        callbacks=[pruning, recorder],
+        logger=CSVLogger(tmp_path),
+        enable_progress_bar=True,
+        num_sanity_val_steps=0,
+    )
+    fit.fit(Classifier(), indexed_loader(64, 8, sampler=sampler), indexed_loader(16, 8))
+
+    sizes = [len(recorder.ids[e]) for e in range(8)]
+    assert sizes[0] == 64 and sizes[7] == 64  # first epoch full, last epoch annealed (7 >= 0.875 * 8)
+    assert all(size < 64 for size in sizes[1:7])
+    assert [recorder.num_batches[e] for e in range(8)] == [-(-s // 8) for s in sizes]
+    assert recorder.validations == 8  # validation still runs at the end of every (shorter) epoch
+    assert sampler.num_epochs == 8  # taken from max_epochs
+    assert pruning.ledger["samples_visited"] == sum(sizes) and pruning.ledger["samples_full"] == 8 * 64
+
+    rows = [r for r in csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))) if r.get("weightwise/epoch_samples")]
+    assert [float(r["weightwise/epoch_samples"]) for r in rows] == [float(s) for s in sizes]
+    assert float(rows[-1]["weightwise/samples_skipped_total"]) == 8 * 64 - sum(sizes)
+
+
+def test_infobatch_correction_reaches_the_loss_and_composes_with_reweighting():
+    sampler = InfoBatchSampler(32, prune_ratio=0.5, num_epochs=10)
+    pruning, reweighting = DataPruning(), LossReweighting("linupper")
+    model = Classifier(lr=0.0)  # frozen model: losses stay the same, so weights can be recomputed
+    trainer(max_epochs=2, callbacks=[reweighting, pruning]).fit(model, indexed_loader(32, 32, sampler=sampler))
+    plan = sampler.plan
+    store = pruning.reducer.scores
+    kept = plan.indices
+    expected = loss_weights(store.loss[kept], "linupper") * plan.weights[kept]
+    assert torch.allclose(store.weight[kept], expected, atol=1e-5)
+    assert (plan.weights[kept] > 1.0).any()  # some kept well-learned samples were up-weighted
+
+
+@pytest.mark.parametrize(
+    "make_sampler",
+    [
+        lambda: RandomSubsetSampler(64, 0.25),
+        lambda: ImportanceSampler(64, 0.5),
+        lambda: ScorePruningSampler(64, 0.5, score="el2n"),
+    ],
+)
+def test_every_policy_trains_with_fewer_samples(make_sampler):
+    sampler = make_sampler()
+    recorder = Recorder()
+    pruning = DataPruning()
+    trainer(max_epochs=3, callbacks=[pruning, recorder]).fit(Classifier(el2n=True), indexed_loader(64, 8, sampler=sampler))
+    assert pruning.ledger["samples_visited"] < 3 * 64
+    assert sum(len(v) for v in recorder.ids.values()) == pruning.ledger["samples_visited"]
+    assert torch.isfinite(pruning.reducer.scores.signal("el2n")).sum() > 0
+
+
+def test_without_a_weightwise_sampler_the_error_names_the_fix():
+    with pytest.raises(MisconfigurationException, match="InfoBatchSampler"):
+        trainer(max_epochs=1, callbacks=[DataPruning()]).fit(Classifier(), indexed_loader(16, 8))
+
+
+def test_double_sharding_by_lightning_is_refused():
+    from torch.utils.data import DataLoader
+
+    sampler = RandomSubsetSampler(16, 0.5, num_replicas=1, rank=0)
+    wrapped = DataLoader(range(16), sampler=DistributedSamplerWrapper(sampler, num_replicas=2, rank=0))
+    with pytest.raises(MisconfigurationException, match="use_distributed_sampler=False"):
+        DataPruning.find_sampler(SimpleNamespace(train_dataloader=wrapped))
+
+
+def test_resume_continues_the_same_subsets_weights_and_scores(tmp_path):
+    def run(max_epochs, ckpt_path=None, checkpoint_dir=None):
+        seed_everything(5)
+        model = Classifier()
+        sampler = InfoBatchSampler(48, prune_ratio=0.5, num_epochs=6)
+        recorder, pruning = Recorder(), DataPruning()
+        callbacks = [pruning, recorder]
+        if checkpoint_dir:
+            callbacks.append(ModelCheckpoint(dirpath=checkpoint_dir, save_last=True))
+        trainer(max_epochs=max_epochs, callbacks=callbacks, enable_checkpointing=bool(checkpoint_dir)).fit(
+            model, indexed_loader(48, 8, sampler=sampler), ckpt_path=ckpt_path
+        )
+        return model, recorder, pruning
+
+    straight, straight_ids, straight_pruning = run(6)
+    run(3, checkpoint_dir=tmp_path)
+    resumed, resumed_ids, resumed_pruning = run(6, ckpt_path=tmp_path / "last.ckpt")
+
+    assert sorted(resumed_ids.ids) == [3, 4, 5]
+    for epoch in (3, 4, 5):
+        assert resumed_ids.ids[epoch] == straight_ids.ids[epoch], epoch
+    assert len(straight_ids.ids[3]) < 48  # the resumed epochs are pruned ones, so the test has teeth
+    assert torch.allclose(flat_params(resumed), flat_params(straight))
+    assert resumed_pruning.ledger["samples_visited"] == straight_pruning.ledger["samples_visited"]
