@@ -23,6 +23,8 @@ from torchmetrics.classification import MulticlassAccuracy
 from transformers import AutoModel, AutoTokenizer, get_linear_schedule_with_warmup
 
 from weightwise import IndexedDataset
+from weightwise.losses import el2n
+from weightwise.samplers import make_sampler
 
 
 def minilm_path() -> Path:
@@ -74,7 +76,10 @@ class BBCNewsDataModule(pl.LightningDataModule):
     """Train/test split of BBC News, tokenised once, with ``label_noise`` of the training labels flipped.
 
     The test labels are never flipped. ``flipped[i]`` tells whether training sample ``i`` is
-    mislabelled; training batches carry ``sample_id`` (weightwise contract 2).
+    mislabelled; training batches carry ``sample_id`` (weightwise contract 2). With
+    ``pruning_policy`` (a :func:`weightwise.samplers.make_sampler` name, arguments in
+    ``pruning_args``) the training loader draws from that sampler; add ``DataPruning()`` to the
+    Trainer and ``use_distributed_sampler=False`` under DDP.
     """
 
     def __init__(
@@ -86,6 +91,8 @@ class BBCNewsDataModule(pl.LightningDataModule):
         limit_train: int | None = None,
         limit_test: int | None = None,
         seed: int = 0,
+        pruning_policy: str | None = None,
+        pruning_args: dict | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -112,7 +119,12 @@ class BBCNewsDataModule(pl.LightningDataModule):
         self.test_set = TokenizedTexts(enc["input_ids"][test_idx], enc["attention_mask"][test_idx], labels[test_idx])
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(IndexedDataset(self.train_set), batch_size=self.hparams.batch_size, shuffle=True)
+        hp = self.hparams
+        if hp.pruning_policy is None:
+            return DataLoader(IndexedDataset(self.train_set), batch_size=hp.batch_size, shuffle=True)
+        if getattr(self, "sampler", None) is None:  # one sampler for the whole fit: it carries the plan
+            self.sampler = make_sampler(hp.pruning_policy, len(self.train_set), seed=hp.seed, **(hp.pruning_args or {}))
+        return DataLoader(IndexedDataset(self.train_set), batch_size=hp.batch_size, sampler=self.sampler)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.test_set, batch_size=2 * self.hparams.batch_size)
@@ -127,6 +139,7 @@ class MiniLMClassifier(pl.LightningModule):
         freeze_embeddings: keep the 11.7M-parameter embedding table fixed (half the optimizer work
             on a CPU, little effect on accuracy for a topic task).
         per_sample_loss: return the loss per sample (weightwise) or its mean (plain training).
+            Per-sample mode also records each sample's EL2N score (for Data Diet pruning).
     """
 
     def __init__(
@@ -152,8 +165,11 @@ class MiniLMClassifier(pl.LightningModule):
         return self.head((hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0))
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        losses = F.cross_entropy(self(batch["input_ids"], batch["attention_mask"]), batch["labels"], reduction="none")
-        return losses if self.hparams.per_sample_loss else losses.mean()
+        logits = self(batch["input_ids"], batch["attention_mask"])
+        losses = F.cross_entropy(logits, batch["labels"], reduction="none")
+        if not self.hparams.per_sample_loss:
+            return losses.mean()
+        return {"loss": losses, "scores": {"el2n": el2n(logits, batch["labels"])}}
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self.val_accuracy(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])

@@ -116,7 +116,7 @@ def test_importance_probabilities_follow_scores_with_a_floor():
     sampler = ImportanceSampler(4, score="ema", uniform_mix=0.2)
     sampler.attach_scores(store_with([0.0, 1.0, 1.0, 2.0]))
     p = sampler.probabilities()
-    assert torch.allclose(p, 0.8 * torch.tensor([0.0, 0.25, 0.25, 0.5], dtype=torch.float64) + 0.05)
+    assert torch.allclose(p, 0.8 * torch.tensor([0.0, 0.25, 0.25, 0.5]) + 0.05)
     assert p.min() == 0.05  # floor: eps / N
 
 
@@ -212,3 +212,13 @@ def test_score_pruning_selection_survives_state_dict():
 def test_bad_arguments(factory):
     with pytest.raises(ValueError):
         factory()
+
+
+def test_make_sampler_by_policy_name():
+    from weightwise.samplers import make_sampler
+
+    sampler = make_sampler("el2n", 10, keep_fraction=0.3)
+    assert isinstance(sampler, ScorePruningSampler) and sampler.score == "el2n" and sampler.keep_fraction == 0.3
+    assert isinstance(make_sampler("infobatch", 10), InfoBatchSampler)
+    with pytest.raises(ValueError, match="choose one of"):
+        make_sampler("forgetting", 10)

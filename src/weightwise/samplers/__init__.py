@@ -8,6 +8,7 @@ callback, which feeds them the score store and applies their loss corrections.
 from weightwise.samplers.base import EpochPlan, EpochSampler
 from weightwise.samplers.importance import ImportanceSampler
 from weightwise.samplers.infobatch import InfoBatchSampler
+from weightwise.samplers.policies import POLICIES, make_sampler
 from weightwise.samplers.random_subsets import RandomSubsetSampler
 from weightwise.samplers.score_pruning import ScorePruningSampler
 
@@ -16,6 +17,8 @@ __all__ = [
     "EpochSampler",
     "ImportanceSampler",
     "InfoBatchSampler",
+    "POLICIES",
     "RandomSubsetSampler",
     "ScorePruningSampler",
+    "make_sampler",
 ]

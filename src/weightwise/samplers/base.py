@@ -22,6 +22,7 @@ The base class turns plans into a PyTorch ``Sampler``:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -139,8 +140,8 @@ class EpochSampler(Sampler[int]):
             indices = torch.cat([indices, indices[: replicas - remainder]])
         return indices[self.rank :: replicas]
 
-    def __iter__(self):
-        return iter(self._shard().tolist())
+    def __iter__(self) -> Iterator[int]:
+        return _ids_in_chunks(self._shard())
 
     def __len__(self) -> int:
         return -(-self.plan.indices.numel() // self.num_replicas)
@@ -165,3 +166,9 @@ class EpochSampler(Sampler[int]):
             )
         self.epoch = int(state["epoch"])
         self._plan = None
+
+
+def _ids_in_chunks(ids: Tensor, chunk: int = 1 << 16) -> Iterator[int]:
+    # Python ints cost ~36 bytes each: convert a chunk at a time, so the epoch lives as an 8-byte tensor.
+    for start in range(0, ids.numel(), chunk):
+        yield from ids[start : start + chunk].tolist()

@@ -65,14 +65,16 @@ class InfoBatchSampler(EpochSampler):
         if epoch >= self.anneal * self.num_epochs:
             return self.full_epoch(generator)
         well_learned = seen & (scores < scores[seen].mean())
-        candidates = well_learned.nonzero().squeeze(1)
-        wanted_kept = self.num_samples - round(self.prune_ratio * candidates.numel())
+        n_candidates = int(well_learned.sum())
+        wanted_kept = self.num_samples - round(self.prune_ratio * n_candidates)
         n_pruned = self.num_samples - self.subset_size(wanted_kept / self.num_samples)
-        n_pruned = min(max(n_pruned, 0), candidates.numel())
-        keep = torch.ones(self.num_samples, dtype=torch.bool)
-        keep[candidates[torch.randperm(candidates.numel(), generator=generator)[:n_pruned]]] = False
+        n_pruned = min(max(n_pruned, 0), n_candidates)
+        # One permutation serves twice: it is the epoch's visiting order, and the first n_pruned
+        # well-learned samples met along it are a uniformly random subset of exactly that size.
+        order = torch.randperm(self.num_samples, generator=generator)
+        candidate_in_order = well_learned[order]
+        pruned_in_order = candidate_in_order & (torch.cumsum(candidate_in_order, 0) <= n_pruned)
         weights = torch.ones(self.num_samples)
         if n_pruned:
-            weights[well_learned & keep] = candidates.numel() / (candidates.numel() - n_pruned)
-        kept = keep.nonzero().squeeze(1)
-        return EpochPlan(kept[torch.randperm(kept.numel(), generator=generator)], weights)
+            weights[well_learned] = n_candidates / (n_candidates - n_pruned)
+        return EpochPlan(order[~pruned_in_order], weights)

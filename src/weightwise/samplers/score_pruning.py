@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from weightwise.samplers.base import EpochPlan, EpochSampler
+from weightwise.samplers.ranking import rank_range
 
 
 class ScorePruningSampler(EpochSampler):
@@ -92,9 +93,8 @@ class ScorePruningSampler(EpochSampler):
 
     def select(self, scores: torch.Tensor) -> torch.Tensor:
         """Ids of the kept samples: highest scores after skipping the top ``skip_hardest``."""
-        ranked = torch.argsort(torch.nan_to_num(scores, nan=float("inf")), descending=True, stable=True)
         skip = round(self.skip_hardest * self.num_samples)
-        return ranked[skip : skip + self.subset_size(self.keep_fraction)].sort().values
+        return rank_range(scores, skip, skip + self.subset_size(self.keep_fraction))
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
