@@ -126,3 +126,31 @@ def test_resume_continues_the_same_subsets_weights_and_scores(tmp_path):
     assert len(straight_ids.ids[3]) < 48  # the resumed epochs are pruned ones, so the test has teeth
     assert torch.allclose(flat_params(resumed), flat_params(straight))
     assert resumed_pruning.ledger["samples_visited"] == straight_pruning.ledger["samples_visited"]
+
+
+class ScheduledClassifier(Classifier):
+    """LR decays linearly over trainer.estimated_stepping_batches, stepped every optimizer step."""
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
+        total = self.trainer.estimated_stepping_batches
+        schedule = torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, 0.0, total_iters=total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def test_step_sized_schedule_max_steps_and_mid_epoch_validation_follow_pruned_epochs():
+    recorder = Recorder()
+    model = ScheduledClassifier()
+    fit = trainer(
+        max_epochs=10,
+        max_steps=30,
+        val_check_interval=0.5,
+        num_sanity_val_steps=0,
+        callbacks=[DataPruning(), recorder],
+    )
+    fit.fit(model, indexed_loader(64, 8, sampler=RandomSubsetSampler(64, 0.5)), indexed_loader(16, 8))
+    assert fit.global_step == 30  # max_steps still ends the run: 4 steps per pruned epoch
+    assert [len(ids) for ids in recorder.ids.values()][:7] == [32] * 7
+    assert recorder.validations == 2 * 7 + 1  # twice per 4-batch epoch, once in the last partial epoch
+    # With max_steps set, estimated_stepping_batches is max_steps: the schedule ends exactly with the run.
+    assert fit.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-9)

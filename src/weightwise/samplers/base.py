@@ -34,6 +34,13 @@ from weightwise import distributed
 from weightwise.scores import SampleScoreStore
 
 
+def check_fraction(name: str, value: float) -> float:
+    """Validate a fraction in (0, 1] (subset sizes, mixing weights) and return it."""
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"{name} must be in (0, 1], got {value}")
+    return value
+
+
 @dataclass(frozen=True)
 class EpochPlan:
     """One epoch's decision.

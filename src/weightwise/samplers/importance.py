@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from weightwise.samplers.base import EpochPlan, EpochSampler
+from weightwise.samplers.base import EpochPlan, EpochSampler, check_fraction
 
 
 class ImportanceSampler(EpochSampler):
@@ -50,13 +50,9 @@ class ImportanceSampler(EpochSampler):
         rank: int | None = None,
     ) -> None:
         super().__init__(num_samples, seed=seed, num_replicas=num_replicas, rank=rank)
-        if not 0.0 < fraction <= 1.0:
-            raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-        if not 0.0 < uniform_mix <= 1.0:
-            raise ValueError(f"uniform_mix must be in (0, 1], got {uniform_mix}")
-        self.fraction = fraction
+        self.fraction = check_fraction("fraction", fraction)
         self.score = score
-        self.uniform_mix = uniform_mix
+        self.uniform_mix = check_fraction("uniform_mix", uniform_mix)
 
     def probabilities(self) -> torch.Tensor:
         """``[N]`` sampling probabilities from the current scores (uniform before any score exists)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from weightwise.samplers.base import EpochPlan, EpochSampler
+from weightwise.samplers.base import EpochPlan, EpochSampler, check_fraction
 
 
 class RandomSubsetSampler(EpochSampler):
@@ -37,9 +37,7 @@ class RandomSubsetSampler(EpochSampler):
         rank: int | None = None,
     ) -> None:
         super().__init__(num_samples, seed=seed, num_replicas=num_replicas, rank=rank)
-        if not 0.0 < fraction <= 1.0:
-            raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-        self.fraction = fraction
+        self.fraction = check_fraction("fraction", fraction)
         self.replacement = replacement
 
     def _permutation(self, round_index: int) -> torch.Tensor:

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from weightwise.samplers.base import EpochPlan, EpochSampler
+from weightwise.samplers.base import EpochPlan, EpochSampler, check_fraction
 from weightwise.samplers.ranking import rank_range
 
 
@@ -52,15 +52,13 @@ class ScorePruningSampler(EpochSampler):
         rank: int | None = None,
     ) -> None:
         super().__init__(num_samples, seed=seed, num_replicas=num_replicas, rank=rank)
-        if not 0.0 < keep_fraction <= 1.0:
-            raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
         if warmup_epochs < 1:
             raise ValueError("warmup_epochs must be >= 1: scores come from at least one full pass")
         if rescore_every is not None and rescore_every < 2:
             raise ValueError("rescore_every must be >= 2 (1 would mean every epoch is a full pass)")
+        self.keep_fraction = check_fraction("keep_fraction", keep_fraction)
         if not 0.0 <= skip_hardest < 1.0 - keep_fraction + 1e-9:
             raise ValueError(f"skip_hardest must be in [0, 1 - keep_fraction], got {skip_hardest}")
-        self.keep_fraction = keep_fraction
         self.score = score
         self.warmup_epochs = warmup_epochs
         self.rescore_every = rescore_every
@@ -93,8 +91,9 @@ class ScorePruningSampler(EpochSampler):
 
     def select(self, scores: torch.Tensor) -> torch.Tensor:
         """Ids of the kept samples: highest scores after skipping the top ``skip_hardest``."""
-        skip = round(self.skip_hardest * self.num_samples)
-        return rank_range(scores, skip, skip + self.subset_size(self.keep_fraction))
+        keep = self.subset_size(self.keep_fraction)
+        skip = min(round(self.skip_hardest * self.num_samples), self.num_samples - keep)
+        return rank_range(scores, skip, skip + keep)
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
