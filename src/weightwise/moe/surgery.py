@@ -38,6 +38,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
+from transformers import PretrainedConfig
 
 from weightwise.moe.adapters import ExpertsAdapter, find_moe_blocks
 from weightwise.moe.utility import allocate_copies
@@ -79,8 +80,8 @@ def _replace(param: nn.Parameter, new: Tensor) -> None:
 def _update_config(model: nn.Module, old: tuple[int, int, int], new: tuple[int, int, int]) -> None:
     old_e, old_k, old_i = old
     new_e, new_k, new_i = new
-    config = getattr(model, "config", None)
-    if config is not None:
+    configs = {id(m.config): m.config for m in model.modules() if isinstance(getattr(m, "config", None), PretrainedConfig)}
+    for config in configs.values():  # the model's own, or those of transformers models inside a wrapper
         config.num_experts = new_e  # transformers maps this to num_local_experts where that is the name
         config.num_experts_per_tok = new_k
         if new_i != old_i:

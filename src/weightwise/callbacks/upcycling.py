@@ -1,0 +1,181 @@
+"""``ExpertUpcycling``: grow a Mixture-of-Experts from E to m·E experts in the middle of ``fit``."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor, nn
+
+from weightwise.moe import ExpertUtility, find_moe_blocks, upcycle_experts
+from weightwise.moe.surgery import Method, Selection, UpcycleReport
+from weightwise.monitoring import log_histogram
+
+
+class ExpertUpcycling(Callback):
+    """At optimizer step ``at_step``, upcycle every MoE block of the model (see :mod:`weightwise.moe`).
+
+    * With ``selection="utility"``, expert utilities ``|theta * grad|`` are accumulated over the
+      ``utility_window`` steps before ``at_step`` and turned into per-expert copy counts.
+    * The surgery is in place: parameters keep their identity, the optimizer's Adam moments are
+      remapped to the copies and the LR schedule simply continues. Under DDP the model is wrapped
+      anew so gradient buckets match the new shapes; every rank does the same surgery (the
+      router noise is seeded by ``seed``).
+    * When the batch is a mapping the model accepts (``input_ids``, ``labels``, ...), the model's
+      loss on that batch is measured right before and right after the surgery
+      (``weightwise/upcycle_loss_before|after``), and the routers' expert load before and after is
+      logged (``weightwise/expert_load_*``) - the size of the function jump is visible, not assumed.
+    * DeepSpeed partitions parameters at engine start, so in-place surgery is not possible there:
+      save, upcycle the saved model with ``weightwise upcycle IN OUT --factor m``, and resume.
+
+    Args:
+        at_step: global step at which to grow the experts.
+        factor, method, selection, router_noise: see :func:`weightwise.moe.upcycle_experts`.
+        utility_window: steps before ``at_step`` over which utility is measured.
+        seed: seed of the router noise (identical on every rank).
+    """
+
+    def __init__(
+        self,
+        at_step: int,
+        factor: int = 2,
+        *,
+        method: Method = "duplicate",
+        selection: Selection = "uniform",
+        router_noise: float = 1e-2,
+        utility_window: int = 20,
+        seed: int = 0,
+    ) -> None:
+        if at_step < 1:
+            raise ValueError(f"at_step must be >= 1, got {at_step}")
+        if selection == "utility" and utility_window < 1:
+            raise ValueError("selection='utility' needs utility_window >= 1")
+        self.at_step = at_step
+        self.factor = factor
+        self.method: Method = method
+        self.selection: Selection = selection
+        self.router_noise = router_noise
+        self.utility_window = utility_window
+        self.seed = seed
+        self.done = False
+        self.report: UpcycleReport | None = None
+        self.utility: ExpertUtility | None = None
+        self._pending_utility: dict | None = None
+
+    # ------------------------------------------------------------------ resume
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Lightning loads the module's weights before any callback state, right after the module's own
+        # on_load_checkpoint hook. A checkpoint written after the surgery holds m·E experts, so wrap that
+        # hook for this fit to give the module the grown shape first (the values are then loaded).
+        if stage != "fit":
+            return
+        original = pl_module.on_load_checkpoint
+
+        @functools.wraps(original)
+        def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
+            state = checkpoint.get("callbacks", {}).get(self.state_key) or {}
+            if state.get("done") and not self.done:
+                upcycle_experts(pl_module, self.factor, method=self.method)
+            original(checkpoint)
+
+        pl_module.on_load_checkpoint = on_load_checkpoint  # type: ignore[method-assign]
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            pl_module.__dict__.pop("on_load_checkpoint", None)
+
+    # ------------------------------------------------------------------ utility window
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)):
+            raise MisconfigurationException(
+                f"ExpertUpcycling changes parameter shapes in place, which {type(trainer.strategy).__name__} does not"
+                " allow. Stop at the step, run `weightwise upcycle IN OUT --factor m` on the saved model and resume."
+            )
+        if len(trainer.optimizers) > 1:
+            raise MisconfigurationException("ExpertUpcycling supports one optimizer")
+        if not self.done:
+            self.utility = ExpertUtility(find_moe_blocks(pl_module))
+            if self._pending_utility is not None:
+                self.utility.load_state_dict(self._pending_utility)
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        in_window = self.at_step - self.utility_window <= trainer.global_step < self.at_step
+        if self.selection == "utility" and not self.done and in_window and self.utility is not None:
+            self.utility.accumulate()
+
+    # ------------------------------------------------------------------ surgery
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.done or trainer.global_step < self.at_step:
+            return
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        before = self._measure(pl_module, batch)
+        utility = self.utility.totals if self.selection == "utility" and self.utility is not None else None
+        self.report = upcycle_experts(
+            pl_module,
+            self.factor,
+            method=self.method,
+            selection=self.selection,
+            utility=utility,
+            router_noise=self.router_noise,
+            optimizer=optimizer,
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+        if isinstance(trainer.strategy, DDPStrategy):
+            # DDP's gradient buckets were laid out for the old shapes: wrap the module anew.
+            trainer.strategy.model = trainer.strategy.lightning_module
+            trainer.strategy.configure_ddp()
+        self.done = True
+        after = self._measure(pl_module, batch)
+        self._log(trainer, pl_module, before, after)
+
+    @staticmethod
+    def _measure(pl_module: pl.LightningModule, batch: Any) -> dict[str, Any] | None:
+        """Loss of the model on ``batch`` and its routers' expert load (eval mode, no grad)."""
+        model = next((m for m in pl_module.modules() if hasattr(m, "config") and hasattr(m, "forward")), None)
+        if model is None or not isinstance(batch, Mapping) or "input_ids" not in batch:
+            return None
+        loads: list[Tensor] = []
+        hooks = [
+            block.block.gate.register_forward_hook(lambda mod, args, out: loads.append(out[-1].flatten()))
+            for block in find_moe_blocks(model).values()
+        ]
+        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                loss = model(**inputs).loss
+        finally:
+            model.train(was_training)
+            for hook in hooks:
+                hook.remove()
+        n_experts = next(iter(find_moe_blocks(model).values())).num_experts
+        load = torch.bincount(torch.cat(loads).cpu(), minlength=n_experts).float()
+        return {"loss": None if loss is None else float(loss), "load": load / load.sum()}
+
+    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, before: dict | None, after: dict | None) -> None:
+        metrics: dict[str, float] = {"weightwise/num_experts": float(self.report.num_experts[1])}
+        for name, measured in (("before", before), ("after", after)):
+            if measured is None:
+                continue
+            if measured["loss"] is not None:
+                metrics[f"weightwise/upcycle_loss_{name}"] = measured["loss"]
+            metrics[f"weightwise/expert_load_max_{name}"] = float(measured["load"].max())
+            log_histogram(trainer, f"weightwise/expert_load_{name}", measured["load"])
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        self.measurements = {"before": before, "after": after}
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {"done": self.done, "utility": None if self.utility is None else self.utility.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.done = bool(state_dict["done"])
+        self._pending_utility = state_dict["utility"]
