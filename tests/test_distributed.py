@@ -112,3 +112,13 @@ def test_ddp_pruning_shards_one_plan_disjointly_on_every_rank(tmp_path):
     assert pruned_epochs >= 2
     for field in ("loss", "count", "weight"):
         assert torch.equal(ranks[0]["scores"][field].nan_to_num(-1), ranks[1]["scores"][field].nan_to_num(-1))
+
+
+@pytest.mark.slow
+def test_ddp_upcycling_mid_fit_keeps_ranks_identical(tmp_path):
+    run_script(str(SCRIPTS / "ddp_upcycling.py"), str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert ranks[0]["num_experts"] == ranks[1]["num_experts"] == 8
+    assert ranks[0]["steps"] == 9  # 3 epochs of 3 steps (6 batches over 2 ranks), surgery at step 2
+    # DDP was re-wrapped for the new shapes: gradients still averaged, so parameters stay in lock-step.
+    assert torch.equal(ranks[0]["params"], ranks[1]["params"])

@@ -11,7 +11,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from torch import Tensor, nn
+from torch import Tensor
+from transformers import PreTrainedModel
 
 from weightwise.moe import ExpertUtility, find_moe_blocks, upcycle_experts
 from weightwise.moe.surgery import Method, Selection, UpcycleReport
@@ -65,6 +66,7 @@ class ExpertUpcycling(Callback):
         self.seed = seed
         self.done = False
         self.report: UpcycleReport | None = None
+        self.measurements: dict[str, dict[str, Any] | None] = {}
         self.utility: ExpertUtility | None = None
         self._pending_utility: dict | None = None
 
@@ -137,7 +139,7 @@ class ExpertUpcycling(Callback):
     @staticmethod
     def _measure(pl_module: pl.LightningModule, batch: Any) -> dict[str, Any] | None:
         """Loss of the model on ``batch`` and its routers' expert load (eval mode, no grad)."""
-        model = next((m for m in pl_module.modules() if hasattr(m, "config") and hasattr(m, "forward")), None)
+        model = next((m for m in pl_module.modules() if isinstance(m, PreTrainedModel)), None)
         if model is None or not isinstance(batch, Mapping) or "input_ids" not in batch:
             return None
         loads: list[Tensor] = []
