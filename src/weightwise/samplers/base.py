@@ -112,10 +112,12 @@ class EpochSampler(Sampler[int]):
         All ``nan`` while no store is attached (before ``DataPruning`` connects one): policies then
         plan as if nothing were known yet, i.e. a full or uniform epoch.
         """
-        values = torch.full((self.num_samples,), float("nan"))
         if self.scores is None or (name not in ("loss", "ema", "weight") and name not in self.scores.signal_names):
-            return values
+            return torch.full((self.num_samples,), float("nan"))
         known = self.scores.signal(name)[: self.num_samples].float().cpu()
+        if known.numel() == self.num_samples:
+            return known  # a view of the store: policies only read it
+        values = torch.full((self.num_samples,), float("nan"))
         values[: known.numel()] = known
         return values
 

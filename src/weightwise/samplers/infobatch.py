@@ -64,7 +64,7 @@ class InfoBatchSampler(EpochSampler):
             raise ValueError("InfoBatchSampler needs num_epochs (or DataPruning with Trainer(max_epochs=...))")
         if epoch >= self.anneal * self.num_epochs:
             return self.full_epoch(generator)
-        well_learned = seen & (scores < scores[seen].mean())
+        well_learned = scores < torch.nanmean(scores)  # nan (never scored) compares False: kept
         n_candidates = int(well_learned.sum())
         wanted_kept = self.num_samples - round(self.prune_ratio * n_candidates)
         n_pruned = self.num_samples - self.subset_size(wanted_kept / self.num_samples)
@@ -74,7 +74,6 @@ class InfoBatchSampler(EpochSampler):
         order = torch.randperm(self.num_samples, generator=generator)
         candidate_in_order = well_learned[order]
         pruned_in_order = candidate_in_order & (torch.cumsum(candidate_in_order, 0) <= n_pruned)
-        weights = torch.ones(self.num_samples)
-        if n_pruned:
-            weights[well_learned] = n_candidates / (n_candidates - n_pruned)
+        factor = n_candidates / (n_candidates - n_pruned) if n_pruned else 1.0
+        weights = torch.where(well_learned, factor, 1.0)
         return EpochPlan(order[~pruned_in_order], weights)
