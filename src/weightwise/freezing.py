@@ -1,0 +1,52 @@
+"""Freezing parameters so that they truly stop changing and stop costing optimizer memory.
+
+Flipping ``requires_grad`` is not enough (DESIGN.md, "Layer freezing must save memory for real"):
+
+* a parameter whose ``.grad`` is a stale tensor still gets a step - with momentum and weight decay
+  it keeps moving. PyTorch's optimizers skip parameters whose ``grad is None``, so freezing sets
+  ``requires_grad=False`` *and* ``grad=None``: the parameter is then bit-identical until thawed;
+* Adam keeps two moment buffers per parameter forever once created. Freezing either drops them
+  (``"release"``: memory freed, moments start from zero when the layer returns - what LISA's memory
+  claim assumes) or moves them to CPU (``"offload"``: accelerator memory freed, moments restored
+  when the layer returns).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+StateMode = Literal["release", "offload"]
+
+
+class OptimizerStateStash:
+    """Frozen parameters' optimizer state, released or parked on CPU."""
+
+    def __init__(self, mode: StateMode = "release") -> None:
+        if mode not in ("release", "offload"):
+            raise ValueError(f"optimizer state mode must be 'release' or 'offload', got {mode!r}")
+        self.mode = mode
+        self.parked: dict[nn.Parameter, dict[str, object]] = {}
+
+    def freeze(self, params: Iterable[nn.Parameter], optimizer: torch.optim.Optimizer | None) -> None:
+        for p in params:
+            p.requires_grad_(False)
+            p.grad = None
+            state = optimizer.state.pop(p, None) if optimizer is not None else None
+            if state and self.mode == "offload":
+                self.parked[p] = {k: v.to("cpu", copy=True) if isinstance(v, Tensor) else v for k, v in state.items()}
+
+    def thaw(self, params: Iterable[nn.Parameter], optimizer: torch.optim.Optimizer | None) -> None:
+        for p in params:
+            p.requires_grad_(True)
+            parked = self.parked.pop(p, None)
+            if parked is not None and optimizer is not None:
+                optimizer.state[p] = {k: v.to(p.device) if isinstance(v, Tensor) else v for k, v in parked.items()}
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes held in the optimizer's per-parameter state tensors (e.g. Adam's two moments)."""
+    return sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values() if isinstance(v, Tensor))

@@ -1,0 +1,33 @@
+"""Finding a model's stack of transformer layers (the units layerwise sampling turns on and off)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def find_layer_stack(model: nn.Module, path: str | None = None) -> tuple[str, nn.ModuleList]:
+    """The model's repeated layer stack: ``(dotted name, ModuleList)``.
+
+    With ``path`` (e.g. ``"model.layers"``), that module. Otherwise the longest ``nn.ModuleList``
+    whose children all have one class - which is the decoder/encoder stack of every transformers
+    model (``model.layers`` for Llama, Qwen2/3, Mistral, Mixtral, OLMoE; ``transformer.h`` for GPT-2;
+    ``encoder.layer`` for BERT/MiniLM) and of most hand-written ones.
+
+    Raises:
+        ValueError: no such stack (or ``path`` is not a ModuleList); the message names the fix.
+    """
+    if path is not None:
+        module = model.get_submodule(path)
+        if not isinstance(module, nn.ModuleList) or len(module) < 2:
+            raise ValueError(f"{path!r} is a {type(module).__name__}, not a ModuleList of at least 2 layers")
+        return path, module
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) >= 2 and len({type(m) for m in module}) == 1:
+            if best is None or len(module) > len(best[1]):
+                best = (name, module)
+    if best is None:
+        raise ValueError(
+            f"found no stack of repeated layers in {type(model).__name__}; pass layers='dotted.path.to.ModuleList'"
+        )
+    return best
