@@ -5,6 +5,7 @@ from weightwise.callbacks.guard import PerSampleLossGuard
 from weightwise.callbacks.layerwise import LayerwiseSampling
 from weightwise.callbacks.pruning import DataPruning
 from weightwise.callbacks.reduction import PerSampleLossReducer, reducer_of
+from weightwise.callbacks.report import SampleReport
 from weightwise.callbacks.reweighting import LossReweighting
 from weightwise.callbacks.upcycling import ExpertUpcycling
 
@@ -15,6 +16,7 @@ __all__ = [
     "LossReweighting",
     "PerSampleLossGuard",
     "PerSampleLossReducer",
+    "SampleReport",
     "SampleWeightCallback",
     "reducer_of",
 ]

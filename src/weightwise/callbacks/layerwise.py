@@ -77,6 +77,7 @@ class LayerwiseSampling(Callback):
         self.history: list[list[int]] = []
         self._period_losses: list[float] = []
         self._previous_mean: float | None = None
+        self._period: int | None = None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not isinstance(trainer.strategy, SingleDeviceStrategy):
@@ -100,9 +101,10 @@ class LayerwiseSampling(Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
-        if step % self.interval != 0 and self.active:
-            return
         period = step // self.interval
+        if period == self._period:  # same period (or another micro-batch of the same step)
+            return
+        self._period = period
         if self.policy == "ist" and self._period_losses and self.active:
             self._update_importance()
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
