@@ -122,3 +122,18 @@ def test_ddp_upcycling_mid_fit_keeps_ranks_identical(tmp_path):
     assert ranks[0]["steps"] == 9  # 3 epochs of 3 steps (6 batches over 2 ranks), surgery at step 2
     # DDP was re-wrapped for the new shapes: gradients still averaged, so parameters stay in lock-step.
     assert torch.equal(ranks[0]["params"], ranks[1]["params"])
+
+
+@pytest.mark.slow
+def test_ddp_layerwise_sampling_trains_only_active_layers_in_lock_step(tmp_path):
+    run_script(str(SCRIPTS / "ddp_layerwise.py"), str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert ranks[0]["history"] == ranks[1]["history"] and len(set(map(tuple, ranks[0]["history"]))) > 1
+    snapshots = ranks[0]["snapshots"]
+    for step in range(len(snapshots) - 1):
+        active = ranks[0]["history"][step // 2]
+        for layer in range(6):
+            moved = not torch.equal(snapshots[step][layer], snapshots[step + 1][layer])
+            assert moved == (layer in active), (step, layer)
+            # gradients of the active layers were averaged across ranks: both ranks hold the same values
+            assert torch.equal(snapshots[step + 1][layer], ranks[1]["snapshots"][step + 1][layer])

@@ -91,3 +91,24 @@ def test_bad_settings():
         LayerwiseSampling("random")
     with pytest.raises(Exception, match="n_layers=9"):
         trainer(max_steps=1, callbacks=[LayerwiseSampling(n_layers=9)]).fit(TinyLlama(), token_batches())
+
+
+def test_resume_continues_the_same_layer_schedule(tmp_path):
+    from helpers import flat_params
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(max_epochs, ckpt_path=None, checkpoint_dir=None):
+        sampling = LayerwiseSampling("ist", n_layers=2, interval=3, seed=1)
+        callbacks = [sampling] + ([ModelCheckpoint(dirpath=checkpoint_dir, save_last=True)] if checkpoint_dir else [])
+        module = TinyLlama()
+        trainer(max_epochs=max_epochs, callbacks=callbacks, enable_checkpointing=bool(checkpoint_dir)).fit(
+            module, token_batches(), ckpt_path=ckpt_path
+        )
+        return module, sampling
+
+    straight, straight_sampling = run(4)
+    run(2, checkpoint_dir=tmp_path)
+    resumed, resumed_sampling = run(4, ckpt_path=tmp_path / "last.ckpt")
+    assert resumed_sampling.history == straight_sampling.history
+    assert torch.allclose(resumed_sampling.importance, straight_sampling.importance)
+    assert torch.allclose(flat_params(resumed), flat_params(straight))

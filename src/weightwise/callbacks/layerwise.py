@@ -7,7 +7,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import SingleDeviceStrategy
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
@@ -35,8 +35,10 @@ class LayerwiseSampling(Callback):
     identical on every rank and after resuming. Logged: ``weightwise/active_layers`` (as a
     histogram of layer indices) and ``weightwise/optimizer_state_mib``.
 
-    Single device for now: under DDP, layers frozen at wrap time would be left out of gradient
-    synchronisation for good; see the notes in the repository.
+    Single device and DDP. DDP only synchronises parameters that required gradients when the model
+    was wrapped, so after every change of the active layers the module is wrapped anew (its buckets
+    then hold only the trainable parameters - less communication, too). DeepSpeed partitions
+    parameters at engine start and is refused for now.
 
     Args:
         policy: ``"lisa"`` or ``"ist"``.
@@ -78,11 +80,12 @@ class LayerwiseSampling(Callback):
         self._period_losses: list[float] = []
         self._previous_mean: float | None = None
         self._period: int | None = None
+        self._applied = False
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not isinstance(trainer.strategy, SingleDeviceStrategy):
+        if not isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)):
             raise MisconfigurationException(
-                f"LayerwiseSampling supports single-device training for now, not {type(trainer.strategy).__name__}"
+                f"LayerwiseSampling supports single-device and DDP training, not {type(trainer.strategy).__name__}"
             )
         _, self.stack = find_layer_stack(pl_module, self.layers_path)
         if self.n_layers > len(self.stack):
@@ -100,22 +103,29 @@ class LayerwiseSampling(Callback):
         return sorted(chosen.tolist())
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        step = trainer.global_step
-        period = step // self.interval
-        if period == self._period:  # same period (or another micro-batch of the same step)
-            return
-        self._period = period
-        if self.policy == "ist" and self._period_losses and self.active:
-            self._update_importance()
+        period = trainer.global_step // self.interval
+        if period != self._period:
+            if self.policy == "ist" and self._period_losses and self.active:
+                self._update_importance()
+            self._period = period
+            self._apply(trainer, self._draw(period))
+            self.history.append(self.active)
+        elif not self._applied:  # resumed mid-period: the fresh module has every layer trainable
+            self._apply(trainer, self.active)
+
+    def _apply(self, trainer: pl.Trainer, chosen: list[int]) -> None:
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
-        chosen = self._draw(period)
         self.stash.freeze((p for i, layer in enumerate(self.stack) if i not in chosen for p in layer.parameters()), optimizer)
         self.stash.thaw((p for i in chosen for p in self.stack[i].parameters()), optimizer)
-        self.active = chosen
-        self.history.append(chosen)
+        if isinstance(trainer.strategy, DDPStrategy):
+            # DDP's reducer covers the parameters that required grad when it was built: rebuild it.
+            trainer.strategy.model = trainer.strategy.lightning_module
+            trainer.strategy.configure_ddp()
+        self.active, self._applied = chosen, True
         if optimizer is not None:
             for logger in trainer.loggers:
-                logger.log_metrics({"weightwise/optimizer_state_mib": optimizer_state_bytes(optimizer) / 2**20}, step=step)
+                mib = optimizer_state_bytes(optimizer) / 2**20
+                logger.log_metrics({"weightwise/optimizer_state_mib": mib}, step=trainer.global_step)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.policy == "ist" and isinstance(outputs, dict) and "loss" in outputs:
@@ -135,9 +145,15 @@ class LayerwiseSampling(Callback):
             "importance": None if self.importance is None else self.importance.clone(),
             "history": [list(h) for h in self.history],
             "previous_mean": self._previous_mean,
+            "period": self._period,
+            "active": list(self.active),
+            "period_losses": list(self._period_losses),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.importance = state_dict["importance"]
         self.history = [list(h) for h in state_dict["history"]]
         self._previous_mean = state_dict["previous_mean"]
+        self._period = state_dict["period"]
+        self.active = list(state_dict["active"])
+        self._period_losses = list(state_dict["period_losses"])
