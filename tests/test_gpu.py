@@ -1,0 +1,33 @@
+"""GPU checks (marker `gpu`): skipped without CUDA; run them on a GPU machine with `pytest -m gpu`."""
+
+import pytest
+import torch
+from helpers import Classifier, indexed_loader, trainer
+
+from weightwise.callbacks import DataPruning, LossReweighting
+from weightwise.samplers import InfoBatchSampler
+
+pytestmark = pytest.mark.gpu
+
+
+def test_reweighting_and_pruning_on_cuda_keep_the_score_store_on_the_device():
+    reweighting, pruning = LossReweighting("quadratic"), DataPruning()
+    sampler = InfoBatchSampler(64, prune_ratio=0.5)
+    trainer(accelerator="gpu", max_epochs=3, callbacks=[reweighting, pruning]).fit(
+        Classifier(), indexed_loader(64, 8, sampler=sampler)
+    )
+    assert reweighting.reducer.scores.device.type == "cuda"
+    assert pruning.ledger["samples_visited"] < 3 * 64
+
+
+def test_layerwise_sampling_lowers_peak_cuda_memory():
+    from test_layerwise import TinyLlama, token_batches  # noqa: F401  (tests/callbacks on sys.path via conftest)
+
+    from weightwise.callbacks import LayerwiseSampling
+
+    peaks = {}
+    for name, callbacks in (("full", []), ("lisa", [LayerwiseSampling("lisa", n_layers=1, interval=2)])):
+        torch.cuda.reset_peak_memory_stats()
+        trainer(accelerator="gpu", max_epochs=1, callbacks=callbacks).fit(TinyLlama(layers=6), token_batches())
+        peaks[name] = torch.cuda.max_memory_allocated()
+    assert peaks["lisa"] < peaks["full"]
