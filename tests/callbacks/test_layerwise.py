@@ -112,3 +112,21 @@ def test_resume_continues_the_same_layer_schedule(tmp_path):
     assert resumed_sampling.history == straight_sampling.history
     assert torch.allclose(resumed_sampling.importance, straight_sampling.importance)
     assert torch.allclose(flat_params(resumed), flat_params(straight))
+
+
+def test_with_lora_adapters_only_the_chosen_layers_adapters_train():
+    from peft import LoraConfig, get_peft_model
+
+    module = TinyLlama()
+    module.model = get_peft_model(module.model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    base_before = {n: p.detach().clone() for n, p in module.named_parameters() if "lora_" not in n}
+    sampling = LayerwiseSampling("ist", n_layers=2, interval=2)
+    adapters = {n: p.detach().clone() for n, p in module.named_parameters() if "lora_B" in n}
+    trainer(max_epochs=1, callbacks=[sampling]).fit(module, token_batches())
+    for name, param in module.named_parameters():
+        if "lora_" not in name:
+            assert torch.equal(param, base_before[name]) and not param.requires_grad, name  # base never trains
+    stack = sampling.stack
+    trained = {i for i, layer in enumerate(stack) for n, p in layer.named_parameters() if "lora_B" in n and p.abs().sum() > 0}
+    assert trained == {i for period in sampling.history for i in period}  # exactly the sampled layers' adapters moved
+    assert len(adapters) == 2 * len(stack)

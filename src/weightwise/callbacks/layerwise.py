@@ -29,6 +29,9 @@ class LayerwiseSampling(Callback):
       that were active, and layers are drawn without replacement with probability
       ``softmax(s / temperature)``.
 
+    Only parameters that were trainable when ``fit`` started are sampled, so with PEFT adapters
+    (e.g. ``peft`` LoRA) the chosen layers' adapters train and base weights stay frozen.
+
     Frozen layers get ``requires_grad=False`` and ``grad=None`` (so AdamW's momentum and weight
     decay leave them bit-identical) and their optimizer state is released or offloaded to CPU
     (:mod:`weightwise.freezing`). The choice of each period is seeded by ``(seed, period)``, so it is
@@ -88,6 +91,9 @@ class LayerwiseSampling(Callback):
                 f"LayerwiseSampling supports single-device and DDP training, not {type(trainer.strategy).__name__}"
             )
         _, self.stack = find_layer_stack(pl_module, self.layers_path)
+        # Only what the user made trainable is sampled: with PEFT (LoRA) that is each layer's
+        # adapters, and the frozen base weights must stay frozen when their layer is chosen.
+        self.trainable = [[p for p in layer.parameters() if p.requires_grad] for layer in self.stack]
         if self.n_layers > len(self.stack):
             raise MisconfigurationException(f"n_layers={self.n_layers} but the layer stack has {len(self.stack)} layers")
         if self.importance is None:
@@ -115,8 +121,8 @@ class LayerwiseSampling(Callback):
 
     def _apply(self, trainer: pl.Trainer, chosen: list[int]) -> None:
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
-        self.stash.freeze((p for i, layer in enumerate(self.stack) if i not in chosen for p in layer.parameters()), optimizer)
-        self.stash.thaw((p for i in chosen for p in self.stack[i].parameters()), optimizer)
+        self.stash.freeze((p for i, params in enumerate(self.trainable) if i not in chosen for p in params), optimizer)
+        self.stash.thaw((p for i in chosen for p in self.trainable[i]), optimizer)
         if isinstance(trainer.strategy, DDPStrategy):
             # DDP's reducer covers the parameters that required grad when it was built: rebuild it.
             trainer.strategy.model = trainer.strategy.lightning_module
