@@ -130,3 +130,19 @@ def test_with_lora_adapters_only_the_chosen_layers_adapters_train():
     trained = {i for i, layer in enumerate(stack) for n, p in layer.named_parameters() if "lora_B" in n and p.abs().sum() > 0}
     assert trained == {i for period in sampling.history for i in period}  # exactly the sampled layers' adapters moved
     assert len(adapters) == 2 * len(stack)
+
+
+def test_layer_activity_and_importance_are_logged_per_period(tmp_path):
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    sampling = LayerwiseSampling("ist", n_layers=2, interval=2)
+    trainer(max_epochs=1, callbacks=[sampling], logger=CSVLogger(tmp_path)).fit(TinyLlama(), token_batches())
+    rows = [r for r in csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))) if r.get("weightwise/layer_active/00")]
+    assert len(rows) == len(sampling.history) == 2
+    for row, active in zip(rows, sampling.history):
+        assert [i for i in range(6) if float(row[f"weightwise/layer_active/{i:02d}"]) == 1.0] == active
+        assert "weightwise/layer_importance/05" in row
+    assert float(rows[0]["weightwise/optimizer_state_mib"]) == 0.0  # before the first step: no Adam state yet
+    assert float(rows[1]["weightwise/optimizer_state_mib"]) > 0.0

@@ -35,8 +35,9 @@ class LayerwiseSampling(Callback):
     Frozen layers get ``requires_grad=False`` and ``grad=None`` (so AdamW's momentum and weight
     decay leave them bit-identical) and their optimizer state is released or offloaded to CPU
     (:mod:`weightwise.freezing`). The choice of each period is seeded by ``(seed, period)``, so it is
-    identical on every rank and after resuming. Logged: ``weightwise/active_layers`` (as a
-    histogram of layer indices) and ``weightwise/optimizer_state_mib``.
+    identical on every rank and after resuming. Logged at every period: ``weightwise/layer_active/NN``
+    (1 for the layers that train, 0 otherwise - a layer x step map), ``weightwise/layer_importance/NN``
+    (IST) and ``weightwise/optimizer_state_mib``.
 
     Single device and DDP. DDP only synchronises parameters that required gradients when the model
     was wrapped, so after every change of the active layers the module is wrapped anew (its buckets
@@ -128,10 +129,14 @@ class LayerwiseSampling(Callback):
             trainer.strategy.model = trainer.strategy.lightning_module
             trainer.strategy.configure_ddp()
         self.active, self._applied = chosen, True
+        # One value per layer and period: in W&B (or any logger) a layer x step map of what trained.
+        metrics = {f"weightwise/layer_active/{i:02d}": float(i in chosen) for i in range(len(self.stack))}
+        if self.policy == "ist":
+            metrics.update({f"weightwise/layer_importance/{i:02d}": float(v) for i, v in enumerate(self.importance)})
         if optimizer is not None:
-            for logger in trainer.loggers:
-                mib = optimizer_state_bytes(optimizer) / 2**20
-                logger.log_metrics({"weightwise/optimizer_state_mib": mib}, step=trainer.global_step)
+            metrics["weightwise/optimizer_state_mib"] = optimizer_state_bytes(optimizer) / 2**20
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.policy == "ist" and isinstance(outputs, dict) and "loss" in outputs:
