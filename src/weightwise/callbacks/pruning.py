@@ -50,6 +50,7 @@ class DataPruning(SampleWeightCallback):
         self.ledger: dict[str, float] = {"epochs": 0, "samples_visited": 0, "samples_full": 0, "seconds": 0.0}
         self._pending_sampler_state: dict[str, Any] | None = None
         self._epoch_start = 0.0
+        self._device_weights: tuple[Tensor, Tensor] | None = None
 
     # ------------------------------------------------------------------ wiring
     @staticmethod
@@ -112,7 +113,12 @@ class DataPruning(SampleWeightCallback):
     # ------------------------------------------------------------------ weights and ledger
     def sample_weights(self, losses: Tensor, sample_ids: Tensor, trainer: pl.Trainer) -> Tensor | None:
         weights = self.sampler.epoch_weights() if self.sampler is not None else None
-        return None if weights is None else weights.to(losses.device)[sample_ids]
+        if weights is None:
+            return None
+        if self._device_weights is None or self._device_weights[0] is not weights:
+            # The [N] factors change once per epoch: copy them to the device once, not every step.
+            self._device_weights = (weights, weights.to(losses.device))
+        return self._device_weights[1][sample_ids]
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self.sampler is not None

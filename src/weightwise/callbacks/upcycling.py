@@ -142,11 +142,9 @@ class ExpertUpcycling(Callback):
         model = next((m for m in pl_module.modules() if isinstance(m, PreTrainedModel)), None)
         if model is None or not isinstance(batch, Mapping) or "input_ids" not in batch:
             return None
+        blocks = list(find_moe_blocks(model).values())
         loads: list[Tensor] = []
-        hooks = [
-            block.block.gate.register_forward_hook(lambda mod, args, out: loads.append(out[-1].flatten()))
-            for block in find_moe_blocks(model).values()
-        ]
+        hooks = [block.block.gate.register_forward_hook(lambda mod, args, out: loads.append(out[-1].flatten())) for block in blocks]
         inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
         was_training = model.training
         model.eval()
@@ -157,8 +155,7 @@ class ExpertUpcycling(Callback):
             model.train(was_training)
             for hook in hooks:
                 hook.remove()
-        n_experts = next(iter(find_moe_blocks(model).values())).num_experts
-        load = torch.bincount(torch.cat(loads).cpu(), minlength=n_experts).float()
+        load = torch.bincount(torch.cat(loads).cpu(), minlength=blocks[0].num_experts).float()
         return {"loss": None if loss is None else float(loss), "load": load / load.sum()}
 
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, before: dict | None, after: dict | None) -> None:

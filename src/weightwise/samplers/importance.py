@@ -56,11 +56,12 @@ class ImportanceSampler(EpochSampler):
 
     def probabilities(self) -> torch.Tensor:
         """``[N]`` sampling probabilities from the current scores (uniform before any score exists)."""
-        n = self.num_samples
         scores = self.signal(self.score)
         seen = torch.isfinite(scores)
-        if not seen.any():
-            return torch.full((n,), 1.0 / n)
+        return self._probabilities(scores, seen) if seen.any() else torch.full((self.num_samples,), 1.0 / self.num_samples)
+
+    def _probabilities(self, scores: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+        n = self.num_samples
         if (scores[seen] < 0).any():
             raise ValueError(f"ImportanceSampler needs non-negative scores; signal {self.score!r} has negative values")
         scores = torch.where(seen, scores, scores[seen].max())
@@ -70,9 +71,11 @@ class ImportanceSampler(EpochSampler):
 
     def plan_epoch(self, epoch: int, generator: torch.Generator) -> EpochPlan:
         size = self.subset_size(self.fraction)
-        if self.scores is None or not torch.isfinite(self.signal(self.score)).any():
+        scores = self.signal(self.score)
+        seen = torch.isfinite(scores)
+        if not seen.any():
             return EpochPlan(torch.randperm(self.num_samples, generator=generator)[:size])
-        p = self.probabilities()
+        p = self._probabilities(scores, seen)
         order = torch.randperm(self.num_samples, generator=generator)
         offset = torch.rand((), generator=generator, dtype=torch.float64)
         # draws of sample order[i]: how many points (j + offset) / size fall in its probability interval
