@@ -1,4 +1,5 @@
 import csv
+import time
 
 import pytest
 import torch
@@ -79,10 +80,16 @@ def test_wandb_offline_run_gets_weight_histogram(tmp_path):
     trainer(max_epochs=1, logger=logger, log_every_n_steps=1, callbacks=[LossReweighting("linupper")]).fit(
         Classifier(), indexed_loader(16, 8)
     )
-    wandb.finish()  # flushes the offline run file
-    run_files = list(tmp_path.rglob("*.wandb"))
+    wandb.finish()
+    # W&B's service process writes the offline run file asynchronously: give it time to flush.
+    deadline = time.monotonic() + 30
+    content = b""
+    while time.monotonic() < deadline and b"weightwise/weights" not in content:
+        run_files = list(tmp_path.rglob("*.wandb"))
+        content = run_files[0].read_bytes() if run_files else b""
+        time.sleep(0.2)
     assert run_files, "no offline W&B run was written"
-    assert b"weightwise/weights" in run_files[0].read_bytes()
+    assert b"weightwise/weights" in content
 
 
 def test_resume_from_checkpoint_continues_identically(tmp_path):
