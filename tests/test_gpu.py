@@ -31,3 +31,17 @@ def test_layerwise_sampling_lowers_peak_cuda_memory():
         trainer(accelerator="gpu", max_epochs=1, callbacks=callbacks).fit(TinyLlama(layers=6), token_batches())
         peaks[name] = torch.cuda.max_memory_allocated()
     assert peaks["lisa"] < peaks["full"]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_on_cuda_reweights_prunes_and_checkpoints_the_score_store(tmp_path, stage):
+    pytest.importorskip("deepspeed")
+    reweighting, pruning = LossReweighting("linupper"), DataPruning()
+    run = trainer(
+        accelerator="gpu", strategy=f"deepspeed_stage_{stage}", precision="bf16-mixed", max_epochs=2,
+        callbacks=[reweighting, pruning], use_distributed_sampler=False,
+    )
+    run.fit(Classifier(optimizer="adamw"), indexed_loader(64, 8, sampler=InfoBatchSampler(64, prune_ratio=0.5)))
+    run.save_checkpoint(tmp_path / "ckpt")
+    assert (tmp_path / "ckpt").is_dir()
+    assert reweighting.reducer.scores.count.sum() == pruning.ledger["samples_visited"]

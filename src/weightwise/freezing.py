@@ -13,7 +13,7 @@ Flipping ``requires_grad`` is not enough (DESIGN.md, "Layer freezing must save m
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Literal
 
 import torch
@@ -45,6 +45,17 @@ class OptimizerStateStash:
             parked = self.parked.pop(p, None)
             if parked is not None and optimizer is not None:
                 optimizer.state[p] = {k: v.to(p.device) if isinstance(v, Tensor) else v for k, v in parked.items()}
+
+    def state_dict(self, names: Mapping[nn.Parameter, str]) -> dict[str, dict[str, object]]:
+        """The parked state keyed by parameter name, for checkpoints (its tensors are on CPU)."""
+        return {names[p]: state for p, state in self.parked.items()}
+
+    def load_state_dict(self, state: Mapping[str, dict[str, object]], params: Mapping[str, nn.Parameter]) -> None:
+        """Park ``state`` (from :meth:`state_dict`) again for the parameters of those names."""
+        unknown = sorted(set(state) - set(params))
+        if unknown:
+            raise ValueError(f"the checkpoint parks optimizer state for parameters this model lacks: {unknown[:5]}")
+        self.parked = {params[name]: dict(s) for name, s in state.items()}
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:

@@ -93,12 +93,13 @@ def test_bad_settings():
         trainer(max_steps=1, callbacks=[LayerwiseSampling(n_layers=9)]).fit(TinyLlama(), token_batches())
 
 
-def test_resume_continues_the_same_layer_schedule(tmp_path):
+@pytest.mark.parametrize("optimizer_state", ["release", "offload"])
+def test_resume_continues_the_same_layer_schedule(tmp_path, optimizer_state):
     from helpers import flat_params
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     def run(max_epochs, ckpt_path=None, checkpoint_dir=None):
-        sampling = LayerwiseSampling("ist", n_layers=2, interval=3, seed=1)
+        sampling = LayerwiseSampling("ist", n_layers=2, interval=3, seed=1, optimizer_state=optimizer_state)
         callbacks = [sampling] + ([ModelCheckpoint(dirpath=checkpoint_dir, save_last=True)] if checkpoint_dir else [])
         module = TinyLlama()
         trainer(max_epochs=max_epochs, callbacks=callbacks, enable_checkpointing=bool(checkpoint_dir)).fit(
@@ -112,6 +113,8 @@ def test_resume_continues_the_same_layer_schedule(tmp_path):
     assert resumed_sampling.history == straight_sampling.history
     assert torch.allclose(resumed_sampling.importance, straight_sampling.importance)
     assert torch.allclose(flat_params(resumed), flat_params(straight))
+    if optimizer_state == "offload":  # the moments parked on CPU at the checkpoint came back with it
+        assert torch.load(tmp_path / "last.ckpt", weights_only=False)["callbacks"]["LayerwiseSampling"]["parked"]
 
 
 def test_with_lora_adapters_only_the_chosen_layers_adapters_train():

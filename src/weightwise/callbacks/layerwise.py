@@ -7,10 +7,10 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
+from weightwise.callbacks.strategies import require_rewrappable_strategy, rewrap_ddp
 from weightwise.freezing import OptimizerStateStash, StateMode, optimizer_state_bytes
 from weightwise.layers import find_layer_stack
 
@@ -34,8 +34,8 @@ class LayerwiseSampling(Callback):
 
     Frozen layers get ``requires_grad=False`` and ``grad=None`` (so AdamW's momentum and weight
     decay leave them bit-identical) and their optimizer state is released or offloaded to CPU
-    (:mod:`weightwise.freezing`). The choice of each period is seeded by ``(seed, period)``, so it is
-    identical on every rank and after resuming. Logged at every period: ``weightwise/layer_active/NN``
+    (:mod:`weightwise.freezing`); parked state is saved in checkpoints. The choice of each period is
+    seeded by ``(seed, period)``, so it is identical on every rank and after resuming. Logged at every period: ``weightwise/layer_active/NN``
     (1 for the layers that train, 0 otherwise - a layer x step map), ``weightwise/layer_importance/NN``
     (IST) and ``weightwise/optimizer_state_mib``.
 
@@ -85,12 +85,16 @@ class LayerwiseSampling(Callback):
         self._previous_mean: float | None = None
         self._period: int | None = None
         self._applied = False
+        self._param_names: dict[torch.nn.Parameter, str] = {}
+        self._parked_to_load: dict[str, dict[str, Any]] | None = None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)):
-            raise MisconfigurationException(
-                f"LayerwiseSampling supports single-device and DDP training, not {type(trainer.strategy).__name__}"
-            )
+        require_rewrappable_strategy(
+            trainer,
+            "LayerwiseSampling",
+            "Use strategy='ddp' (with LayerwiseSampling the optimizer state is already that of the active"
+            " layers only), or freeze a fixed set of layers before fit for DeepSpeed.",
+        )
         _, self.stack = find_layer_stack(pl_module, self.layers_path)
         # Only what the user made trainable is sampled: with PEFT (LoRA) that is each layer's
         # adapters, and the frozen base weights must stay frozen when their layer is chosen.
@@ -99,6 +103,10 @@ class LayerwiseSampling(Callback):
             raise MisconfigurationException(f"n_layers={self.n_layers} but the layer stack has {len(self.stack)} layers")
         if self.importance is None:
             self.importance = torch.zeros(len(self.stack))
+        self._param_names = {p: name for name, p in pl_module.named_parameters()}
+        if self._parked_to_load is not None:  # resumed "offload" run: the parked moments come back too
+            self.stash.load_state_dict(self._parked_to_load, dict(pl_module.named_parameters()))
+            self._parked_to_load = None
 
     def _draw(self, period: int) -> list[int]:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + period)
@@ -124,10 +132,7 @@ class LayerwiseSampling(Callback):
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         self.stash.freeze((p for i, params in enumerate(self.trainable) if i not in chosen for p in params), optimizer)
         self.stash.thaw((p for i in chosen for p in self.trainable[i]), optimizer)
-        if isinstance(trainer.strategy, DDPStrategy):
-            # DDP's reducer covers the parameters that required grad when it was built: rebuild it.
-            trainer.strategy.model = trainer.strategy.lightning_module
-            trainer.strategy.configure_ddp()
+        rewrap_ddp(trainer)  # DDP's reducer covers the parameters that required grad when it was built
         self.active, self._applied = chosen, True
         # One value per layer and period: in W&B (or any logger) a layer x step map of what trained.
         metrics = {f"weightwise/layer_active/{i:02d}": float(i in chosen) for i in range(len(self.stack))}
@@ -159,6 +164,7 @@ class LayerwiseSampling(Callback):
             "period": self._period,
             "active": list(self.active),
             "period_losses": list(self._period_losses),
+            "parked": self.stash.state_dict(self._param_names),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -168,3 +174,4 @@ class LayerwiseSampling(Callback):
         self._period = state_dict["period"]
         self.active = list(state_dict["active"])
         self._period_losses = list(state_dict["period_losses"])
+        self._parked_to_load = state_dict.get("parked") or None

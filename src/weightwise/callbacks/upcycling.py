@@ -9,11 +9,11 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from transformers import PreTrainedModel
 
+from weightwise.callbacks.strategies import require_rewrappable_strategy, rewrap_ddp
 from weightwise.moe import ExpertUtility, find_moe_blocks, upcycle_experts
 from weightwise.moe.surgery import Method, Selection, UpcycleReport
 from weightwise.monitoring import log_histogram
@@ -94,11 +94,12 @@ class ExpertUpcycling(Callback):
 
     # ------------------------------------------------------------------ utility window
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)):
-            raise MisconfigurationException(
-                f"ExpertUpcycling changes parameter shapes in place, which {type(trainer.strategy).__name__} does not"
-                " allow. Stop at the step, run `weightwise upcycle IN OUT --factor m` on the saved model and resume."
-            )
+        require_rewrappable_strategy(
+            trainer,
+            "ExpertUpcycling",
+            "Train to the step, save the model (`save_pretrained`), run `weightwise upcycle IN OUT --factor m`"
+            " and continue training the grown model under DeepSpeed.",
+        )
         if len(trainer.optimizers) > 1:
             raise MisconfigurationException("ExpertUpcycling supports one optimizer")
         if not self.done:
@@ -128,10 +129,7 @@ class ExpertUpcycling(Callback):
             optimizer=optimizer,
             generator=torch.Generator().manual_seed(self.seed),
         )
-        if isinstance(trainer.strategy, DDPStrategy):
-            # DDP's gradient buckets were laid out for the old shapes: wrap the module anew.
-            trainer.strategy.model = trainer.strategy.lightning_module
-            trainer.strategy.configure_ddp()
+        rewrap_ddp(trainer)  # DDP's gradient buckets were laid out for the old shapes
         self.done = True
         after = self._measure(pl_module, batch)
         self._log(trainer, pl_module, before, after)

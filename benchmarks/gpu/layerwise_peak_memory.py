@@ -1,0 +1,112 @@
+"""Peak training memory of full fine-tuning vs LoRA vs LISA vs IST on one decoder model (issue 4).
+
+The default model has TinyLlama-1.1B's shape (22 layers, hidden 2048, 32k vocabulary; 1.1B
+parameters), randomly initialised - no download - since memory does not depend on the values.
+Each method trains ``--steps`` steps with a real Lightning ``Trainer`` (AdamW, ``bf16-mixed``);
+reported per method: peak CUDA memory allocated during the fit, Adam state and trainable
+parameters. LISA/IST use ``LayerwiseSampling(n_layers=2, interval=2)`` so that the active layers
+change during the measurement.
+
+GPU:  python benchmarks/gpu/layerwise_peak_memory.py                 (run by benchmarks/gpu/check.sh)
+CPU smoke run (tested; no peak memory):  python benchmarks/gpu/layerwise_peak_memory.py --tiny
+Goal (issue 4): LISA/IST peak <= LoRA peak + 10%, and <= 50% of full fine-tuning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
+from peft import LoraConfig, get_peft_model  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from weightwise.callbacks import LayerwiseSampling  # noqa: E402
+from weightwise.freezing import optimizer_state_bytes  # noqa: E402
+
+METHODS = ("full", "lora", "lisa", "ist")
+MIB = 2**20
+SHAPES = {
+    "1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4, vocab_size=32000),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2, vocab_size=256),
+}
+
+
+class Decoder(pl.LightningModule):
+    def __init__(self, shape: dict, method: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.model = LlamaForCausalLM(LlamaConfig(**shape))
+        if method == "lora":
+            self.model = get_peft_model(self.model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+
+    def training_step(self, batch, batch_idx):
+        return self.model(input_ids=batch, labels=batch).loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-5)
+
+
+class Peak(pl.Callback):
+    """Adam state and trainable parameters at the end of the fit (what the active layers cost)."""
+
+    def on_train_end(self, trainer, pl_module):
+        self.state_mib = optimizer_state_bytes(trainer.optimizers[0]) / MIB
+        self.trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+
+
+def measure(method: str, args: argparse.Namespace, accelerator: str) -> dict:
+    shape = SHAPES["tiny" if args.tiny else "1.1b"]
+    batches = torch.randint(0, shape["vocab_size"], (args.steps * args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+    callbacks = [Peak()]
+    if method in ("lisa", "ist"):
+        callbacks.append(LayerwiseSampling(method, n_layers=2, interval=2))
+    module = Decoder(shape, method)
+    if accelerator == "gpu":
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    pl.Trainer(
+        accelerator=accelerator, devices=1, precision="bf16-mixed", max_steps=args.steps, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+    ).fit(module, DataLoader(batches, batch_size=args.batch))
+    peak = torch.cuda.max_memory_allocated() / MIB if accelerator == "gpu" else None
+    result = {
+        "method": method, "parameters": sum(p.numel() for p in module.parameters()), "trainable_at_end": callbacks[0].trainable,
+        "adam_state_mib": callbacks[0].state_mib, "peak_allocated_mib": peak,
+    }
+    del module, callbacks
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="a tiny model (CPU smoke run)")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args()
+    accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    rows = [measure(m, args, accelerator) for m in args.methods.split(",")]
+    device = torch.cuda.get_device_name() if accelerator == "gpu" else "cpu"
+    print(f"\n{device}; {rows[0]['parameters'] / 1e6:,.1f}M parameters; batch {args.batch} x {args.seq}; bf16-mixed; {args.steps} steps")
+    print("| method | trainable at end | Adam state MiB | peak allocated MiB |")
+    print("| --- | ---: | ---: | ---: |")
+    for r in rows:
+        peak = "-" if r["peak_allocated_mib"] is None else f"{r['peak_allocated_mib']:.0f}"
+        print(f"| {r['method']} | {r['trainable_at_end'] / 1e6:.1f}M | {r['adam_state_mib']:.0f} | {peak} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Per-step cost of ``LayerwiseSampling`` against the same layers frozen by hand.
+
+Model and data: the example ``CausalLM`` (Llama, 8 layers, hidden 128, byte-level) on Python's
+standard-library sources, batch 16 x 128 bytes, AdamW, Lightning ``Trainer`` on CPU.
+
+Pairs of runs with identical compute (the same layers train at the same steps):
+
+* ``fixed``: the callback with one period for the whole run, vs the same 2 layers frozen by hand
+  (``requires_grad_(False)``) before ``fit``;
+* ``K=20``: the callback drawing 2 new layers every 20 steps, vs a hand-written callback that
+  replays the same schedule with bare ``requires_grad_`` toggling (no optimizer-state release,
+  no logging).
+
+A step's time is measured from one ``on_train_batch_end`` to the next; reported is the median over
+the steps after ``--warmup``, each pair run ABAB ``--repeats`` times (medians of the repeats).
+Run: .venv/bin/python benchmarks/layerwise_overhead.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
+from language_modeling import CausalLM, Windows, stdlib_bytes  # noqa: E402
+from lightning.pytorch.callbacks import Callback  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+from weightwise.callbacks import LayerwiseSampling  # noqa: E402
+
+
+class StepTimer(Callback):
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._last: float | None = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        now = time.perf_counter()
+        if self._last is not None:
+            self.times.append(now - self._last)
+        self._last = now
+
+
+class HandSchedule(Callback):
+    """Freeze by hand: at each period start, ``requires_grad_`` on the listed layers, off elsewhere."""
+
+    def __init__(self, schedule: list[list[int]], interval: int) -> None:
+        self.schedule, self.interval = schedule, interval
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step % self.interval == 0:
+            active = self.schedule[trainer.global_step // self.interval]
+            for i, layer in enumerate(pl_module.model.model.layers):
+                layer.requires_grad_(i in active)
+
+
+def timed_fit(args: argparse.Namespace, callbacks: list, freeze: list[int] | None = None) -> float:
+    pl.seed_everything(0, verbose=False)
+    model = CausalLM(hidden_size=128, num_layers=8, lr=3e-4)
+    if freeze is not None:
+        for i, layer in enumerate(model.model.model.layers):
+            layer.requires_grad_(i in freeze)
+    timer = StepTimer()
+    loader = DataLoader(Windows(stdlib_bytes(1_000_000), 128), batch_size=16, shuffle=True)
+    pl.Trainer(
+        accelerator="cpu", max_steps=args.steps, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[*callbacks, timer],
+    ).fit(model, loader)
+    return statistics.median(timer.times[args.warmup :])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    rows = []
+    for label, interval in (("fixed", args.steps + 1), ("K=20", 20)):
+        probe = LayerwiseSampling("lisa", n_layers=2, interval=interval, seed=0)
+        timed_fit(args, [probe])  # learn the schedule it draws (a function of the seed only)
+        schedule = probe.history
+        callback_times, hand_times = [], []
+        for _ in range(args.repeats):
+            callback_times.append(timed_fit(args, [LayerwiseSampling("lisa", n_layers=2, interval=interval, seed=0)]))
+            if label == "fixed":
+                hand_times.append(timed_fit(args, [], freeze=schedule[0]))
+            else:
+                hand_times.append(timed_fit(args, [HandSchedule(schedule, interval)], freeze=schedule[0]))
+        cb, hand = statistics.median(callback_times), statistics.median(hand_times)
+        rows.append((label, schedule[0], hand, cb, callback_times, hand_times))
+        print(f"{label}: callback {callback_times} hand {hand_times}", flush=True)
+
+    print(f"\nsteps={args.steps} warmup={args.warmup} repeats={args.repeats} threads={args.threads}")
+    print("| schedule | hand-frozen ms/step | LayerwiseSampling ms/step | overhead |")
+    print("| --- | ---: | ---: | ---: |")
+    for label, first, hand, cb, _, _ in rows:
+        print(f"| {label} (first layers {first}) | {1e3 * hand:.1f} | {1e3 * cb:.1f} | {100 * (cb / hand - 1):+.1f}% |")
+
+
+if __name__ == "__main__":
+    main()

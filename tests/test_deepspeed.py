@@ -1,0 +1,72 @@
+"""Lightning's DeepSpeedStrategy, ZeRO-1/2/3, real 2-process runs on CPU (gloo).
+
+The strategy is Lightning's own with its CUDA-only device plumbing bridged (``helpers.cpu_deepspeed``):
+DeepSpeed's engine, ZeRO partitioning and sharded checkpoints are the real ones. Each run combines
+LossReweighting (scores gathered over ranks) with DataPruning (a self-sharding InfoBatch sampler).
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import Classifier, cpu_deepspeed, indexed_loader, trainer
+from test_distributed import SCRIPTS, run_script
+
+from weightwise.callbacks import ExpertUpcycling, LayerwiseSampling
+
+pytestmark = pytest.mark.slow
+EPOCHS = 2
+
+
+def fit(out_dir: Path, strategy: str, epochs: int, resume_from: Path | None = None) -> list[dict]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run_script(str(SCRIPTS / "deepspeed_fit.py"), str(out_dir), strategy, str(epochs), *([str(resume_from)] if resume_from else []))
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory) -> list[dict]:
+    return fit(tmp_path_factory.mktemp("ddp"), "ddp", EPOCHS)
+
+
+def assert_same_training(ranks: list[dict], reference: list[dict], epochs: range) -> None:
+    for rank, expected in zip(ranks, reference):
+        assert torch.allclose(rank["params"], expected["params"], atol=1e-6)
+        for field, value in expected["scores"].items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(rank["scores"][field], value), field
+        assert [rank["ids"][e] for e in epochs] == [expected["ids"][e] for e in epochs]
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_stage_trains_exactly_like_ddp(tmp_path, ddp_run, stage):
+    ranks = fit(tmp_path, f"zero{stage}", EPOCHS)
+    assert_same_training(ranks, ddp_run, range(EPOCHS))
+    # The sampler sharded itself: the ranks' samples are disjoint in every epoch, and pruned.
+    for epoch in range(EPOCHS):
+        assert not set(ranks[0]["ids"][epoch]) & set(ranks[1]["ids"][epoch])
+    assert ranks[0]["ledger"]["samples_visited"] < ranks[0]["ledger"]["samples_full"]
+    # Both ranks saw every sample's loss: the score store is global.
+    assert ranks[0]["scores"]["count"].sum() == ranks[0]["ledger"]["samples_visited"]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_sharded_checkpoint_carries_callback_state_and_resumes_exactly(tmp_path, ddp_run, stage):
+    fit(tmp_path / "first", f"zero{stage}", 1)
+    checkpoint = tmp_path / "first" / "last.ckpt"
+    assert checkpoint.is_dir()  # DeepSpeed's sharded layout: one optimizer shard per rank
+    shards = sorted(p.name for p in (checkpoint / "checkpoint").iterdir())
+    assert [s for s in shards if "optim_states" in s] == [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)]
+    states = torch.load(checkpoint / "checkpoint" / [s for s in shards if "model_states" in s][0], weights_only=False)
+    assert {"LossReweighting", "DataPruning"} <= set(states["callbacks"])
+    assert states["weightwise"]["scores"]["count"].sum() > 0  # the score store travels with the shards
+
+    resumed = fit(tmp_path / "resumed", f"zero{stage}", EPOCHS, resume_from=checkpoint)
+    assert_same_training(resumed, ddp_run, range(1, EPOCHS))
+
+
+@pytest.mark.parametrize("callback", [ExpertUpcycling(at_step=1), LayerwiseSampling("lisa")], ids=["upcycling", "layerwise"])
+def test_shape_and_freezing_callbacks_refuse_deepspeed_with_the_way_out(callback):
+    run = trainer(devices=1, strategy=cpu_deepspeed(stage=2), max_steps=1, callbacks=[callback])
+    with pytest.raises(Exception, match="DeepSpeed|Deepspeed"):
+        run.fit(Classifier(per_sample=False), indexed_loader(16))
