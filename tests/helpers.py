@@ -5,6 +5,8 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from torch.utils.data import DataLoader, TensorDataset
 
 from weightwise import IndexedDataset
@@ -71,29 +73,29 @@ def flat_params(module: torch.nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in module.parameters()])
 
 
-def cpu_deepspeed(stage: int, **kwargs):
+
+class CPUDeepSpeedStrategy(DeepSpeedStrategy):
     """Lightning's real ``DeepSpeedStrategy`` (ZeRO-``stage``), made to run on CPU with gloo.
 
     Lightning refuses DeepSpeed without CUDA only in its device plumbing; DeepSpeed's ZeRO engines
     themselves run on CPU. Three overrides bridge that for the tests: no CUDA check, CPU devices
     carry the local rank as their index (DeepSpeed reads it), and the distributed setup skips the
     CUDA device-index validation. Everything else - engine, ZeRO optimizer, partitioning, sharded
-    checkpoints - is DeepSpeed's and Lightning's own code.
+    checkpoints - is DeepSpeed's and Lightning's own code. Usable from a LightningCLI config as
+    ``trainer.strategy: {class_path: helpers.CPUDeepSpeedStrategy, init_args: {stage: 2}}``.
     """
-    from lightning.fabric.utilities.seed import reset_seed
-    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 
-    class CPUDeepSpeedStrategy(DeepSpeedStrategy):
-        def setup_environment(self) -> None:
-            DDPStrategy.setup_environment(self)
+    def __init__(self, stage: int = 2, **kwargs) -> None:
+        super().__init__(stage=stage, process_group_backend="gloo", **kwargs)
 
-        @property
-        def root_device(self) -> torch.device:
-            return torch.device("cpu", self.local_rank)
+    def setup_environment(self) -> None:
+        DDPStrategy.setup_environment(self)
 
-        def setup_distributed(self) -> None:
-            reset_seed()
-            self.set_world_ranks()
-            self._init_deepspeed_distributed()
+    @property
+    def root_device(self) -> torch.device:
+        return torch.device("cpu", self.local_rank)
 
-    return CPUDeepSpeedStrategy(stage=stage, process_group_backend="gloo", **kwargs)
+    def setup_distributed(self) -> None:
+        reset_seed()
+        self.set_world_ranks()
+        self._init_deepspeed_distributed()

@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 sys.path.insert(0, str(EXAMPLES))
@@ -42,3 +43,35 @@ def test_gpu_config_is_valid_yaml_for_the_trainer():
 
     trainer = yaml.safe_load((EXAMPLES / "configs" / "gpu.yaml").read_text())["trainer"]
     assert trainer["accelerator"] == "gpu" and trainer["precision"] == "bf16-mixed"
+
+
+@pytest.mark.slow
+def test_bbc_config_switches_to_deepspeed_zero2_on_two_processes(tmp_path):
+    """The GPU switch is one extra config; here its CPU twin (Lightning's DeepSpeedStrategy bridged to
+    CPU, see tests/helpers.py) runs the BBC reweighting + pruning example on 2 processes."""
+    import os
+    import subprocess
+
+    deepspeed_yaml = tmp_path / "deepspeed_cpu.yaml"
+    deepspeed_yaml.write_text(
+        "trainer:\n  devices: 2\n  strategy:\n    class_path: helpers.CPUDeepSpeedStrategy\n    init_args: {stage: 2}\n"
+    )
+    tests_dir = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests_dir), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / "cli.py"), "fit", "--config", str(EXAMPLES / "configs" / "bbc_reweight_prune.yaml"),
+         "--config", str(deepspeed_yaml), "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+         "--trainer.default_root_dir", str(tmp_path), "--trainer.max_epochs", "2",
+         "--data.init_args.limit_train", "64", "--data.init_args.limit_test", "32", "--data.init_args.batch_size", "8"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    checkpoint = next(tmp_path.rglob("*.ckpt"))
+    assert checkpoint.is_dir() and (checkpoint / "checkpoint").is_dir()  # DeepSpeed's sharded checkpoint
+    shards = sorted(p.name for p in (checkpoint / "checkpoint").glob("*optim_states.pt"))
+    assert len(shards) == 2  # one optimizer partition per rank
+    optim = torch.load(checkpoint / "checkpoint" / shards[0], weights_only=False)["optimizer_state_dict"]
+    assert optim["zero_stage"] == 2
+    states = torch.load(checkpoint / "checkpoint" / "mp_rank_00_model_states.pt", weights_only=False)
+    ledger = states["callbacks"]["DataPruning"]["ledger"]
+    assert 0 < ledger["samples_visited"] < ledger["samples_full"]  # RS2 pruning ran under DeepSpeed

@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/helpers.py
 
 import torch  # noqa: E402
-from helpers import Classifier, cpu_deepspeed, indexed_loader, trainer  # noqa: E402
+from helpers import Classifier, CPUDeepSpeedStrategy, indexed_loader, trainer  # noqa: E402
 from lightning.pytorch import seed_everything  # noqa: E402
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
 
@@ -46,7 +46,7 @@ if __name__ == "__main__":
     out_dir, name, epochs = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
     resume_from = sys.argv[4] if len(sys.argv) > 4 else None
     seed_everything(0)
-    strategy = "ddp" if name == "ddp" else cpu_deepspeed(stage=int(name.removeprefix("zero")))
+    strategy = "ddp" if name == "ddp" else CPUDeepSpeedStrategy(stage=int(name.removeprefix("zero")))
     reweighting, pruning, ids = LossReweighting("linupper"), DataPruning(), SampleIds()
     fit = trainer(
         devices=2,
