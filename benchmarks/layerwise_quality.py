@@ -9,13 +9,15 @@ starting weights and seed:
   sources (cached in ``benchmarks/.cache``), then fine-tuned on the English text of BBC News
   articles; reported: held-out loss (nats per byte) on unseen articles.
 
-Methods: ``full`` (every weight trains), ``lora`` (``peft`` LoRA on the attention projections,
-r=8, its usual 5x learning rate), ``lisa`` and ``ist`` (``LayerwiseSampling``, 2 layers per
-period; embeddings, head and final norm always train, as in LISA).
+Methods: ``none`` (``lm`` only: the pre-trained model, not fine-tuned - for scale), ``full``
+(every weight trains), ``lora`` (``peft`` LoRA r=8 - lm: attention projections; bbc: every linear layer of the
+encoder - at LoRA's usual 5x learning rate), ``lisa`` and ``ist`` (``LayerwiseSampling``, 2 layers per period; embeddings,
+head and final norm always train, as in LISA).
 
 Run:
     .venv/bin/python benchmarks/layerwise_quality.py --task bbc --seeds 0,1
-    .venv/bin/python benchmarks/layerwise_quality.py --task lm --seeds 0,1,2
+    .venv/bin/python benchmarks/layerwise_quality.py --task lm --seeds 0,1
+    .venv/bin/python benchmarks/layerwise_quality.py --task lm --seeds 0 --methods none
 """
 
 from __future__ import annotations
@@ -108,6 +110,8 @@ def lm(method: str, args: argparse.Namespace) -> float:
         with_lora(model, "model", ["q_proj", "k_proj", "v_proj", "o_proj"])
     train = DataLoader(Windows(train_bytes, 128), batch_size=16, shuffle=True)
     val = DataLoader(Windows(val_bytes[:200_000], 128), batch_size=64)
+    if method == "none":  # the pre-trained model before fine-tuning, for scale
+        return float(trainer(args, []).validate(model, val, verbose=False)[0]["val_loss"])
     fit = trainer(args, layerwise(method, args), max_steps=args.steps, val_check_interval=args.steps, check_val_every_n_epoch=None)
     fit.fit(model, train, val)
     return float(fit.callback_metrics["val_loss"])

@@ -74,3 +74,39 @@ def test_shape_and_freezing_callbacks_refuse_deepspeed_with_the_way_out(callback
     run = trainer(devices=1, strategy=CPUDeepSpeedStrategy(stage=2), max_steps=1, callbacks=[callback])
     with pytest.raises(MisconfigurationException, match="cannot run under DeepSpeed.*" + ("weightwise upcycle" if isinstance(callback, ExpertUpcycling) else "strategy='ddp'")):
         callback.on_fit_start(run, Classifier())
+
+
+def test_upcycling_under_deepspeed_goes_through_the_saved_model(tmp_path):
+    """The way out that ExpertUpcycling's error names, end to end under ZeRO-3 (sharded parameters):
+    train, consolidate the shards, save_pretrained, `weightwise upcycle`, train the grown model."""
+    import subprocess
+    import sys
+
+    from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+    from tiny_moe import logits, tiny_moe
+    from transformers import AutoModelForCausalLM
+
+    tiny_moe("mixtral", num_experts=4, top_k=2).save_pretrained(tmp_path / "E")
+    run_script(str(SCRIPTS / "deepspeed_moe.py"), str(tmp_path / "phase1"), "3", str(tmp_path / "E"), "3")
+
+    convert_zero_checkpoint_to_fp32_state_dict(tmp_path / "phase1" / "last.ckpt", tmp_path / "phase1.pt")
+    state = torch.load(tmp_path / "phase1.pt", weights_only=False)["state_dict"]
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "E")
+    before = logits(trained, torch.arange(12).view(1, 12))
+    trained.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
+    assert not torch.allclose(logits(trained, torch.arange(12).view(1, 12)), before)  # phase 1 did train
+    trained.save_pretrained(tmp_path / "E_trained")
+
+    done = subprocess.run(
+        [sys.executable, "-m", "weightwise.cli", "upcycle", str(tmp_path / "E_trained"), str(tmp_path / "2E"),
+         "--factor", "2", "--method", "granular"], capture_output=True, text=True,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    grown = AutoModelForCausalLM.from_pretrained(tmp_path / "2E")
+    assert grown.config.num_local_experts == 8
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(logits(grown, ids), logits(trained, ids), atol=1e-5)  # granular upcycling is exact
+
+    run_script(str(SCRIPTS / "deepspeed_moe.py"), str(tmp_path / "phase2"), "3", str(tmp_path / "2E"), "2")
+    losses = torch.load(tmp_path / "phase2" / "losses.pt")
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
