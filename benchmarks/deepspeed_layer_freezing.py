@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 
+with socket.socket() as _probe:  # a free port for the one-process group
+    _probe.bind(("127.0.0.1", 0))
+    os.environ.setdefault("MASTER_PORT", str(_probe.getsockname()[1]))
 os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-os.environ.setdefault("MASTER_PORT", "29533")
 os.environ.setdefault("RANK", "0")
 os.environ.setdefault("LOCAL_RANK", "0")
 os.environ.setdefault("WORLD_SIZE", "1")

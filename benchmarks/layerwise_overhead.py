@@ -11,8 +11,9 @@ Pairs of runs with identical compute (the same layers train at the same steps):
   replays the same schedule with bare ``requires_grad_`` toggling (no optimizer-state release,
   no logging).
 
-A step's time is measured from one ``on_train_batch_end`` to the next; reported is the median over
-the steps after ``--warmup``, each pair run ABAB ``--repeats`` times (medians of the repeats).
+A step's time is measured from one ``on_train_batch_end`` to the next; reported is the mean over
+the steps after ``--warmup`` (so the period changes, 1 step in 20, are counted), each pair run ABAB
+``--repeats`` times (medians of the repeats' means).
 Run: .venv/bin/python benchmarks/layerwise_overhead.py
 """
 
@@ -74,7 +75,7 @@ def timed_fit(args: argparse.Namespace, callbacks: list, freeze: list[int] | Non
         accelerator="cpu", max_steps=args.steps, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=[*callbacks, timer],
     ).fit(model, loader)
-    return statistics.median(timer.times[args.warmup :])
+    return statistics.mean(timer.times[args.warmup :])
 
 
 def main() -> None:

@@ -9,15 +9,22 @@ starting weights and seed:
   sources (cached in ``benchmarks/.cache``), then fine-tuned on the English text of BBC News
   articles; reported: held-out loss (nats per byte) on unseen articles.
 
-Methods: ``none`` (``lm`` only: the pre-trained model, not fine-tuned - for scale), ``full``
-(every weight trains), ``lora`` (``peft`` LoRA r=8 - lm: attention projections; bbc: every linear layer of the
-encoder - at LoRA's usual 5x learning rate), ``lisa`` and ``ist`` (``LayerwiseSampling``, 2 layers per period; embeddings,
-head and final norm always train, as in LISA).
+Methods:
+
+* ``none`` (``lm`` only): the pre-trained model, not fine-tuned - for scale;
+* ``full``: every weight trains;
+* ``lora``: ``peft`` LoRA r=8 (lm: the attention projections; bbc: every linear layer of the
+  encoder) at LoRA's usual 5x learning rate;
+* ``lora_all`` (``lm`` only): LoRA on every projection plus embeddings and head trained fully (as
+  LISA trains them), all at the 5x rate;
+* ``lisa`` and ``ist``: ``LayerwiseSampling``, 2 layers per period; embeddings, head and final norm
+  always train, as in LISA.
 
 Run:
     .venv/bin/python benchmarks/layerwise_quality.py --task bbc --seeds 0,1
     .venv/bin/python benchmarks/layerwise_quality.py --task lm --seeds 0,1
     .venv/bin/python benchmarks/layerwise_quality.py --task lm --seeds 0 --methods none
+    .venv/bin/python benchmarks/layerwise_quality.py --task lm --seeds 0,1 --methods lora_all
 """
 
 from __future__ import annotations
@@ -46,9 +53,10 @@ METHODS = ("full", "lora", "lisa", "ist")
 LORA_LR_FACTOR = 5.0
 
 
-def with_lora(module: torch.nn.Module, attribute: str, targets: list[str]) -> None:
+def with_lora(module: torch.nn.Module, attribute: str, targets: list[str], **config) -> None:
     """Replace ``module.<attribute>`` by its peft LoRA wrapping (base weights frozen)."""
-    setattr(module, attribute, get_peft_model(getattr(module, attribute), LoraConfig(r=8, lora_alpha=16, target_modules=targets)))
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=targets, **config)
+    setattr(module, attribute, get_peft_model(getattr(module, attribute), lora))
 
 
 def trainer(args: argparse.Namespace, callbacks: list, **limits) -> pl.Trainer:
@@ -103,11 +111,14 @@ def lm(method: str, args: argparse.Namespace) -> float:
     weights = pretrained_lm(args)
     train_bytes, val_bytes = news_bytes()
     pl.seed_everything(args.seed, verbose=False)
-    lr = 3e-4 * (LORA_LR_FACTOR if method == "lora" else 1.0)
+    lr = 3e-4 * (LORA_LR_FACTOR if method.startswith("lora") else 1.0)
     model = CausalLM(hidden_size=128, num_layers=8, lr=lr)
     model.load_state_dict(weights)
     if method == "lora":
         with_lora(model, "model", ["q_proj", "k_proj", "v_proj", "o_proj"])
+    if method == "lora_all":  # LoRA on every projection, embeddings and head trained fully (as LISA trains them)
+        with_lora(model, "model", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                  modules_to_save=["embed_tokens", "lm_head"])
     train = DataLoader(Windows(train_bytes, 128), batch_size=16, shuffle=True)
     val = DataLoader(Windows(val_bytes[:200_000], 128), batch_size=64)
     if method == "none":  # the pre-trained model before fine-tuning, for scale

@@ -44,4 +44,7 @@ def test_deepspeed_on_cuda_reweights_prunes_and_checkpoints_the_score_store(tmp_
     run.fit(Classifier(optimizer="adamw"), indexed_loader(64, 8, sampler=InfoBatchSampler(64, prune_ratio=0.5)))
     run.save_checkpoint(tmp_path / "ckpt")
     assert (tmp_path / "ckpt").is_dir()
+    model_states = next((tmp_path / "ckpt" / "checkpoint").glob("*model_states.pt"))
+    saved = torch.load(model_states, weights_only=False)
+    assert {"LossReweighting", "DataPruning"} <= set(saved["callbacks"]) and "weightwise" in saved
     assert reweighting.reducer.scores.count.sum() == pruning.ledger["samples_visited"]

@@ -3,8 +3,8 @@
 The default model has TinyLlama-1.1B's shape (22 layers, hidden 2048, 32k vocabulary; 1.1B
 parameters), randomly initialised - no download - since memory does not depend on the values.
 Each method trains ``--steps`` steps with a real Lightning ``Trainer`` (AdamW, ``bf16-mixed``);
-reported per method: peak CUDA memory allocated during the fit, Adam state and trainable
-parameters. LISA/IST use ``LayerwiseSampling(n_layers=2, interval=2)`` so that the active layers
+reported per method: peak CUDA memory allocated (and reserved by the caching allocator) during
+the fit, Adam state and trainable parameters. LISA/IST use ``LayerwiseSampling(n_layers=2, interval=2)`` so that the active layers
 change during the measurement.
 
 GPU:  python benchmarks/gpu/layerwise_peak_memory.py                 (run by benchmarks/gpu/check.sh)
@@ -76,12 +76,13 @@ def measure(method: str, args: argparse.Namespace, accelerator: str) -> dict:
         accelerator=accelerator, devices=1, precision="bf16-mixed", max_steps=args.steps, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
     ).fit(module, DataLoader(batches, batch_size=args.batch))
-    peak = torch.cuda.max_memory_allocated() / MIB if accelerator == "gpu" else None
+    gpu = accelerator == "gpu"
+    peak = torch.cuda.max_memory_allocated() / MIB if gpu else None
+    reserved = torch.cuda.max_memory_reserved() / MIB if gpu else None
     result = {
         "method": method, "parameters": sum(p.numel() for p in module.parameters()), "trainable_at_end": callbacks[0].trainable,
-        "adam_state_mib": callbacks[0].state_mib, "peak_allocated_mib": peak,
+        "adam_state_mib": callbacks[0].state_mib, "peak_allocated_mib": peak, "peak_reserved_mib": reserved,
     }
-    del module, callbacks
     return result
 
 
@@ -98,11 +99,11 @@ def main() -> None:
     rows = [measure(m, args, accelerator) for m in args.methods.split(",")]
     device = torch.cuda.get_device_name() if accelerator == "gpu" else "cpu"
     print(f"\n{device}; {rows[0]['parameters'] / 1e6:,.1f}M parameters; batch {args.batch} x {args.seq}; bf16-mixed; {args.steps} steps")
-    print("| method | trainable at end | Adam state MiB | peak allocated MiB |")
-    print("| --- | ---: | ---: | ---: |")
+    print("| method | trainable at end | Adam state MiB | peak allocated MiB | peak reserved MiB |")
+    print("| --- | ---: | ---: | ---: | ---: |")
     for r in rows:
-        peak = "-" if r["peak_allocated_mib"] is None else f"{r['peak_allocated_mib']:.0f}"
-        print(f"| {r['method']} | {r['trainable_at_end'] / 1e6:.1f}M | {r['adam_state_mib']:.0f} | {peak} |")
+        peaks = ["-" if r[k] is None else f"{r[k]:.0f}" for k in ("peak_allocated_mib", "peak_reserved_mib")]
+        print(f"| {r['method']} | {r['trainable_at_end'] / 1e6:.1f}M | {r['adam_state_mib']:.0f} | {' | '.join(peaks)} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

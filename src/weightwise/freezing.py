@@ -44,10 +44,18 @@ class OptimizerStateStash:
             p.requires_grad_(True)
             parked = self.parked.pop(p, None)
             if parked is not None and optimizer is not None:
-                optimizer.state[p] = {k: v.to(p.device) if isinstance(v, Tensor) else v for k, v in parked.items()}
+                # Per-element state goes back to the parameter's device; a scalar ``step`` stays where
+                # torch keeps it (CPU) to avoid a host sync per step.
+                optimizer.state[p] = {k: v.to(p.device) if isinstance(v, Tensor) and v.dim() > 0 else v for k, v in parked.items()}
 
     def state_dict(self, names: Mapping[nn.Parameter, str]) -> dict[str, dict[str, object]]:
         """The parked state keyed by parameter name, for checkpoints (its tensors are on CPU)."""
+        unnamed = [tuple(p.shape) for p in self.parked if p not in names]
+        if unnamed:
+            raise RuntimeError(
+                f"optimizer state is parked for {len(unnamed)} parameters the module no longer has (shapes {unnamed[:3]});"
+                " parameters were replaced after fit started - freeze with optimizer_state='release' instead"
+            )
         return {names[p]: state for p, state in self.parked.items()}
 
     def load_state_dict(self, state: Mapping[str, dict[str, object]], params: Mapping[str, nn.Parameter]) -> None:
@@ -55,6 +63,10 @@ class OptimizerStateStash:
         unknown = sorted(set(state) - set(params))
         if unknown:
             raise ValueError(f"the checkpoint parks optimizer state for parameters this model lacks: {unknown[:5]}")
+        for name, s in state.items():
+            mismatched = [k for k, v in s.items() if isinstance(v, Tensor) and v.dim() > 0 and v.shape != params[name].shape]
+            if mismatched:
+                raise ValueError(f"parked state {mismatched} of {name!r} does not match its shape {tuple(params[name].shape)}")
         self.parked = {params[name]: dict(s) for name, s in state.items()}
 
 

@@ -1,6 +1,7 @@
 """The GPU benchmark scripts run on CPU with a tiny model, so they cannot rot between GPU tasks."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ def test_layerwise_peak_memory_script_measures_every_method(tmp_path):
     out = tmp_path / "rows.json"
     done = subprocess.run(
         [sys.executable, str(SCRIPT), "--tiny", "--seq", "16", "--steps", "4", "--batch", "2", "--json", str(out)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
     )
     assert done.returncode == 0, done.stderr[-3000:]
     rows = {r["method"]: r for r in json.loads(out.read_text())}

@@ -57,7 +57,8 @@ def test_bbc_config_switches_to_deepspeed_zero2_on_two_processes(tmp_path):
         "trainer:\n  devices: 2\n  strategy:\n    class_path: helpers.CPUDeepSpeedStrategy\n    init_args: {stage: 2}\n"
     )
     tests_dir = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests_dir), os.environ.get("PYTHONPATH", "")])}
+    python_path = [str(tests_dir), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(python_path), "DS_ACCELERATOR": "cpu"}
     done = subprocess.run(
         [sys.executable, str(EXAMPLES / "cli.py"), "fit", "--config", str(EXAMPLES / "configs" / "bbc_reweight_prune.yaml"),
          "--config", str(deepspeed_yaml), "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",

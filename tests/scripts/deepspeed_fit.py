@@ -1,14 +1,17 @@
 """A real 2-process fit (CPU, gloo) under DDP or Lightning's DeepSpeedStrategy ZeRO-1/2/3.
 
-LossReweighting + DataPruning (InfoBatch) + checkpointing; each rank saves the full parameters,
-its score store, the sample ids it trained on and the pruning ledger.
+LossReweighting + DataPruning (InfoBatch) + SampleReport + checkpointing; each rank saves the full
+parameters, its score store, the sample ids it trained on, the pruning ledger and the report rows.
 
 Usage: python deepspeed_fit.py OUT_DIR ddp|zero1|zero2|zero3 EPOCHS [RESUME_FROM]
 (writes rank0.pt, rank1.pt and the checkpoint OUT_DIR/last.ckpt - a directory under DeepSpeed).
 """
 
+import os
 import sys
 from pathlib import Path
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would pick CUDA on a GPU machine
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/helpers.py
 
@@ -17,7 +20,7 @@ from helpers import Classifier, CPUDeepSpeedStrategy, indexed_loader, trainer  #
 from lightning.pytorch import seed_everything  # noqa: E402
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
 
-from weightwise.callbacks import DataPruning, LossReweighting  # noqa: E402
+from weightwise.callbacks import DataPruning, LossReweighting, SampleReport  # noqa: E402
 from weightwise.samplers import InfoBatchSampler  # noqa: E402
 
 N_SAMPLES, LOCAL_BATCH = 40, 5
@@ -47,12 +50,13 @@ if __name__ == "__main__":
     resume_from = sys.argv[4] if len(sys.argv) > 4 else None
     seed_everything(0)
     strategy = "ddp" if name == "ddp" else CPUDeepSpeedStrategy(stage=int(name.removeprefix("zero")))
-    reweighting, pruning, ids = LossReweighting("linupper"), DataPruning(), SampleIds()
+    reweighting, pruning, ids, report = LossReweighting("linupper"), DataPruning(), SampleIds(), SampleReport(k=3)
     fit = trainer(
         devices=2,
         strategy=strategy,
         max_epochs=epochs,
-        callbacks=[reweighting, pruning, ids, ModelCheckpoint(dirpath=out_dir, save_last=True)],
+        callbacks=[reweighting, pruning, ids, report, ModelCheckpoint(dirpath=out_dir, save_last=True)],
+        default_root_dir=out_dir,
         enable_checkpointing=True,
         use_distributed_sampler=False,  # the pruning sampler shards itself
     )
@@ -65,6 +69,7 @@ if __name__ == "__main__":
             "scores": pruning.reducer.scores.state_dict(),
             "ids": ids.ids,
             "ledger": pruning.ledger,
+            "report": report.rows,
         },
         out_dir / f"rank{fit.global_rank}.pt",
     )

@@ -4,8 +4,11 @@ Usage: python deepspeed_moe.py OUT_DIR STAGE MODEL_DIR STEPS
 (writes the sharded checkpoint OUT_DIR/last.ckpt and OUT_DIR/losses.pt from rank 0)
 """
 
+import os
 import sys
 from pathlib import Path
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would pick CUDA on a GPU machine
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/helpers.py
 

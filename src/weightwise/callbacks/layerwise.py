@@ -35,14 +35,16 @@ class LayerwiseSampling(Callback):
     Frozen layers get ``requires_grad=False`` and ``grad=None`` (so AdamW's momentum and weight
     decay leave them bit-identical) and their optimizer state is released or offloaded to CPU
     (:mod:`weightwise.freezing`); parked state is saved in checkpoints. The choice of each period is
-    seeded by ``(seed, period)``, so it is identical on every rank and after resuming. Logged at every period: ``weightwise/layer_active/NN``
-    (1 for the layers that train, 0 otherwise - a layer x step map), ``weightwise/layer_importance/NN``
-    (IST) and ``weightwise/optimizer_state_mib``.
+    seeded by ``(seed, period)``, so it is identical on every rank and after resuming. Logged at
+    every period: ``weightwise/layer_active/NN`` (1 for the layers that train, 0 otherwise - a
+    layer x step map), ``weightwise/layer_importance/NN`` (IST) and ``weightwise/optimizer_state_mib``.
 
     Single device and DDP. DDP only synchronises parameters that required gradients when the model
     was wrapped, so after every change of the active layers the module is wrapped anew (its buckets
-    then hold only the trainable parameters - less communication, too). DeepSpeed partitions
-    parameters at engine start and is refused for now.
+    then hold only the trainable parameters - less communication, too). DeepSpeed is refused: ZeRO
+    keeps master weights and moments of every parameter trainable when its engine started, so
+    flipping ``requires_grad`` there saves no optimizer memory (measured; see benchmarks/RESULTS.md
+    for the rebuild-per-period design it needs).
 
     Args:
         policy: ``"lisa"`` or ``"ist"``.

@@ -60,15 +60,16 @@ class SampleReport(Callback):
                 self.rows.append(row)
         if self.describe and self.rows:
             self.columns = COLUMNS + list(self.describe(self.rows[0][1]).keys())
+        # trainer.log_dir is a collective under DDP/DeepSpeed (rank 0 broadcasts it): every rank asks.
+        directory = Path(trainer.log_dir or trainer.default_root_dir)
         if trainer.is_global_zero:
-            self._write(trainer)
+            self._write(trainer, directory)
 
-    def _write(self, trainer: pl.Trainer) -> None:
+    def _write(self, trainer: pl.Trainer, directory: Path) -> None:
         wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
         for logger in wandb_loggers:
             logger.log_table(key="weightwise/samples", columns=self.columns, data=self.rows)
         if not wandb_loggers:
-            directory = Path(trainer.log_dir or trainer.default_root_dir)
             directory.mkdir(parents=True, exist_ok=True)
             with open(directory / "weightwise_samples.csv", "w", newline="") as handle:
                 csv.writer(handle).writerows([self.columns, *self.rows])
