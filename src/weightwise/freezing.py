@@ -44,9 +44,13 @@ class OptimizerStateStash:
             p.requires_grad_(True)
             parked = self.parked.pop(p, None)
             if parked is not None and optimizer is not None:
-                # Per-element state goes back to the parameter's device; a scalar ``step`` stays where
-                # torch keeps it (CPU) to avoid a host sync per step.
-                optimizer.state[p] = {k: v.to(p.device) if isinstance(v, Tensor) and v.dim() > 0 else v for k, v in parked.items()}
+                # Per-element state goes back to the parameter's device; a scalar ``step`` too only for
+                # capturable/fused optimizers - the others keep it on CPU (no host sync per step).
+                scalars_on_device = bool(optimizer.defaults.get("capturable") or optimizer.defaults.get("fused"))
+                optimizer.state[p] = {
+                    k: v.to(p.device) if isinstance(v, Tensor) and (v.dim() > 0 or scalars_on_device) else v
+                    for k, v in parked.items()
+                }
 
     def state_dict(self, names: Mapping[nn.Parameter, str]) -> dict[str, dict[str, object]]:
         """The parked state keyed by parameter name, for checkpoints (its tensors are on CPU)."""
