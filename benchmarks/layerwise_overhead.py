@@ -50,6 +50,11 @@ class StepTimer(Callback):
         self._last = now
 
 
+def train_only_layers(model: CausalLM, active: list[int]) -> None:
+    for i, layer in enumerate(model.model.model.layers):
+        layer.requires_grad_(i in active)
+
+
 class HandSchedule(Callback):
     """Freeze by hand: at each period start, ``requires_grad_`` on the listed layers, off elsewhere."""
 
@@ -58,17 +63,14 @@ class HandSchedule(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step % self.interval == 0:
-            active = self.schedule[trainer.global_step // self.interval]
-            for i, layer in enumerate(pl_module.model.model.layers):
-                layer.requires_grad_(i in active)
+            train_only_layers(pl_module, self.schedule[trainer.global_step // self.interval])
 
 
 def timed_fit(args: argparse.Namespace, callbacks: list, freeze: list[int] | None = None) -> float:
     pl.seed_everything(0, verbose=False)
     model = CausalLM(hidden_size=128, num_layers=8, lr=3e-4)
     if freeze is not None:
-        for i, layer in enumerate(model.model.model.layers):
-            layer.requires_grad_(i in freeze)
+        train_only_layers(model, freeze)
     timer = StepTimer()
     loader = DataLoader(Windows(stdlib_bytes(1_000_000), 128), batch_size=16, shuffle=True)
     pl.Trainer(
@@ -100,13 +102,13 @@ def main() -> None:
             else:
                 hand_times.append(timed_fit(args, [HandSchedule(schedule, interval)], freeze=schedule[0]))
         cb, hand = statistics.median(callback_times), statistics.median(hand_times)
-        rows.append((label, schedule[0], hand, cb, callback_times, hand_times))
+        rows.append((label, schedule[0], hand, cb))
         print(f"{label}: callback {callback_times} hand {hand_times}", flush=True)
 
     print(f"\nsteps={args.steps} warmup={args.warmup} repeats={args.repeats} threads={args.threads}")
     print("| schedule | hand-frozen ms/step | LayerwiseSampling ms/step | overhead |")
     print("| --- | ---: | ---: | ---: |")
-    for label, first, hand, cb, _, _ in rows:
+    for label, first, hand, cb in rows:
         print(f"| {label} (first layers {first}) | {1e3 * hand:.1f} | {1e3 * cb:.1f} | {100 * (cb / hand - 1):+.1f}% |")
 
 

@@ -59,7 +59,7 @@ def with_lora(module: torch.nn.Module, attribute: str, targets: list[str], **con
     setattr(module, attribute, get_peft_model(getattr(module, attribute), lora))
 
 
-def trainer(args: argparse.Namespace, callbacks: list, **limits) -> pl.Trainer:
+def trainer(callbacks: list, **limits) -> pl.Trainer:
     return pl.Trainer(
         accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, callbacks=callbacks, **limits,
@@ -80,7 +80,7 @@ def bbc(method: str, args: argparse.Namespace) -> float:
     model = MiniLMClassifier(lr=lr, per_sample_loss=False)
     if method == "lora":
         with_lora(model, "encoder", ["query", "key", "value", "dense"])
-    fit = trainer(args, layerwise(method, args), max_epochs=args.epochs, check_val_every_n_epoch=args.epochs)
+    fit = trainer(layerwise(method, args), max_epochs=args.epochs, check_val_every_n_epoch=args.epochs)
     fit.fit(model, data)
     return float(fit.callback_metrics["val_acc"])
 
@@ -93,7 +93,7 @@ def pretrained_lm(args: argparse.Namespace) -> dict[str, torch.Tensor]:
     pl.seed_everything(1234, verbose=False)
     model = CausalLM(hidden_size=128, num_layers=8, lr=2e-3)
     loader = DataLoader(Windows(stdlib_bytes(2_000_000), 128), batch_size=16, shuffle=True)
-    trainer(args, [], max_steps=args.pretrain_steps).fit(model, loader)
+    trainer([], max_steps=args.pretrain_steps).fit(model, loader)
     cache.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), cache)
     return model.state_dict()
@@ -122,8 +122,8 @@ def lm(method: str, args: argparse.Namespace) -> float:
     train = DataLoader(Windows(train_bytes, 128), batch_size=16, shuffle=True)
     val = DataLoader(Windows(val_bytes[:200_000], 128), batch_size=64)
     if method == "none":  # the pre-trained model before fine-tuning, for scale
-        return float(trainer(args, []).validate(model, val, verbose=False)[0]["val_loss"])
-    fit = trainer(args, layerwise(method, args), max_steps=args.steps, val_check_interval=args.steps, check_val_every_n_epoch=None)
+        return float(trainer([]).validate(model, val, verbose=False)[0]["val_loss"])
+    fit = trainer(layerwise(method, args), max_steps=args.steps, val_check_interval=args.steps, check_val_every_n_epoch=None)
     fit.fit(model, train, val)
     return float(fit.callback_metrics["val_loss"])
 

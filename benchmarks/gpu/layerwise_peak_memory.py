@@ -4,8 +4,8 @@ The default model has TinyLlama-1.1B's shape (22 layers, hidden 2048, 32k vocabu
 parameters), randomly initialised - no download - since memory does not depend on the values.
 Each method trains ``--steps`` steps with a real Lightning ``Trainer`` (AdamW, ``bf16-mixed``);
 reported per method: peak CUDA memory allocated (and reserved by the caching allocator) during
-the fit, Adam state and trainable parameters. LISA/IST use ``LayerwiseSampling(n_layers=2, interval=2)`` so that the active layers
-change during the measurement.
+the fit, Adam state and trainable parameters. LISA/IST use ``LayerwiseSampling(n_layers=2,
+interval=2)`` so that the active layers change during the measurement.
 
 GPU:  python benchmarks/gpu/layerwise_peak_memory.py                 (run by benchmarks/gpu/check.sh)
 CPU smoke run (tested; no peak memory):  python benchmarks/gpu/layerwise_peak_memory.py --tiny
@@ -68,7 +68,8 @@ def measure(method: str, args: argparse.Namespace, accelerator: str) -> dict:
     if method in ("lisa", "ist"):
         callbacks.append(LayerwiseSampling(method, n_layers=2, interval=2))
     module = Decoder(shape, method)
-    if accelerator == "gpu":
+    gpu = accelerator == "gpu"
+    if gpu:
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -76,14 +77,12 @@ def measure(method: str, args: argparse.Namespace, accelerator: str) -> dict:
         accelerator=accelerator, devices=1, precision="bf16-mixed", max_steps=args.steps, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
     ).fit(module, DataLoader(batches, batch_size=args.batch))
-    gpu = accelerator == "gpu"
-    peak = torch.cuda.max_memory_allocated() / MIB if gpu else None
-    reserved = torch.cuda.max_memory_reserved() / MIB if gpu else None
-    result = {
+    return {
         "method": method, "parameters": sum(p.numel() for p in module.parameters()), "trainable_at_end": callbacks[0].trainable,
-        "adam_state_mib": callbacks[0].state_mib, "peak_allocated_mib": peak, "peak_reserved_mib": reserved,
+        "adam_state_mib": callbacks[0].state_mib,
+        "peak_allocated_mib": torch.cuda.max_memory_allocated() / MIB if gpu else None,
+        "peak_reserved_mib": torch.cuda.max_memory_reserved() / MIB if gpu else None,
     }
-    return result
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would pick CUDA on a
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/helpers.py
 
 import torch  # noqa: E402
-from helpers import Classifier, CPUDeepSpeedStrategy, indexed_loader, trainer  # noqa: E402
+from helpers import Classifier, CPUDeepSpeedStrategy, flat_params, indexed_loader, trainer  # noqa: E402
 from lightning.pytorch import seed_everything  # noqa: E402
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
 
@@ -41,8 +41,8 @@ def full_parameters(module: torch.nn.Module) -> torch.Tensor:
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(params):
-            return torch.cat([p.detach().flatten().clone() for p in params])
-    return torch.cat([p.detach().flatten() for p in params])
+            return flat_params(module).clone()
+    return flat_params(module)
 
 
 if __name__ == "__main__":
