@@ -14,6 +14,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from test_distributed import SCRIPTS, run_script
 
 from weightwise.callbacks import ExpertUpcycling, LayerwiseSampling
+from weightwise.zero import read_client_state
 
 pytestmark = pytest.mark.slow
 EPOCHS = 2
@@ -69,14 +70,80 @@ def test_sharded_checkpoint_carries_callback_state_and_resumes_exactly(tmp_path,
     assert_same_training(resumed, ddp_run, range(1, EPOCHS))
 
 
-@pytest.mark.parametrize("callback", [ExpertUpcycling(at_step=1), LayerwiseSampling("lisa")], ids=["upcycling", "layerwise"])
-def test_shape_and_freezing_callbacks_refuse_deepspeed_with_the_way_out(callback):
+def test_upcycling_refuses_deepspeed_with_the_way_out():
     # DeepSpeedStrategy subclasses DDPStrategy: the check must not take it for DDP. (Checked on the
     # Trainer, without starting an engine: DeepSpeed's communication state cannot be torn down and
     # set up again inside one test process.)
+    callback = ExpertUpcycling(at_step=1)
     run = trainer(devices=1, strategy=CPUDeepSpeedStrategy(stage=2), max_steps=1, callbacks=[callback])
-    with pytest.raises(MisconfigurationException, match="cannot run under DeepSpeed.*" + ("weightwise upcycle" if isinstance(callback, ExpertUpcycling) else "strategy='ddp'")):
+    with pytest.raises(MisconfigurationException, match="cannot run under DeepSpeed.*weightwise upcycle"):
         callback.on_fit_start(run, Classifier())
+
+
+@pytest.mark.parametrize(
+    ("strategy", "options", "message"),
+    [
+        (dict(stage=3), {}, "ZeRO stage 3: use stage 1 or 2"),
+        (dict(stage=2, offload_optimizer=True), {}, "ZeRO-Offload"),
+        (dict(stage=2), dict(optimizer_state="offload"), "optimizer_state='offload': use 'release'"),
+    ],
+)
+def test_layerwise_sampling_refuses_what_it_cannot_rebuild_under_deepspeed(strategy, options, message):
+    callback = LayerwiseSampling("lisa", **options)
+    run = trainer(devices=1, strategy=CPUDeepSpeedStrategy(**strategy), max_steps=1, callbacks=[callback])
+    with pytest.raises(MisconfigurationException, match=message):
+        callback.setup(run, Classifier(), "fit")
+
+
+def fit_layerwise(out_dir: Path, strategy: str, epochs: int, resume_from: Path | None = None) -> list[dict]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run_script(str(SCRIPTS / "deepspeed_layerwise.py"), str(out_dir), strategy, str(epochs), *([str(resume_from)] if resume_from else []))
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+
+
+LAYERWISE_EPOCHS = 3  # 2 steps an epoch, periods of 3 steps: layer 5 stays active across the change, 2 leaves, 1 joins
+
+
+@pytest.fixture(scope="module")
+def ddp_layerwise(tmp_path_factory) -> list[dict]:
+    return fit_layerwise(tmp_path_factory.mktemp("ddp_layerwise"), "ddp", LAYERWISE_EPOCHS)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_layerwise_sampling_under_zero_trains_exactly_like_ddp_holding_only_active_layers(tmp_path, ddp_layerwise, stage):
+    ranks = fit_layerwise(tmp_path, f"zero{stage}", LAYERWISE_EPOCHS)
+    history = ddp_layerwise[0]["history"]
+    assert history == [[2, 5], [1, 5]] and all(rank["history"] == history for rank in ranks)
+    for rank, expected in zip(ranks, ddp_layerwise):
+        # Same parameters (two AdamW groups, weight decay, a per-step LR schedule), same learning rates.
+        assert torch.equal(rank["params"], expected["params"])
+        assert rank["lrs"] == expected["lrs"] and len({lr for step in rank["lrs"] for _, lr in step}) == 6
+        # A frozen layer does not change at all while frozen.
+        for step in range(len(rank["snapshots"]) - 1):
+            for layer in range(6):
+                moved = not torch.equal(rank["snapshots"][step][layer], rank["snapshots"][step + 1][layer])
+                assert moved == (layer in history[step // 3]), (step, layer)
+        # ZeRO holds master weights and Adam moments of the active layers only, half on each rank:
+        # 2 of 6 layers plus embeddings, head and norm - not the whole model.
+        active = rank["n_params"] - 4 * rank["layer_params"][0]
+        for memory in rank["memory"]:
+            assert active / 2 * 4 <= memory["master"] <= (active / 2 + 64) * 4  # + alignment padding
+            assert memory["state"] >= 2 * memory["master"]
+        assert rank["memory"][0]["master"] < 0.4 * rank["n_params"] * 4 / 2
+        # The first period's flat buffers were freed when the optimizer was rebuilt for the second.
+        assert rank["flat_buffers"] == (2, 1)
+
+
+def test_layerwise_sampling_resumes_from_a_sharded_checkpoint_mid_period(tmp_path, ddp_layerwise):
+    """The checkpoint is written after step 2 (period 0 runs steps 0-2): resuming rebuilds ZeRO with
+    the checkpoint's layers before DeepSpeed loads its shards, and the lr the scheduler had left."""
+    fit_layerwise(tmp_path / "first", "zero2", 1)
+    saved = read_client_state(tmp_path / "first" / "last.ckpt")["callbacks"]["LayerwiseSampling"]
+    assert saved["active"] == [2, 5] and [g["lr"] for g in saved["optimizer_hyperparameters"]] == pytest.approx([0.01 / 3] * 2)
+    resumed = fit_layerwise(tmp_path / "resumed", "zero2", LAYERWISE_EPOCHS, resume_from=tmp_path / "first" / "last.ckpt")
+    for rank, expected in zip(resumed, ddp_layerwise):
+        assert torch.equal(rank["params"], expected["params"])
+        assert rank["lrs"] == expected["lrs"][2:]
 
 
 def test_upcycling_under_deepspeed_goes_through_the_saved_model(tmp_path):
@@ -113,3 +180,23 @@ def test_upcycling_under_deepspeed_goes_through_the_saved_model(tmp_path):
     run_script(str(SCRIPTS / "deepspeed_moe.py"), str(tmp_path / "phase2"), "3", str(tmp_path / "2E"), "2")
     losses = torch.load(tmp_path / "phase2" / "losses.pt")
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_layerwise_sampling_under_zero2_bf16_carries_the_fp32_master_of_layers_that_stay(tmp_path):
+    """bf16 weights with fp32 master partitions: at the period change (step 3) the groups that stay
+    active (layer 5, embeddings/head/norm) keep masters finer than bf16; layer 1's is built anew from
+    its bf16 weights - which also shows the check can tell the two apart."""
+    ranks = fit_layerwise(tmp_path, "zero2bf16", LAYERWISE_EPOCHS)
+    for rank in ranks:
+        assert rank["history"] == [[2, 5], [1, 5]]
+        at_change = rank["fp32_detail"][3]
+        assert at_change == {(0, None): True, (0, 1): False, (0, 5): True, (1, None): True, (1, 1): False, (1, 5): True}
+        assert not any(rank["fp32_detail"][0].values())  # step 0: every master is fresh from bf16
+        assert torch.isfinite(rank["params"]).all()
+
+
+def test_layerwise_sampling_names_every_deepspeed_setting_it_cannot_rebuild():
+    callback = LayerwiseSampling("lisa", optimizer_state="offload")
+    run = trainer(devices=1, strategy=CPUDeepSpeedStrategy(stage=3, offload_optimizer=True), max_steps=1, callbacks=[callback])
+    with pytest.raises(MisconfigurationException, match="ZeRO stage 3.*; ZeRO-Offload.*; optimizer_state='offload'"):
+        callback.setup(run, Classifier(), "fit")

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-call GPU check, for a machine with CUDA (e.g. the lent H100/H200, whose image has torch,
 # lightning, transformers and peft): the `gpu`-marked tests (incl. Lightning's DeepSpeedStrategy
-# ZeRO-2/3 on CUDA) and the peak-memory benchmark of full / LoRA / LISA / IST on a 1.1B Llama.
+# ZeRO-2/3 on CUDA) and the peak-memory benchmark of full / LoRA / LISA / IST on a 1.1B Llama, on one
+# GPU and under DeepSpeed ZeRO-2.
 #   bash benchmarks/gpu/check.sh        # results and logs in $OUT (set by the device tool) or /tmp/weightwise-gpu
 # Wheels that image lacks are carried in .whl/ and installed first: deepspeed (sdist only on PyPI:
 # `pip wheel --no-deps deepspeed -w .whl`) and its requirements (`pip download --no-deps -d .whl
@@ -25,4 +26,6 @@ status=0
 python3 -m pytest -m gpu -rs -p no:cacheprovider tests 2>&1 | tee "$out/pytest-gpu.log" || status=1
 python3 benchmarks/gpu/layerwise_peak_memory.py --json "$out/layerwise_peak_memory.json" 2>&1 \
   | tee "$out/layerwise_peak_memory.log" || status=1
+python3 benchmarks/gpu/layerwise_peak_memory.py --strategy deepspeed_stage_2 --json "$out/layerwise_peak_memory_zero2.json" 2>&1 \
+  | tee "$out/layerwise_peak_memory_zero2.log" || status=1
 exit $status

@@ -8,6 +8,7 @@ the fit, Adam state and trainable parameters. LISA/IST use ``LayerwiseSampling(n
 interval=2)`` so that the active layers change during the measurement.
 
 GPU:  python benchmarks/gpu/layerwise_peak_memory.py                 (run by benchmarks/gpu/check.sh)
+      python benchmarks/gpu/layerwise_peak_memory.py --strategy deepspeed_stage_2   (also run by check.sh)
 CPU smoke run (tested; no peak memory):  python benchmarks/gpu/layerwise_peak_memory.py --tiny
 Goal (issue 4): LISA/IST peak <= LoRA peak + 10%, and <= 50% of full fine-tuning.
 """
@@ -74,7 +75,7 @@ def measure(method: str, args: argparse.Namespace, accelerator: str) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     pl.Trainer(
-        accelerator=accelerator, devices=1, precision="bf16-mixed", max_steps=args.steps, logger=False,
+        accelerator=accelerator, devices=1, strategy=args.strategy, precision="bf16-mixed", max_steps=args.steps, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
     ).fit(module, DataLoader(batches, batch_size=args.batch))
     return {
@@ -92,12 +93,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--strategy", default="auto", help="e.g. deepspeed_stage_2 (GPU only)")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
     accelerator = "gpu" if torch.cuda.is_available() else "cpu"
     rows = [measure(m, args, accelerator) for m in args.methods.split(",")]
     device = torch.cuda.get_device_name() if accelerator == "gpu" else "cpu"
-    print(f"\n{device}; {rows[0]['parameters'] / 1e6:,.1f}M parameters; batch {args.batch} x {args.seq}; bf16-mixed; {args.steps} steps")
+    print(f"\n{device}; strategy {args.strategy}; {rows[0]['parameters'] / 1e6:,.1f}M parameters; batch {args.batch} x {args.seq}; bf16-mixed; {args.steps} steps")
     print("| method | trainable at end | Adam state MiB | peak allocated MiB | peak reserved MiB |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for r in rows:

@@ -152,3 +152,13 @@ def test_layer_activity_and_importance_are_logged_per_period(tmp_path):
         assert "weightwise/layer_importance/05" in row
     assert float(rows[0]["weightwise/optimizer_state_mib"]) == 0.0  # before the first step: no Adam state yet
     assert float(rows[1]["weightwise/optimizer_state_mib"]) > 0.0
+
+
+def test_the_optimizer_is_found_in_every_configure_optimizers_form():
+    from weightwise.callbacks.layerwise import _optimizers_in
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    schedule = torch.optim.lr_scheduler.StepLR(optimizer, 1)
+    forms = [optimizer, [optimizer], ([optimizer], [schedule]), {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule}}]
+    assert all(_optimizers_in(form) == [optimizer] for form in forms)
+    assert _optimizers_in(None) == []

@@ -45,10 +45,9 @@ def test_gpu_config_is_valid_yaml_for_the_trainer():
     assert trainer["accelerator"] == "gpu" and trainer["precision"] == "bf16-mixed"
 
 
-@pytest.mark.slow
-def test_bbc_config_switches_to_deepspeed_zero2_on_two_processes(tmp_path):
-    """The GPU switch is one extra config; here its CPU twin (Lightning's DeepSpeedStrategy bridged to
-    CPU, see tests/helpers.py) runs the BBC reweighting + pruning example on 2 processes."""
+def run_on_two_deepspeed_processes(tmp_path: Path, config: str, *extra: str) -> Path:
+    """Run an example config with its CPU twin of the GPU switch (Lightning's DeepSpeedStrategy
+    bridged to CPU, see tests/helpers.py, ZeRO-2 on 2 processes); return the checkpoint directory."""
     import os
     import subprocess
 
@@ -60,10 +59,9 @@ def test_bbc_config_switches_to_deepspeed_zero2_on_two_processes(tmp_path):
     python_path = [str(tests_dir), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(python_path), "DS_ACCELERATOR": "cpu"}
     done = subprocess.run(
-        [sys.executable, str(EXAMPLES / "cli.py"), "fit", "--config", str(EXAMPLES / "configs" / "bbc_reweight_prune.yaml"),
+        [sys.executable, str(EXAMPLES / "cli.py"), "fit", "--config", str(EXAMPLES / "configs" / config),
          "--config", str(deepspeed_yaml), "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
-         "--trainer.default_root_dir", str(tmp_path), "--trainer.max_epochs", "2",
-         "--data.init_args.limit_train", "64", "--data.init_args.limit_test", "32", "--data.init_args.batch_size", "8"],
+         "--trainer.default_root_dir", str(tmp_path), *extra],
         capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
@@ -73,6 +71,28 @@ def test_bbc_config_switches_to_deepspeed_zero2_on_two_processes(tmp_path):
     assert len(shards) == 2  # one optimizer partition per rank
     optim = torch.load(checkpoint / "checkpoint" / shards[0], weights_only=False)["optimizer_state_dict"]
     assert optim["zero_stage"] == 2
+    return checkpoint
+
+
+@pytest.mark.slow
+def test_bbc_config_switches_to_deepspeed_zero2_on_two_processes(tmp_path):
+    checkpoint = run_on_two_deepspeed_processes(
+        tmp_path, "bbc_reweight_prune.yaml", "--trainer.max_epochs", "2",
+        "--data.init_args.limit_train", "64", "--data.init_args.limit_test", "32", "--data.init_args.batch_size", "8",
+    )
     states = torch.load(checkpoint / "checkpoint" / "mp_rank_00_model_states.pt", weights_only=False)
     ledger = states["callbacks"]["DataPruning"]["ledger"]
     assert 0 < ledger["samples_visited"] < ledger["samples_full"]  # RS2 pruning ran under DeepSpeed
+
+
+@pytest.mark.slow
+def test_lisa_config_switches_to_deepspeed_zero2_on_two_processes(tmp_path):
+    checkpoint = run_on_two_deepspeed_processes(
+        tmp_path, "lm_lisa.yaml", *SMALL_LM, "--trainer.callbacks.init_args.interval", "2",
+    )
+    states = torch.load(checkpoint / "checkpoint" / "mp_rank_00_model_states.pt", weights_only=False)
+    assert len(states["callbacks"]["LayerwiseSampling"]["history"]) == 3  # 6 steps, a new draw every 2
+    optim = torch.load(next((checkpoint / "checkpoint").glob("*optim_states.pt")), weights_only=False)["optimizer_state_dict"]
+    # ZeRO holds the split groups of the last period: 2 of 8 layers, plus embeddings/head/norm.
+    layers = {group["weightwise_group"][1] for group in optim["base_optimizer_state"]["param_groups"]}
+    assert layers == {None} | set(states["callbacks"]["LayerwiseSampling"]["active"]) and len(layers) == 3

@@ -1,10 +1,11 @@
 """What the model-changing callbacks need from Lightning's strategy, in one place.
 
 ``ExpertUpcycling`` (new parameter shapes) and ``LayerwiseSampling`` (a new set of trainable
-parameters) change what the data-parallel wrapper was built for. DDP can simply be wrapped anew;
+parameters) change what the data-parallel wrapper was built for. DDP can simply be wrapped anew.
 DeepSpeed's ZeRO flattens and partitions the trainable parameters into its optimizer when the
-engine starts, so neither change can be applied to a running engine. ``DeepSpeedStrategy`` is a
-subclass of ``DDPStrategy``, hence the explicit check before the ``isinstance`` test.
+engine starts: ``ExpertUpcycling`` refuses it, ``LayerwiseSampling`` rebuilds the ZeRO optimizer
+(:mod:`weightwise.zero`). ``DeepSpeedStrategy`` is a subclass of ``DDPStrategy``, so it must be
+told apart before any ``isinstance(strategy, DDPStrategy)`` test.
 """
 
 from __future__ import annotations
@@ -16,15 +17,20 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 def require_rewrappable_strategy(trainer: pl.Trainer, callback: str, deepspeed_fix: str) -> None:
     """Raise unless the fit runs on one device or under plain DDP; the message names the way out."""
-    strategy = trainer.strategy
-    if isinstance(strategy, DeepSpeedStrategy):
+    if isinstance(trainer.strategy, DeepSpeedStrategy):
         raise MisconfigurationException(
             f"{callback} cannot run under DeepSpeed: ZeRO partitions the trainable parameters into its optimizer"
             f" when the engine starts, so they cannot change mid-run. {deepspeed_fix}"
         )
-    if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+    require_single_device_or_ddp(trainer, callback)
+
+
+def require_single_device_or_ddp(trainer: pl.Trainer, callback: str) -> None:
+    """Raise for strategies other than single-device and DDP (the caller has dealt with DeepSpeed)."""
+    if not isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)):
         raise MisconfigurationException(
-            f"{callback} supports single-device and DDP training, not {type(strategy).__name__}; use strategy='ddp'."
+            f"{callback} supports single-device, DDP and (where stated) DeepSpeed training, not"
+            f" {type(trainer.strategy).__name__}; use strategy='ddp'."
         )
 
 

@@ -1,0 +1,177 @@
+"""A DeepSpeed ZeRO-1/2 optimizer whose set of trainable parameters changes during training.
+
+Why a rebuild: a ZeRO-1/2 engine flattens every parameter that is trainable when its optimizer is
+built into bit16 buffers, an fp32 master partition and the optimizer's state, and keeps them for
+good; ``requires_grad=False`` afterwards only skips gradient work (measured in
+``benchmarks/deepspeed_layer_freezing.py``: 14 of 16 layers frozen mid-run keep 100.6 MiB of Adam
+state, frozen before the engine starts 16.1 MiB). Layerwise sampling (LISA, IST) changes the
+trainable layers every period, so :class:`ZeroLayerOptimizer` builds the engine's ZeRO optimizer
+anew for each period's trainable parameters.
+
+The layout that makes this exact: the user's param groups are split into one group per
+``(user group, layer)`` (``layer`` is ``None`` for parameters outside the layer stack, e.g.
+embeddings and head). ZeRO flattens and partitions each group on its own, so a group with the same
+parameters has the same partition on every rank in every rebuild: its fp32 master and its optimizer
+state (Adam's moments *and* ``step``, which ZeRO keeps per group) are carried over as whole tensors,
+with no communication. A layer that leaves the active set drops its state (LISA's memory saving,
+``optimizer_state="release"``) and starts fresh when it returns, like ``torch.optim`` parameters
+that are released one by one on a single device - so ZeRO-1/2 trains exactly like DDP.
+
+The user's optimizer stays the object the LR scheduler drives (the *proxy*); its group
+hyper-parameters (``lr``, ``weight_decay``, ...) are copied into the split groups before every step
+(:meth:`ZeroLayerOptimizer.sync_hyperparameters`).
+
+Uses DeepSpeed's engine method ``_configure_optimizer`` (private; the one ``deepspeed.initialize``
+calls) and the ZeRO-1/2 optimizer's ``single_partition_of_fp32_groups``, ``bit16_groups`` and
+``destroy()``; tested against DeepSpeed 0.19.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+GROUP_KEY = "weightwise_group"
+"""Param-group entry naming a split group: ``(index of the user's group, layer index or None)``."""
+
+GroupKey = tuple[int, int | None]
+
+
+class ZeroLayerOptimizer:
+    """Builds a DeepSpeed engine's ZeRO-1/2 optimizer anew for the parameters that require grad.
+
+    Args:
+        proxy: the optimizer ``configure_optimizers`` returned, before DeepSpeed wrapped it.
+        layer_of: the layer index of every parameter that may train (``None`` outside the stack).
+    """
+
+    def __init__(self, proxy: torch.optim.Optimizer, layer_of: Mapping[nn.Parameter, int | None]) -> None:
+        self.proxy = proxy
+        # Recorded before ZeRO replaces each group's "params" with its flat fp32 partition.
+        self.members = [list(group["params"]) for group in proxy.param_groups]
+        self.layer_of = layer_of
+
+    def split_groups(self) -> list[tuple[GroupKey, list[nn.Parameter]]]:
+        """The ``(user group, layer)`` groups of the parameters that require grad now, in a fixed order."""
+        split: dict[GroupKey, list[nn.Parameter]] = {}
+        for g, params in enumerate(self.members):
+            for p in params:
+                if p.requires_grad and p in self.layer_of:
+                    split.setdefault((g, self.layer_of[p]), []).append(p)
+        return sorted(split.items(), key=lambda item: (item[0][0], -1 if item[0][1] is None else item[0][1]))
+
+    def rebuild(self, engine: Any) -> bool:
+        """Give ``engine`` a ZeRO optimizer for the parameters that require grad now.
+
+        State of groups that stay trainable is carried; state of the others is released. Returns
+        ``False`` (and does nothing) when the engine's optimizer already has this layout.
+        """
+        from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+        old = engine.optimizer
+        if not isinstance(old, DeepSpeedZeroOptimizer):
+            raise TypeError(
+                f"layerwise sampling under DeepSpeed needs ZeRO stage 1 or 2 (DeepSpeedZeroOptimizer), got"
+                f" {type(old).__name__}; with bf16, ZeRO-1 uses DeepSpeed's BF16 optimizer instead - use stage 2"
+            )
+        wanted = self.split_groups()
+        if not wanted:
+            raise RuntimeError("no parameter requires grad: nothing left to train")
+        if [group.get(GROUP_KEY) for group in old.optimizer.param_groups] == [key for key, _ in wanted]:
+            return False
+        keep = {key for key, _ in wanted}
+        carried: dict[GroupKey, tuple[torch.Tensor, dict[str, Any]]] = {}
+        for i, group in enumerate(old.optimizer.param_groups):
+            master = old.single_partition_of_fp32_groups[i]
+            state = old.optimizer.state.get(master, {})
+            key = group.get(GROUP_KEY)
+            if key is None and state:
+                raise RuntimeError(
+                    "the DeepSpeed optimizer already stepped with the user's param groups; the per-layer layout must"
+                    " be set up before the first step"
+                )
+            if key in keep:
+                carried[key] = (master, state)
+        old.destroy()  # removes ZeRO's gradient hooks from the parameters
+        for params in old.bit16_groups:
+            for p in params:
+                p.grad = None
+                if not p.requires_grad:  # still a view into the old flat buffer: give it its own storage
+                    p.data = p.data.clone()
+        engine._configure_optimizer(self._basic_optimizer(wanted), None)
+        new = engine.optimizer
+        for j, group in enumerate(new.optimizer.param_groups):
+            if group[GROUP_KEY] not in carried:
+                continue
+            master, state = carried[group[GROUP_KEY]]
+            target = new.single_partition_of_fp32_groups[j]
+            if master.shape != target.shape:
+                raise RuntimeError(f"group {group[GROUP_KEY]}: partition {tuple(master.shape)} became {tuple(target.shape)}")
+            target.data.copy_(master)
+            if state:
+                new.optimizer.state[target] = state
+        # The proxy keeps the model's parameters, not the first engine's (now freed) partitions.
+        for group, params in zip(self.proxy.param_groups, self.members):
+            group["params"] = params
+        self.proxy.state.clear()
+        return True
+
+    def _basic_optimizer(self, wanted: Sequence[tuple[GroupKey, list[nn.Parameter]]]) -> torch.optim.Optimizer:
+        """A fresh optimizer of the user's class with one param group per split group."""
+        groups = [{**self._hyperparameters(key[0]), "params": params, GROUP_KEY: key} for key, params in wanted]
+        cls = type(self.proxy)
+        accepted = inspect.signature(cls.__init__).parameters
+        try:
+            return cls(groups, **{k: v for k, v in self.proxy.defaults.items() if k in accepted})
+        except TypeError as error:
+            raise TypeError(
+                f"cannot create {cls.__name__}(param_groups, **defaults) for the per-layer ZeRO groups ({error});"
+                " use a torch.optim optimizer"
+            ) from error
+
+    def _hyperparameters(self, g: int) -> dict[str, Any]:
+        return {k: v for k, v in self.proxy.param_groups[g].items() if k != "params"}
+
+    def sync_hyperparameters(self, optimizer: torch.optim.Optimizer) -> None:
+        """Copy the proxy's hyper-parameters (set by the LR scheduler) into ``optimizer``'s split groups."""
+        for group in optimizer.param_groups:
+            group.update(self._hyperparameters(group[GROUP_KEY][0]))
+        # torch's LR schedulers warn "lr_scheduler.step() before optimizer.step()" unless the
+        # optimizer they drive has stepped; the proxy's parameters are stepped, through the split groups.
+        self.proxy._opt_called = True  # type: ignore[attr-defined]
+
+    def hyperparameters(self) -> list[dict[str, Any]]:
+        """The proxy's group hyper-parameters, for checkpoints (DeepSpeed does not save the proxy)."""
+        return [self._hyperparameters(g) for g in range(len(self.members))]
+
+    def load_hyperparameters(self, saved: Sequence[Mapping[str, Any]]) -> None:
+        if len(saved) != len(self.proxy.param_groups):
+            raise ValueError(f"the checkpoint has {len(saved)} optimizer param groups, the optimizer {len(self.proxy.param_groups)}")
+        for group, values in zip(self.proxy.param_groups, saved):
+            group.update(values)
+
+
+def master_partition_bytes(optimizer: Any) -> int:
+    """Bytes of a ZeRO-1/2 optimizer's fp32 master partitions on this rank."""
+    return sum(t.numel() * t.element_size() for t in optimizer.single_partition_of_fp32_groups)
+
+
+def read_client_state(checkpoint_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The client state (Lightning's checkpoint dict without weights) of a ZeRO-1/2 checkpoint directory.
+
+    DeepSpeed writes it with the module weights to ``<dir>/<tag>/mp_rank_00_model_states.pt``
+    (``<tag>`` from ``<dir>/latest``; Lightning's is ``"checkpoint"``); it is memory-mapped, so the
+    weights are not read.
+    """
+    root = Path(checkpoint_dir)
+    tag = (root / "latest").read_text().strip() if (root / "latest").is_file() else "checkpoint"
+    path = root / tag / "mp_rank_00_model_states.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {root} is not a DeepSpeed ZeRO-1/2 checkpoint directory")
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=False)

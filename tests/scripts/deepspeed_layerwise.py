@@ -1,0 +1,108 @@
+"""A 2-process fit (CPU, gloo) of LayerwiseSampling under DDP or Lightning's DeepSpeedStrategy ZeRO-1/2.
+
+A tiny Llama with two AdamW param groups (decay / no decay) and a per-step LR schedule. Each rank
+saves its layers before every step, the final parameters, the layer history, the learning rates
+it stepped with, and (under ZeRO) its master-weight and optimizer-state bytes after each step.
+
+Usage: python deepspeed_layerwise.py OUT_DIR ddp|zero1|zero2|zero2bf16 EPOCHS [RESUME_FROM]
+(writes rank0.pt, rank1.pt and the checkpoint OUT_DIR/last.ckpt).
+"""
+
+import gc
+import os
+import sys
+import weakref
+from pathlib import Path
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would pick CUDA on a GPU machine
+
+TESTS = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(TESTS), str(TESTS / "callbacks")]
+
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
+from deepspeed_fit import full_parameters  # noqa: E402
+from helpers import CPUDeepSpeedStrategy, trainer  # noqa: E402
+from lightning.pytorch import seed_everything  # noqa: E402
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+from test_layerwise import Snapshot, TinyLlama, token_batches  # noqa: E402
+
+from weightwise.callbacks import LayerwiseSampling  # noqa: E402
+from weightwise.freezing import optimizer_state_bytes  # noqa: E402
+from weightwise.zero import GROUP_KEY  # noqa: E402
+
+
+class ScheduledTinyLlama(TinyLlama):
+    def configure_optimizers(self):
+        matrices = [p for p in self.parameters() if p.dim() >= 2]
+        vectors = [p for p in self.parameters() if p.dim() < 2]
+        optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": 0.1}, {"params": vectors, "weight_decay": 0.0}], lr=1e-2)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 / (1 + step))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+class Recorder(pl.Callback):
+    """The learning rates each step used, the optimizer's memory after it, and (ZeRO) whether the
+    flat parameter buffers of earlier periods' optimizers were freed."""
+
+    def __init__(self) -> None:
+        self.lrs, self.memory, self.buffers, self.fp32_detail = [], [], [], []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        # Runs after LayerwiseSampling's hook (which rebuilds ZeRO at a new period): per split group,
+        # does its fp32 master hold more than the bf16 parameters do (carried) or not (built anew)?
+        optimizer = trainer.optimizers[0]
+        if hasattr(optimizer, "single_partition_of_fp32_groups"):
+            self.fp32_detail.append({
+                group.get(GROUP_KEY): bool((master != master.bfloat16().float()).any())
+                for group, master in zip(optimizer.param_groups, optimizer.single_partition_of_fp32_groups)
+            })
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.lrs.append(sorted({(group["weight_decay"], group["lr"]) for group in optimizer.param_groups}))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        optimizer = trainer.optimizers[0]
+        master = getattr(optimizer, "single_partition_of_fp32_groups", [])
+        self.memory.append({"state": optimizer_state_bytes(optimizer), "master": sum(t.numel() * 4 for t in master)})
+        if hasattr(optimizer, "bit16_groups_flat"):
+            self.buffers.append(weakref.ref(optimizer.bit16_groups_flat[0]))
+
+    def buffer_counts(self) -> tuple[int, int]:
+        """(flat buffers seen, flat buffers still alive); weakref.ref returns one object per referent."""
+        gc.collect()
+        distinct = {id(ref): ref for ref in self.buffers}.values()
+        return len(distinct), sum(ref() is not None for ref in distinct)
+
+
+if __name__ == "__main__":
+    out_dir, name, epochs = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+    resume_from = sys.argv[4] if len(sys.argv) > 4 else None
+    seed_everything(0)
+    strategy = "ddp" if name == "ddp" else CPUDeepSpeedStrategy(stage=int(name.removeprefix("zero").removesuffix("bf16")))
+    sampling, snapshot, recorder = LayerwiseSampling("lisa", n_layers=2, interval=3), Snapshot(), Recorder()
+    fit = trainer(
+        devices=2,
+        strategy=strategy,
+        max_epochs=epochs,
+        callbacks=[sampling, snapshot, recorder, ModelCheckpoint(dirpath=out_dir, save_last=True)],
+        default_root_dir=out_dir,
+        enable_checkpointing=True,
+        precision="bf16-mixed" if name.endswith("bf16") else "32-true",
+    )
+    module = ScheduledTinyLlama()
+    fit.fit(module, token_batches(), ckpt_path=resume_from)
+    torch.save(
+        {
+            "params": full_parameters(module),
+            "snapshots": snapshot.params,
+            "history": sampling.history,
+            "lrs": recorder.lrs,
+            "memory": recorder.memory,
+            "n_params": sum(p.numel() for p in module.parameters()),
+            "layer_params": [sum(p.numel() for p in layer.parameters()) for layer in module.model.model.layers],
+            "flat_buffers": recorder.buffer_counts(),
+            "fp32_detail": recorder.fp32_detail,
+        },
+        out_dir / f"rank{fit.global_rank}.pt",
+    )
