@@ -1,4 +1,4 @@
-"""What freezing layers saves under DeepSpeed ZeRO-1/2: toggled mid-run vs frozen before the engine starts.
+"""What freezing layers saves under DeepSpeed ZeRO-1/2/3: toggled mid-run, frozen at start, rebuilt per period.
 
 Evidence for the LayerwiseSampling-under-DeepSpeed design (README, "Multi-GPU"). A 16-layer Llama
 (hidden 256, 13.2M parameters) gets a real DeepSpeed engine (one process, CPU, gloo; fp32, AdamW)
@@ -40,7 +40,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from weightwise.freezing import optimizer_state_bytes  # noqa: E402
 from weightwise.layers import find_layer_stack  # noqa: E402
-from weightwise.zero import ZeroLayerOptimizer  # noqa: E402
+from weightwise.zero import ZeroLayerOptimizer, master_partition_bytes  # noqa: E402
 
 MIB = 2**20
 ACTIVE = (3, 9)
@@ -67,6 +67,11 @@ def train(engine: deepspeed.DeepSpeedEngine, steps: int = 3) -> None:
         engine.step()
 
 
+def flat_buffers(zero: object) -> list[torch.Tensor]:
+    """The ZeRO optimizer's flat buffers of trainable parameters (ZeRO-3: of this rank's partitions)."""
+    return getattr(zero, "fp16_partitioned_groups_flat", None) or zero.bit16_groups_flat
+
+
 def timed_rebuild(layerwise: ZeroLayerOptimizer, engine: deepspeed.DeepSpeedEngine) -> float:
     start = time.perf_counter()
     layerwise.rebuild(engine)
@@ -88,7 +93,7 @@ def run(setup: str, stage: int) -> dict[str, str]:
         freeze_all_but(net, ACTIVE)
     if setup == "rebuilt per period":
         first = timed_rebuild(layerwise, engine)
-        buffer = weakref.ref(engine.optimizer.bit16_groups_flat[0])
+        buffer = weakref.ref(flat_buffers(engine.optimizer)[0])
         train(engine)
         freeze_all_but(net, NEXT_ACTIVE)
         second = timed_rebuild(layerwise, engine)
@@ -97,9 +102,9 @@ def run(setup: str, stage: int) -> dict[str, str]:
     train(engine)
     zero = engine.optimizer
     row = {
-        "fp32 master MiB": f"{sum(t.numel() * t.element_size() for t in zero.single_partition_of_fp32_groups) / MIB:.1f}",
+        "fp32 master MiB": f"{master_partition_bytes(zero) / MIB:.1f}",
         "Adam state MiB": f"{optimizer_state_bytes(zero.optimizer) / MIB:.1f}",
-        "flat parameter buffer MiB": f"{sum(t.numel() * t.element_size() for t in zero.bit16_groups_flat) / MIB:.1f}",
+        "flat parameter buffer MiB": f"{sum(t.numel() * t.element_size() for t in flat_buffers(zero)) / MIB:.1f}",
     }
     engine.destroy()
     return row | extra
@@ -107,7 +112,7 @@ def run(setup: str, stage: int) -> dict[str, str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--stages", default="1,2")
+    parser.add_argument("--stages", default="1,2,3")
     args = parser.parse_args()
     deepspeed.init_distributed(dist_backend="gloo")
     print(f"16-layer Llama, 13.2M parameters, fp32, AdamW, {len(ACTIVE)} of 16 layers active; DeepSpeed {deepspeed.__version__}, CPU")

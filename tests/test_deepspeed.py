@@ -83,7 +83,7 @@ def test_upcycling_refuses_deepspeed_with_the_way_out():
 @pytest.mark.parametrize(
     ("strategy", "options", "message"),
     [
-        (dict(stage=3), {}, "ZeRO stage 3: use stage 1 or 2"),
+        (dict(stage=0), {}, "ZeRO stage 0: use stage 1, 2 or 3"),
         (dict(stage=2, offload_optimizer=True), {}, "ZeRO-Offload"),
         (dict(stage=2), dict(optimizer_state="offload"), "optimizer_state='offload': use 'release'"),
     ],
@@ -105,18 +105,36 @@ LAYERWISE_EPOCHS = 3  # 2 steps an epoch, periods of 3 steps: layer 5 stays acti
 
 
 @pytest.fixture(scope="module")
-def ddp_layerwise(tmp_path_factory) -> list[dict]:
-    return fit_layerwise(tmp_path_factory.mktemp("ddp_layerwise"), "ddp", LAYERWISE_EPOCHS)
+def layerwise_run(tmp_path_factory):
+    """The uninterrupted runs by strategy name, each fitted once for the module."""
+    runs: dict[str, list[dict]] = {}
+
+    def run(name: str) -> list[dict]:
+        if name not in runs:
+            runs[name] = fit_layerwise(tmp_path_factory.mktemp(name), name, LAYERWISE_EPOCHS)
+        return runs[name]
+
+    return run
 
 
-@pytest.mark.parametrize("stage", [1, 2])
-def test_layerwise_sampling_under_zero_trains_exactly_like_ddp_holding_only_active_layers(tmp_path, ddp_layerwise, stage):
-    ranks = fit_layerwise(tmp_path, f"zero{stage}", LAYERWISE_EPOCHS)
+@pytest.fixture(scope="module")
+def ddp_layerwise(layerwise_run) -> list[dict]:
+    return layerwise_run("ddp")
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_layerwise_sampling_under_zero_trains_like_ddp_holding_only_active_layers(layerwise_run, ddp_layerwise, stage):
+    ranks = layerwise_run(f"zero{stage}")
     history = ddp_layerwise[0]["history"]
     assert history == [[2, 5], [1, 5]] and all(rank["history"] == history for rank in ranks)
     for rank, expected in zip(ranks, ddp_layerwise):
         # Same parameters (two AdamW groups, weight decay, a per-step LR schedule), same learning rates.
-        assert torch.equal(rank["params"], expected["params"])
+        # ZeRO-1/2: bit for bit. ZeRO-3 sums gradients in another order: plain ZeRO-3 (no callback)
+        # differs from DDP by 1.8e-6 on this model, LayerwiseSampling under ZeRO-3 by 1.6e-6.
+        if stage == 3:
+            assert torch.allclose(rank["params"], expected["params"], rtol=0, atol=1e-5)
+        else:
+            assert torch.equal(rank["params"], expected["params"])
         assert rank["lrs"] == expected["lrs"] and len({lr for step in rank["lrs"] for _, lr in step}) == 6
         # A frozen layer does not change at all while frozen.
         for step in range(len(rank["snapshots"]) - 1):
@@ -134,14 +152,17 @@ def test_layerwise_sampling_under_zero_trains_exactly_like_ddp_holding_only_acti
         assert rank["flat_buffers"] == (2, 1)
 
 
-def test_layerwise_sampling_resumes_from_a_sharded_checkpoint_mid_period(tmp_path, ddp_layerwise):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_layerwise_sampling_resumes_from_a_sharded_checkpoint_mid_period(tmp_path, layerwise_run, stage):
     """The checkpoint is written after step 2 (period 0 runs steps 0-2): resuming rebuilds ZeRO with
-    the checkpoint's layers before DeepSpeed loads its shards, and the lr the scheduler had left."""
-    fit_layerwise(tmp_path / "first", "zero2", 1)
+    the checkpoint's layers before DeepSpeed loads its shards, and the lr the scheduler had left.
+    The resumed run equals the uninterrupted one exactly (ZeRO-2: which equals DDP's)."""
+    fit_layerwise(tmp_path / "first", f"zero{stage}", 1)
     saved = read_client_state(tmp_path / "first" / "last.ckpt")["callbacks"]["LayerwiseSampling"]
     assert saved["active"] == [2, 5] and [g["lr"] for g in saved["optimizer_hyperparameters"]] == pytest.approx([0.01 / 3] * 2)
-    resumed = fit_layerwise(tmp_path / "resumed", "zero2", LAYERWISE_EPOCHS, resume_from=tmp_path / "first" / "last.ckpt")
-    for rank, expected in zip(resumed, ddp_layerwise):
+    resumed = fit_layerwise(tmp_path / "resumed", f"zero{stage}", LAYERWISE_EPOCHS, resume_from=tmp_path / "first" / "last.ckpt")
+    uninterrupted = layerwise_run("ddp" if stage == 2 else "zero3")
+    for rank, expected in zip(resumed, uninterrupted):
         assert torch.equal(rank["params"], expected["params"])
         assert rank["lrs"] == expected["lrs"][2:]
 
@@ -182,11 +203,12 @@ def test_upcycling_under_deepspeed_goes_through_the_saved_model(tmp_path):
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
 
 
-def test_layerwise_sampling_under_zero2_bf16_carries_the_fp32_master_of_layers_that_stay(tmp_path):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_layerwise_sampling_under_zero_bf16_carries_the_fp32_master_of_layers_that_stay(tmp_path, stage):
     """bf16 weights with fp32 master partitions: at the period change (step 3) the groups that stay
     active (layer 5, embeddings/head/norm) keep masters finer than bf16; layer 1's is built anew from
     its bf16 weights - which also shows the check can tell the two apart."""
-    ranks = fit_layerwise(tmp_path, "zero2bf16", LAYERWISE_EPOCHS)
+    ranks = fit_layerwise(tmp_path, f"zero{stage}bf16", LAYERWISE_EPOCHS)
     for rank in ranks:
         assert rank["history"] == [[2, 5], [1, 5]]
         at_change = rank["fp32_detail"][3]
@@ -197,6 +219,6 @@ def test_layerwise_sampling_under_zero2_bf16_carries_the_fp32_master_of_layers_t
 
 def test_layerwise_sampling_names_every_deepspeed_setting_it_cannot_rebuild():
     callback = LayerwiseSampling("lisa", optimizer_state="offload")
-    run = trainer(devices=1, strategy=CPUDeepSpeedStrategy(stage=3, offload_optimizer=True), max_steps=1, callbacks=[callback])
-    with pytest.raises(MisconfigurationException, match="ZeRO stage 3.*; ZeRO-Offload.*; optimizer_state='offload'"):
+    run = trainer(devices=1, strategy=CPUDeepSpeedStrategy(stage=0, offload_optimizer=True), max_steps=1, callbacks=[callback])
+    with pytest.raises(MisconfigurationException, match="ZeRO stage 0.*; ZeRO-Offload.*; optimizer_state='offload'"):
         callback.setup(run, Classifier(), "fit")

@@ -1,6 +1,6 @@
-"""A DeepSpeed ZeRO-1/2 optimizer whose set of trainable parameters changes during training.
+"""A DeepSpeed ZeRO optimizer (stage 1, 2 or 3) whose set of trainable parameters changes during training.
 
-Why a rebuild: a ZeRO-1/2 engine flattens every parameter that is trainable when its optimizer is
+Why a rebuild: a ZeRO engine flattens every parameter that is trainable when its optimizer is
 built into bit16 buffers, an fp32 master partition and the optimizer's state, and keeps them for
 good; ``requires_grad=False`` afterwards only skips gradient work (measured in
 ``benchmarks/deepspeed_layer_freezing.py``: 14 of 16 layers frozen mid-run keep 100.6 MiB of Adam
@@ -15,15 +15,19 @@ parameters has the same partition on every rank in every rebuild: its fp32 maste
 state (Adam's moments *and* ``step``, which ZeRO keeps per group) are carried over as whole tensors,
 with no communication. A layer that leaves the active set drops its state (LISA's memory saving,
 ``optimizer_state="release"``) and starts fresh when it returns, like ``torch.optim`` parameters
-that are released one by one on a single device - so ZeRO-1/2 trains exactly like DDP.
+that are released one by one on a single device - so ZeRO-1/2 trains exactly like DDP (ZeRO-3 to
+float rounding, as it does without this module). ZeRO-3 partitions the parameters themselves and
+gathers them with module hooks: destroying its optimizer removes those hooks and the new one
+registers them again; frozen parameters keep their partitions (``ds_tensor``).
 
 The user's optimizer stays the object the LR scheduler drives (the *proxy*); its group
 hyper-parameters (``lr``, ``weight_decay``, ...) are copied into the split groups before every step
 (:meth:`ZeroLayerOptimizer.sync_hyperparameters`).
 
 Uses DeepSpeed's engine method ``_configure_optimizer`` (private; the one ``deepspeed.initialize``
-calls) and the ZeRO-1/2 optimizer's ``single_partition_of_fp32_groups``, ``bit16_groups`` and
-``destroy()``; tested against DeepSpeed 0.19.
+calls) and the ZeRO optimizers' ``destroy()``, master partitions (``single_partition_of_fp32_groups``,
+ZeRO-3 ``fp32_partitioned_groups_flat``) and parameter lists (``bit16_groups``, ``fp16_groups``);
+tested against DeepSpeed 0.19.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ GroupKey = tuple[int, int | None]
 
 
 class ZeroLayerOptimizer:
-    """Builds a DeepSpeed engine's ZeRO-1/2 optimizer anew for the parameters that require grad.
+    """Builds a DeepSpeed engine's ZeRO optimizer anew for the parameters that require grad.
 
     Args:
         proxy: the optimizer ``configure_optimizers`` returned, before DeepSpeed wrapped it.
@@ -72,14 +76,8 @@ class ZeroLayerOptimizer:
         State of groups that stay trainable is carried; state of the others is released. Returns
         ``False`` (and does nothing) when the engine's optimizer already has this layout.
         """
-        from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
-
         old = engine.optimizer
-        if not isinstance(old, DeepSpeedZeroOptimizer):
-            raise TypeError(
-                f"layerwise sampling under DeepSpeed needs ZeRO stage 1 or 2 (DeepSpeedZeroOptimizer), got"
-                f" {type(old).__name__}; with bf16, ZeRO-1 uses DeepSpeed's BF16 optimizer instead - use stage 2"
-            )
+        old_masters = master_partitions(old)
         wanted = self.split_groups()
         if not wanted:
             raise RuntimeError("no parameter requires grad: nothing left to train")
@@ -87,8 +85,7 @@ class ZeroLayerOptimizer:
             return False
         keep = {key for key, _ in wanted}
         carried: dict[GroupKey, tuple[torch.Tensor, dict[str, Any]]] = {}
-        for i, group in enumerate(old.optimizer.param_groups):
-            master = old.single_partition_of_fp32_groups[i]
+        for group, master in zip(old.optimizer.param_groups, old_masters):
             state = old.optimizer.state.get(master, {})
             key = group.get(GROUP_KEY)
             if key is None and state:
@@ -98,19 +95,22 @@ class ZeroLayerOptimizer:
                 )
             if key in keep:
                 carried[key] = (master, state)
-        old.destroy()  # removes ZeRO's gradient hooks from the parameters
-        for params in old.bit16_groups:
+        stage3 = _is_stage3(old)
+        old.destroy()  # removes ZeRO's gradient hooks (and ZeRO-3's module hooks)
+        for params in old.fp16_groups if stage3 else old.bit16_groups:
             for p in params:
                 p.grad = None
-                if not p.requires_grad:  # still a view into the old flat buffer: give it its own storage
-                    p.data = p.data.clone()
+                if not p.requires_grad:  # its data is a view into the old flat buffer: give it its own storage
+                    if stage3:
+                        p.ds_tensor.data = p.ds_tensor.data.clone()  # ZeRO-3: the rank's partition of p
+                    else:
+                        p.data = p.data.clone()
         engine._configure_optimizer(self._basic_optimizer(wanted), None)
         new = engine.optimizer
-        for j, group in enumerate(new.optimizer.param_groups):
+        for group, target in zip(new.optimizer.param_groups, master_partitions(new)):
             if group[GROUP_KEY] not in carried:
                 continue
             master, state = carried[group[GROUP_KEY]]
-            target = new.single_partition_of_fp32_groups[j]
             if master.shape != target.shape:
                 raise RuntimeError(f"group {group[GROUP_KEY]}: partition {tuple(master.shape)} became {tuple(target.shape)}")
             target.data.copy_(master)
@@ -157,21 +157,51 @@ class ZeroLayerOptimizer:
             group.update(values)
 
 
+def _is_stage3(optimizer: Any) -> bool:
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+    return isinstance(optimizer, DeepSpeedZeroOptimizer_Stage3)
+
+
+def master_partitions(optimizer: Any) -> list[torch.Tensor]:
+    """This rank's fp32 master partition of each param group of a ZeRO-1/2/3 optimizer.
+
+    The base optimizer's state is keyed by these tensors. ZeRO-3 may split a group into sub-groups
+    (``sub_group_size``); a group must stay one sub-group here so that it carries over whole.
+    """
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    if isinstance(optimizer, DeepSpeedZeroOptimizer):
+        return list(optimizer.single_partition_of_fp32_groups)
+    if _is_stage3(optimizer):
+        groups = [optimizer.sub_group_to_group_id[i] for i in range(len(optimizer.fp32_partitioned_groups_flat))]
+        if groups != list(range(len(optimizer.optimizer.param_groups))):
+            raise RuntimeError(
+                "ZeRO-3 split a layer's param group into sub-groups: raise zero_optimization.sub_group_size above the"
+                " largest layer's parameter count"
+            )
+        return list(optimizer.fp32_partitioned_groups_flat)
+    raise TypeError(
+        f"layerwise sampling under DeepSpeed needs a ZeRO optimizer (stage 1, 2 or 3), got {type(optimizer).__name__};"
+        " with bf16, ZeRO-1 uses DeepSpeed's BF16 optimizer instead - use stage 2"
+    )
+
+
 def master_partition_bytes(optimizer: Any) -> int:
-    """Bytes of a ZeRO-1/2 optimizer's fp32 master partitions on this rank."""
-    return sum(t.numel() * t.element_size() for t in optimizer.single_partition_of_fp32_groups)
+    """Bytes of a ZeRO optimizer's fp32 master partitions on this rank."""
+    return sum(t.numel() * t.element_size() for t in master_partitions(optimizer))
 
 
 def read_client_state(checkpoint_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """The client state (Lightning's checkpoint dict without weights) of a ZeRO-1/2 checkpoint directory.
+    """The client state (Lightning's checkpoint dict without weights) of a DeepSpeed checkpoint directory.
 
-    DeepSpeed writes it with the module weights to ``<dir>/<tag>/mp_rank_00_model_states.pt``
-    (``<tag>`` from ``<dir>/latest``; Lightning's is ``"checkpoint"``); it is memory-mapped, so the
-    weights are not read.
+    DeepSpeed writes it to ``<dir>/<tag>/mp_rank_00_model_states.pt`` (ZeRO-1/2, with the module
+    weights) or ``zero_pp_rank_0_mp_rank_00_model_states.pt`` (ZeRO-3); ``<tag>`` comes from
+    ``<dir>/latest`` (Lightning's is ``"checkpoint"``). The file is memory-mapped, so weights are not read.
     """
     root = Path(checkpoint_dir)
     tag = (root / "latest").read_text().strip() if (root / "latest").is_file() else "checkpoint"
-    path = root / tag / "mp_rank_00_model_states.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: {root} is not a DeepSpeed ZeRO-1/2 checkpoint directory")
-    return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+        if (root / tag / name).is_file():
+            return torch.load(root / tag / name, map_location="cpu", mmap=True, weights_only=False)
+    raise FileNotFoundError(f"no model states file in {root / tag}: {root} is not a DeepSpeed checkpoint directory")

@@ -4,7 +4,7 @@ A tiny Llama with two AdamW param groups (decay / no decay) and a per-step LR sc
 saves its layers before every step, the final parameters, the layer history, the learning rates
 it stepped with, and (under ZeRO) its master-weight and optimizer-state bytes after each step.
 
-Usage: python deepspeed_layerwise.py OUT_DIR ddp|zero1|zero2|zero2bf16 EPOCHS [RESUME_FROM]
+Usage: python deepspeed_layerwise.py OUT_DIR ddp|zero1|zero2|zero3|zero2bf16|zero3bf16 EPOCHS [RESUME_FROM]
 (writes rank0.pt, rank1.pt and the checkpoint OUT_DIR/last.ckpt).
 """
 
@@ -29,7 +29,25 @@ from test_layerwise import Snapshot, TinyLlama, token_batches  # noqa: E402
 
 from weightwise.callbacks import LayerwiseSampling  # noqa: E402
 from weightwise.freezing import optimizer_state_bytes  # noqa: E402
-from weightwise.zero import GROUP_KEY  # noqa: E402
+from weightwise.zero import GROUP_KEY, master_partition_bytes, master_partitions  # noqa: E402
+
+
+def zero(optimizer) -> bool:
+    return hasattr(optimizer, "fp16_partitioned_groups_flat") or hasattr(optimizer, "bit16_groups_flat")
+
+
+class GatheredSnapshot(Snapshot):
+    """Snapshot of whole layers; under ZeRO-3 each rank holds a shard, so gather them first."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        params = list(pl_module.parameters())
+        if hasattr(params[0], "ds_id"):
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(params):
+                super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        else:
+            super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
 
 class ScheduledTinyLlama(TinyLlama):
@@ -52,10 +70,10 @@ class Recorder(pl.Callback):
         # Runs after LayerwiseSampling's hook (which rebuilds ZeRO at a new period): per split group,
         # does its fp32 master hold more than the bf16 parameters do (carried) or not (built anew)?
         optimizer = trainer.optimizers[0]
-        if hasattr(optimizer, "single_partition_of_fp32_groups"):
+        if zero(optimizer):
             self.fp32_detail.append({
                 group.get(GROUP_KEY): bool((master != master.bfloat16().float()).any())
-                for group, master in zip(optimizer.param_groups, optimizer.single_partition_of_fp32_groups)
+                for group, master in zip(optimizer.param_groups, master_partitions(optimizer))
             })
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
@@ -63,10 +81,10 @@ class Recorder(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         optimizer = trainer.optimizers[0]
-        master = getattr(optimizer, "single_partition_of_fp32_groups", [])
-        self.memory.append({"state": optimizer_state_bytes(optimizer), "master": sum(t.numel() * 4 for t in master)})
-        if hasattr(optimizer, "bit16_groups_flat"):
-            self.buffers.append(weakref.ref(optimizer.bit16_groups_flat[0]))
+        self.memory.append({"state": optimizer_state_bytes(optimizer), "master": master_partition_bytes(optimizer) if zero(optimizer) else 0})
+        if zero(optimizer):
+            flat = optimizer.fp16_partitioned_groups_flat if hasattr(optimizer, "fp16_partitioned_groups_flat") else optimizer.bit16_groups_flat
+            self.buffers.append(weakref.ref(flat[0]))
 
     def buffer_counts(self) -> tuple[int, int]:
         """(flat buffers seen, flat buffers still alive); weakref.ref returns one object per referent."""
@@ -80,7 +98,7 @@ if __name__ == "__main__":
     resume_from = sys.argv[4] if len(sys.argv) > 4 else None
     seed_everything(0)
     strategy = "ddp" if name == "ddp" else CPUDeepSpeedStrategy(stage=int(name.removeprefix("zero").removesuffix("bf16")))
-    sampling, snapshot, recorder = LayerwiseSampling("lisa", n_layers=2, interval=3), Snapshot(), Recorder()
+    sampling, snapshot, recorder = LayerwiseSampling("lisa", n_layers=2, interval=3), GatheredSnapshot(), Recorder()
     fit = trainer(
         devices=2,
         strategy=strategy,
@@ -99,8 +117,8 @@ if __name__ == "__main__":
             "history": sampling.history,
             "lrs": recorder.lrs,
             "memory": recorder.memory,
-            "n_params": sum(p.numel() for p in module.parameters()),
-            "layer_params": [sum(p.numel() for p in layer.parameters()) for layer in module.model.model.layers],
+            "n_params": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in module.parameters()),
+            "layer_params": [sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in layer.parameters()) for layer in module.model.model.layers],
             "flat_buffers": recorder.buffer_counts(),
             "fp32_detail": recorder.fp32_detail,
         },

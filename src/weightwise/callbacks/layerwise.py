@@ -41,18 +41,17 @@ class LayerwiseSampling(Callback):
     every period: ``weightwise/layer_active/NN`` (1 for the layers that train, 0 otherwise - a
     layer x step map), ``weightwise/layer_importance/NN`` (IST) and ``weightwise/optimizer_state_mib``.
 
-    Single device, DDP and DeepSpeed ZeRO-1/2. DDP only synchronises parameters that required
+    Single device, DDP and DeepSpeed ZeRO-1/2/3. DDP only synchronises parameters that required
     gradients when the model was wrapped, so after every change of the active layers the module is
     wrapped anew (its buckets then hold only the trainable parameters - less communication, too).
     ZeRO keeps master weights and moments of every parameter trainable when its optimizer was built,
-    so flipping ``requires_grad`` there saves no memory; under ``DeepSpeedStrategy`` (stage 1 or 2)
-    the ZeRO optimizer is built anew for each period's layers, with one param group per (group,
-    layer) so that the state of layers that stay active is carried exactly
-    (:mod:`weightwise.zero`): the run equals DDP's, and the master weights, moments and gradient
-    buffers are those of the active layers only. The engine starts with period 0's layers already
-    frozen, and resuming from a sharded checkpoint rebuilds the optimizer with the checkpoint's
-    layout before DeepSpeed loads it. ZeRO-3, ZeRO-Offload and ``optimizer_state="offload"`` are
-    refused under DeepSpeed.
+    so flipping ``requires_grad`` there saves no memory; under ``DeepSpeedStrategy`` the ZeRO
+    optimizer is built anew for each period's layers, with one param group per (group, layer) so
+    that the state of layers that stay active is carried exactly (:mod:`weightwise.zero`): the run
+    equals DDP's, and the master weights, moments and gradient buffers are those of the active
+    layers only. The engine starts with period 0's layers already frozen, and resuming from a
+    sharded checkpoint rebuilds the optimizer with the checkpoint's layout before DeepSpeed loads
+    it. ZeRO-Offload and ``optimizer_state="offload"`` are refused under DeepSpeed.
 
     Args:
         policy: ``"lisa"`` or ``"ist"``.
@@ -113,8 +112,7 @@ class LayerwiseSampling(Callback):
         zero = (strategy.config or {}).get("zero_optimization") or {}
         offload = (zero.get("offload_optimizer") or {}).get("device", "none")
         problems = [
-            (zero.get("stage") not in (1, 2), f"ZeRO stage {zero.get('stage')}: use stage 1 or 2 (ZeRO-3 partitions the"
-             " parameters themselves and is not supported)"),
+            (zero.get("stage") not in (1, 2, 3), f"ZeRO stage {zero.get('stage')}: use stage 1, 2 or 3"),
             (offload not in ("none", None), "ZeRO-Offload (offload_optimizer): remove it"),
             ("optimizer" in (strategy.config or {}), "an optimizer in the DeepSpeed config: return it from"
              " configure_optimizers instead"),
