@@ -85,8 +85,10 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
     ``trainer.strategy: {class_path: helpers.CPUDeepSpeedStrategy, init_args: {stage: 2}}``.
     """
 
-    def __init__(self, stage: int = 2, **kwargs) -> None:
+    def __init__(self, stage: int = 2, param_persistence_threshold: int | None = None, **kwargs) -> None:
         super().__init__(stage=stage, process_group_backend="gloo", **kwargs)
+        if param_persistence_threshold is not None:  # ZeRO-3 keeps parameters below it whole on every rank
+            self.config["zero_optimization"]["stage3_param_persistence_threshold"] = param_persistence_threshold
 
     def setup_environment(self) -> None:
         DDPStrategy.setup_environment(self)

@@ -97,7 +97,9 @@ if __name__ == "__main__":
     out_dir, name, epochs = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
     resume_from = sys.argv[4] if len(sys.argv) > 4 else None
     seed_everything(0)
-    strategy = "ddp" if name == "ddp" else CPUDeepSpeedStrategy(stage=int(name.removeprefix("zero").removesuffix("bf16")))
+    stage = 0 if name == "ddp" else int(name.removeprefix("zero").removesuffix("bf16"))
+    # ZeRO-3: partition every parameter (none kept whole), so layers are gathered by module hooks.
+    strategy = "ddp" if name == "ddp" else CPUDeepSpeedStrategy(stage=stage, param_persistence_threshold=0 if stage == 3 else None)
     sampling, snapshot, recorder = LayerwiseSampling("lisa", n_layers=2, interval=3), GatheredSnapshot(), Recorder()
     fit = trainer(
         devices=2,
@@ -121,6 +123,7 @@ if __name__ == "__main__":
             "layer_params": [sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in layer.parameters()) for layer in module.model.model.layers],
             "flat_buffers": recorder.buffer_counts(),
             "fp32_detail": recorder.fp32_detail,
+            "partitioned": sum(p.ds_tensor.numel() < p.ds_numel for p in module.parameters() if hasattr(p, "ds_tensor")),
         },
         out_dir / f"rank{fit.global_rank}.pt",
     )

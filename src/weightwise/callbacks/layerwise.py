@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -146,7 +147,8 @@ class LayerwiseSampling(Callback):
             return config
 
         def layerwise_load_checkpoint(checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
-            if self._zero is not None:
+            # A single file (DeepSpeedStrategy(load_full_weights=True)) restores weights, not optimizer shards.
+            if self._zero is not None and Path(checkpoint_path).is_dir():
                 state = read_client_state(checkpoint_path).get("callbacks", {}).get(self.state_key)
                 if state is None:
                     raise MisconfigurationException(
