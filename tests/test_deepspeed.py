@@ -21,9 +21,10 @@ pytestmark = pytest.mark.slow
 EPOCHS = 2
 
 
-def fit(out_dir: Path, strategy: str, epochs: int, resume_from: Path | None = None) -> list[dict]:
+def fit(out_dir: Path, strategy: str, epochs: int, resume_from: Path | None = None, stop_at_step: int | None = None) -> list[dict]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    run_script(str(SCRIPTS / "deepspeed_fit.py"), str(out_dir), strategy, str(epochs), *([str(resume_from)] if resume_from else []))
+    stop = [str(stop_at_step)] if stop_at_step else []
+    run_script(str(SCRIPTS / "deepspeed_fit.py"), str(out_dir), strategy, str(epochs), str(resume_from or "-"), *stop)
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
 
 
@@ -69,6 +70,20 @@ def test_sharded_checkpoint_carries_callback_state_and_resumes_exactly(tmp_path,
 
     resumed = fit(tmp_path / "resumed", f"zero{stage}", EPOCHS, resume_from=checkpoint)
     assert_same_training(resumed, ddp_run, range(1, EPOCHS))
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "zero2"])
+def test_mid_epoch_checkpoint_resumes_the_pruned_epoch_where_it_stopped(tmp_path, ddp_run, strategy):
+    """Saved after step 5 = the first of epoch 1's pruned steps (epoch 0: 40 samples, 2 ranks x 5 a
+    step). A plain DataLoader restarts from its first batch; DataPruning's checkpoint holds the
+    epoch's plan and how many samples each rank trained, so the resumed run trains exactly the rest."""
+    first = fit(tmp_path / "first", strategy, EPOCHS, stop_at_step=5)
+    assert [len(first[0]["ids"][e]) for e in sorted(first[0]["ids"])] == [20, 5]  # it did stop mid-epoch
+    resumed = fit(tmp_path / "resumed", strategy, EPOCHS, resume_from=tmp_path / "first" / "last.ckpt")
+    for rank, expected in zip(resumed, ddp_run):
+        assert torch.allclose(rank["params"], expected["params"], atol=1e-6)
+        assert sorted(rank["ids"]) == [1] and rank["ids"][1] == expected["ids"][1][5:]  # the rest of epoch 1 only
+        assert rank["ledger"]["samples_visited"] == expected["ledger"]["samples_visited"]
 
 
 def test_upcycling_refuses_deepspeed_with_the_way_out():

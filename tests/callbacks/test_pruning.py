@@ -128,6 +128,39 @@ def test_resume_continues_the_same_subsets_weights_and_scores(tmp_path):
     assert resumed_pruning.ledger["samples_visited"] == straight_pruning.ledger["samples_visited"]
 
 
+@pytest.fixture(scope="module")
+def mid_epoch_checkpoints(tmp_path_factory):
+    """An uninterrupted pruned run, and a copy of it that saved a checkpoint after every step."""
+    directory = tmp_path_factory.mktemp("every_step")
+
+    def run(ckpt_path=None, save=False, max_steps=-1):
+        seed_everything(5)
+        model, recorder, pruning = Classifier(), Recorder(), DataPruning()
+        callbacks = [pruning, recorder]
+        if save:
+            callbacks.append(ModelCheckpoint(dirpath=directory, every_n_train_steps=1, save_top_k=-1, filename="{step}"))
+        trainer(max_epochs=4, max_steps=max_steps, callbacks=callbacks, enable_checkpointing=save).fit(
+            model, indexed_loader(48, 8, sampler=InfoBatchSampler(48, prune_ratio=0.5, num_epochs=4)), ckpt_path=ckpt_path
+        )
+        return model, recorder, pruning
+
+    run(save=True, max_steps=10)
+    return run, run(), directory
+
+
+# 6 batches in epoch 0 (full), then pruned epochs: mid epoch 0, its last batch, mid epoch 1 (pruned).
+@pytest.mark.parametrize("step", [3, 6, 8])
+def test_resume_from_a_mid_epoch_checkpoint_trains_exactly_the_rest_of_the_epoch(mid_epoch_checkpoints, step):
+    run, (straight, straight_ids, straight_pruning), directory = mid_epoch_checkpoints
+    resumed, resumed_ids, resumed_pruning = run(ckpt_path=directory / f"step={step}.ckpt")
+    for epoch, ids in resumed_ids.ids.items():
+        assert ids == straight_ids.ids[epoch][len(straight_ids.ids[epoch]) - len(ids) :], epoch
+    trained = sum(len(ids) for ids in resumed_ids.ids.values())
+    assert trained == sum(len(ids) for ids in straight_ids.ids.values()) - 8 * step  # nothing twice, nothing lost
+    assert torch.equal(flat_params(resumed), flat_params(straight))
+    assert resumed_pruning.ledger["samples_visited"] == straight_pruning.ledger["samples_visited"]
+
+
 class ScheduledClassifier(Classifier):
     """LR decays linearly over trainer.estimated_stepping_batches, stepped every optimizer step."""
 

@@ -48,3 +48,14 @@ def test_state_dict_refuses_another_dataset():
 def test_empty_plan_is_an_error():
     with pytest.raises(RuntimeError, match="empty epoch"):
         list(Fixed([]))
+
+
+def test_a_resumed_epoch_keeps_its_saved_plan_and_skips_what_already_trained():
+    sampler = Fixed(list(range(10)), num_replicas=2, rank=1)
+    saved = EpochPlan(torch.tensor([9, 8, 7, 6, 5, 4, 3, 2, 1, 0]))  # the plan the epoch had before the checkpoint
+    sampler.resume_epoch(0, saved, consumed=2)
+    assert len(sampler) == 5  # the whole epoch's length: Lightning counts the trained batches itself
+    assert list(sampler) == [4, 2, 0]  # rank 1's shard [8, 6, 4, 2, 0] without its first 2
+    assert list(sampler) == [8, 6, 4, 2, 0]  # skipped once only
+    sampler.set_epoch(1)
+    assert list(sampler) == [1, 3, 5, 7, 9]  # the next epoch is planned as usual

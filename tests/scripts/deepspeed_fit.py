@@ -3,8 +3,9 @@
 LossReweighting + DataPruning (InfoBatch) + SampleReport + checkpointing; each rank saves the full
 parameters, its score store, the sample ids it trained on, the pruning ledger and the report rows.
 
-Usage: python deepspeed_fit.py OUT_DIR ddp|zero1|zero2|zero3 EPOCHS [RESUME_FROM]
-(writes rank0.pt, rank1.pt and the checkpoint OUT_DIR/last.ckpt - a directory under DeepSpeed).
+Usage: python deepspeed_fit.py OUT_DIR ddp|zero1|zero2|zero3 EPOCHS [RESUME_FROM] [STOP_AT_STEP]
+(writes rank0.pt, rank1.pt and the checkpoint OUT_DIR/last.ckpt - a directory under DeepSpeed;
+with STOP_AT_STEP the run checkpoints after every step and stops there, mid-epoch; "-" for no RESUME_FROM).
 """
 
 import os
@@ -47,7 +48,8 @@ def full_parameters(module: torch.nn.Module) -> torch.Tensor:
 
 if __name__ == "__main__":
     out_dir, name, epochs = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
-    resume_from = sys.argv[4] if len(sys.argv) > 4 else None
+    resume_from = sys.argv[4] if len(sys.argv) > 4 and sys.argv[4] != "-" else None
+    stop_at_step = int(sys.argv[5]) if len(sys.argv) > 5 else -1
     seed_everything(0)
     strategy = "ddp" if name == "ddp" else CPUDeepSpeedStrategy(stage=int(name.removeprefix("zero")))
     reweighting, pruning, ids, report = LossReweighting("linupper"), DataPruning(), SampleIds(), SampleReport(k=3)
@@ -55,7 +57,9 @@ if __name__ == "__main__":
         devices=2,
         strategy=strategy,
         max_epochs=epochs,
-        callbacks=[reweighting, pruning, ids, report, ModelCheckpoint(dirpath=out_dir, save_last=True)],
+        callbacks=[reweighting, pruning, ids, report,
+                   ModelCheckpoint(dirpath=out_dir, save_last=True, every_n_train_steps=1 if stop_at_step > 0 else None)],
+        max_steps=stop_at_step,
         default_root_dir=out_dir,
         enable_checkpointing=True,
         use_distributed_sampler=False,  # the pruning sampler shards itself

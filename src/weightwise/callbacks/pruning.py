@@ -13,8 +13,9 @@ from torch.utils.data import DataLoader
 
 from weightwise.callbacks.base import SampleWeightCallback
 from weightwise.callbacks.reduction import NonFinitePolicy
-from weightwise.data import SAMPLE_ID_KEY
+from weightwise.data import SAMPLE_ID_KEY, sample_ids_from_batch
 from weightwise.samplers import EpochSampler, InfoBatchSampler
+from weightwise.samplers.base import EpochPlan
 
 
 class DataPruning(SampleWeightCallback):
@@ -38,7 +39,10 @@ class DataPruning(SampleWeightCallback):
       ``weightwise/epoch_fraction_skipped``, ``weightwise/samples_skipped_total`` (forward and
       backward passes saved against full-data epochs), ``weightwise/fraction_skipped_total`` and
       ``weightwise/epoch_seconds``;
-    * checkpoints the sampler's state and the ledger (contract 4).
+    * checkpoints the sampler's state and the ledger (contract 4); a checkpoint written mid-epoch
+      (``ModelCheckpoint(every_n_train_steps=...)``) also holds the epoch's plan and how many of
+      this rank's samples already trained, so a resumed run trains exactly the rest of the epoch
+      (Lightning restarts a plain ``DataLoader`` from its first batch otherwise).
 
     Learning-rate schedules: size them in steps. ``trainer.estimated_stepping_batches`` is computed
     from the first (full) epoch, so with pruning it is an upper bound on the steps the run takes.
@@ -49,7 +53,9 @@ class DataPruning(SampleWeightCallback):
         self.sampler: EpochSampler | None = None
         self.ledger: dict[str, float] = {"epochs": 0, "samples_visited": 0, "samples_full": 0, "seconds": 0.0}
         self._pending_sampler_state: dict[str, Any] | None = None
+        self._pending_mid_epoch: dict[str, Any] | None = None
         self._epoch_start = 0.0
+        self._consumed = 0  # this rank's samples trained in the current epoch
         self._device_weights: tuple[Tensor, Tensor] | None = None
 
     # ------------------------------------------------------------------ wiring
@@ -88,12 +94,28 @@ class DataPruning(SampleWeightCallback):
         assert self.reducer is not None
         sampler.attach_scores(self.reducer.scores)
         sampler.set_epoch(trainer.current_epoch)
+        if self._pending_mid_epoch is not None:  # Lightning calls no on_train_epoch_start when it restarts mid-epoch
+            state, self._pending_mid_epoch = self._pending_mid_epoch, None
+            if state["epoch"] == trainer.current_epoch:
+                sampler.resume_epoch(trainer.current_epoch, EpochPlan(state["indices"], state["weights"]), state["consumed"])
+                self._consumed = state["consumed"]
+                self._set_epoch_length(trainer)
+                self._epoch_start = time.perf_counter() - state["seconds"]
+            else:
+                # Saved after the epoch's last batch: Lightning counts that epoch as done and goes on
+                # without its epoch-end hooks, so its ledger entry is made here, and the next one starts.
+                self._record_epoch(int(state["indices"].numel()), state["seconds"])
+                self._start_epoch(trainer)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start_epoch(trainer)
+
+    def _start_epoch(self, trainer: pl.Trainer) -> None:
         assert self.sampler is not None
         self.sampler.refresh()  # plan this epoch from the scores as they are now
         self._set_epoch_length(trainer)
         self._epoch_start = time.perf_counter()
+        self._consumed = 0
 
     @staticmethod
     def _set_epoch_length(trainer: pl.Trainer) -> None:
@@ -120,15 +142,16 @@ class DataPruning(SampleWeightCallback):
             self._device_weights = (weights, weights.to(losses.device))
         return self._device_weights[1][sample_ids]
 
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._consumed += int(sample_ids_from_batch(batch, self.sample_id_key).numel())
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self.sampler is not None
         visited = int(self.sampler.plan.indices.numel())
-        full = self.sampler.num_samples
         seconds = time.perf_counter() - self._epoch_start
-        self.ledger["epochs"] += 1
-        self.ledger["samples_visited"] += visited
-        self.ledger["samples_full"] += full
-        self.ledger["seconds"] += seconds
+        self._record_epoch(visited, seconds)
+        self._consumed = 0  # a checkpoint from here on (epoch end) starts the next epoch afresh
+        full = self.sampler.num_samples
         skipped_total = self.ledger["samples_full"] - self.ledger["samples_visited"]
         metrics = {
             "weightwise/epoch_samples": float(visited),
@@ -139,11 +162,29 @@ class DataPruning(SampleWeightCallback):
         }
         pl_module.log_dict({k: torch.tensor(v) for k, v in metrics.items()}, on_step=False, on_epoch=True)
 
+    def _record_epoch(self, visited: int, seconds: float) -> None:
+        assert self.sampler is not None
+        self.ledger["epochs"] += 1
+        self.ledger["samples_visited"] += visited
+        self.ledger["samples_full"] += self.sampler.num_samples
+        self.ledger["seconds"] += seconds
+
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         sampler_state = self.sampler.state_dict() if self.sampler is not None else self._pending_sampler_state
-        return {"ledger": dict(self.ledger), "sampler": sampler_state}
+        mid_epoch = None
+        if self.sampler is not None and 0 < self._consumed:
+            plan = self.sampler.plan
+            mid_epoch = {
+                "epoch": self.sampler.epoch,
+                "consumed": self._consumed,
+                "indices": plan.indices,
+                "weights": plan.weights,
+                "seconds": time.perf_counter() - self._epoch_start,
+            }
+        return {"ledger": dict(self.ledger), "sampler": sampler_state, "mid_epoch": mid_epoch}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.ledger = dict(state_dict["ledger"])
         self._pending_sampler_state = state_dict["sampler"]
+        self._pending_mid_epoch = state_dict.get("mid_epoch")

@@ -6,7 +6,8 @@ The base class turns plans into a PyTorch ``Sampler``:
 
 * **Deterministic**: a plan is a function of (seed, epoch, the score store's contents), so every
   rank computes the same plan, and a run resumed from a checkpoint (which restores the store)
-  recomputes the same plans.
+  recomputes the same plans. Mid-epoch the store has moved on since the plan was made, so
+  ``DataPruning`` checkpoints the epoch's plan and hands it back with :meth:`EpochSampler.resume_epoch`.
 * **Distributed by construction** (DESIGN.md contract 5): the sampler shards the plan itself -
   rank r takes positions r, r + R, r + 2R, ... - so the ranks' shards are disjoint and together are
   the plan. Lightning must not wrap it in another ``DistributedSampler``:
@@ -78,6 +79,8 @@ class EpochSampler(Sampler[int]):
         self.scores: SampleScoreStore | None = None
         self._plan: EpochPlan | None = None
         self._plan_key: tuple[int, int] | None = None
+        self._resumed: tuple[int, EpochPlan] | None = None  # (epoch, plan) restored mid-epoch
+        self._skip = 0  # shard positions the next iteration skips (already trained before a resume)
 
     # -------------------------------------------------------------- distributed
     @property
@@ -128,6 +131,8 @@ class EpochSampler(Sampler[int]):
     @property
     def plan(self) -> EpochPlan:
         """The current epoch's plan (computed once per epoch and per score-store state)."""
+        if self._resumed is not None and self._resumed[0] == self.epoch:
+            return self._resumed[1]
         key = (self.epoch, id(self.scores))
         if self._plan is None or self._plan_key != key:
             generator = torch.Generator().manual_seed(self.seed + self.epoch)
@@ -140,6 +145,14 @@ class EpochSampler(Sampler[int]):
     def refresh(self) -> None:
         """Forget the cached plan, so the next access re-plans from the scores as they are now."""
         self._plan = None
+        self._resumed = None
+
+    def resume_epoch(self, epoch: int, plan: EpochPlan, consumed: int) -> None:
+        """Continue ``epoch`` mid-way after a resume: its saved ``plan`` (the store has changed since
+        it was made, so it cannot be re-planned) and the next iteration skips the first ``consumed``
+        ids of this rank's shard, which trained before the checkpoint."""
+        self._resumed = (epoch, plan)
+        self._skip = consumed
 
     def _shard(self) -> Tensor:
         indices = self.plan.indices
@@ -150,7 +163,8 @@ class EpochSampler(Sampler[int]):
         return indices[self.rank :: replicas]
 
     def __iter__(self) -> Iterator[int]:
-        return _ids_in_chunks(self._shard())
+        shard, self._skip = self._shard()[self._skip :], 0
+        return _ids_in_chunks(shard)
 
     def __len__(self) -> int:
         return -(-self.plan.indices.numel() // self.num_replicas)
