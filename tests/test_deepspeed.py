@@ -1,8 +1,10 @@
 """Lightning's DeepSpeedStrategy, ZeRO-1/2/3, real 2-process runs on CPU (gloo).
 
 The strategy is Lightning's own with its CUDA-only device plumbing bridged (``helpers.CPUDeepSpeedStrategy``):
-DeepSpeed's engine, ZeRO partitioning and sharded checkpoints are the real ones. Each run combines
-LossReweighting (scores gathered over ranks) with DataPruning (a self-sharding InfoBatch sampler).
+DeepSpeed's engine, ZeRO partitioning and sharded checkpoints are the real ones. The data runs
+(``scripts/deepspeed_fit.py``) combine LossReweighting (scores gathered over ranks) with DataPruning (a
+self-sharding InfoBatch sampler); the layer runs (``scripts/deepspeed_layerwise.py``) train a tiny Llama
+with LayerwiseSampling, whose ZeRO optimizer is rebuilt every period. Both are compared with DDP.
 """
 
 from pathlib import Path
@@ -21,11 +23,15 @@ pytestmark = pytest.mark.slow
 EPOCHS = 2
 
 
-def fit(out_dir: Path, strategy: str, epochs: int, resume_from: Path | None = None, stop_at_step: int | None = None) -> list[dict]:
+def run_ranks(script: str, out_dir: Path, *args: object) -> list[dict]:
+    """Run a 2-process script from tests/scripts; what each rank saved."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    stop = [str(stop_at_step)] if stop_at_step else []
-    run_script(str(SCRIPTS / "deepspeed_fit.py"), str(out_dir), strategy, str(epochs), str(resume_from or "-"), *stop)
+    run_script(str(SCRIPTS / script), str(out_dir), *map(str, args))
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+
+
+def fit(out_dir: Path, strategy: str, epochs: int, resume_from: Path | None = None, stop_at_step: int | None = None) -> list[dict]:
+    return run_ranks("deepspeed_fit.py", out_dir, strategy, epochs, resume_from or "-", *([stop_at_step] if stop_at_step else []))
 
 
 @pytest.fixture(scope="module")
@@ -112,9 +118,7 @@ def test_layerwise_sampling_refuses_what_it_cannot_rebuild_under_deepspeed(strat
 
 
 def fit_layerwise(out_dir: Path, strategy: str, epochs: int, resume_from: Path | None = None) -> list[dict]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    run_script(str(SCRIPTS / "deepspeed_layerwise.py"), str(out_dir), strategy, str(epochs), *([str(resume_from)] if resume_from else []))
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    return run_ranks("deepspeed_layerwise.py", out_dir, strategy, epochs, *([resume_from] if resume_from else []))
 
 
 LAYERWISE_EPOCHS = 3  # 2 steps an epoch, periods of 3 steps: layer 5 stays active across the change, 2 leaves, 1 joins
