@@ -188,6 +188,24 @@ def test_layerwise_sampling_resumes_from_a_sharded_checkpoint_mid_period(tmp_pat
         assert rank["lrs"] == expected["lrs"][2:]
 
 
+def test_ist_over_lora_adapters_under_zero2_equals_ddp(tmp_path):
+    """peft LoRA on q/v: only the chosen layers' adapters train, IST learns from 4 periods, and the
+    norms-only param group, which has nothing trainable under LoRA, is left out of DeepSpeed."""
+    ddp = fit_layerwise(tmp_path / "ddp", "ddplora", 5)
+    zero2 = fit_layerwise(tmp_path / "zero2", "zero2lora", 5)
+    for rank, expected in zip(zero2, ddp):
+        assert rank["history"] == expected["history"] and len(rank["history"]) == 4
+        assert torch.equal(rank["importance"], expected["importance"]) and rank["importance"].abs().sum() > 0
+        assert torch.equal(rank["params"], expected["params"])
+        assert [lr for step in rank["lrs"] for _, lr in step] == [lr for step in expected["lrs"] for wd, lr in step if wd == 0.1]
+        for step in range(len(rank["snapshots"]) - 1):
+            for layer in range(6):
+                moved = not torch.equal(rank["snapshots"][step][layer], rank["snapshots"][step + 1][layer])
+                assert moved == (layer in rank["history"][step // 3]), (step, layer)
+        adapters_of_two_layers = 2 * 2 * (4 * 32 + 32 * 4)  # q and v, A and B
+        assert all(memory["master"] == adapters_of_two_layers / 2 * 4 for memory in rank["memory"])  # half per rank
+
+
 def test_upcycling_under_deepspeed_goes_through_the_saved_model(tmp_path):
     """The way out that ExpertUpcycling's error names, end to end under ZeRO-3 (sharded parameters):
     train, consolidate the shards, save_pretrained, `weightwise upcycle`, train the grown model."""

@@ -58,8 +58,19 @@ class ZeroLayerOptimizer:
     def __init__(self, proxy: torch.optim.Optimizer, layer_of: Mapping[nn.Parameter, int | None]) -> None:
         self.proxy = proxy
         # Recorded before ZeRO replaces each group's "params" with its flat fp32 partition.
-        self.members = [list(group["params"]) for group in proxy.param_groups]
+        self.groups = list(proxy.param_groups)
+        self.members = [list(group["params"]) for group in self.groups]
         self.layer_of = layer_of
+
+    def hide_untrainable_groups(self) -> None:
+        """Call before DeepSpeed builds its engine from the proxy.
+
+        ZeRO-1/2 fails on a param group without trainable parameters, and freezing all but period
+        0's layers can empty one (per-layer learning rates, a norms-only group under LoRA). Such
+        groups are left out of the proxy until the first :meth:`rebuild` puts every group back -
+        which runs before the LR scheduler or a logger reads the groups.
+        """
+        self.proxy.param_groups[:] = [g for g in self.groups if any(p.requires_grad for p in g["params"])]
 
     def split_groups(self) -> list[tuple[GroupKey, list[nn.Parameter]]]:
         """The ``(user group, layer)`` groups of the parameters that require grad now, in a fixed order."""
@@ -116,8 +127,10 @@ class ZeroLayerOptimizer:
             target.data.copy_(master)
             if state:
                 new.optimizer.state[target] = state
-        # The proxy keeps the model's parameters, not the first engine's (now freed) partitions.
-        for group, params in zip(self.proxy.param_groups, self.members):
+        # The proxy gets all its groups back, with the model's parameters instead of the first
+        # engine's (now freed) partitions.
+        self.proxy.param_groups[:] = self.groups
+        for group, params in zip(self.groups, self.members):
             group["params"] = params
         self.proxy.state.clear()
         return True

@@ -4,10 +4,12 @@ A tiny Llama with two AdamW param groups (decay / no decay) and a per-step LR sc
 saves its layers before every step, the final parameters, the layer history, the learning rates
 it stepped with, and (under ZeRO) its master-weight and optimizer-state bytes after each step.
 
-Usage: python deepspeed_layerwise.py OUT_DIR ddp|zero1|zero2|zero3|zero2bf16|zero3bf16 EPOCHS [RESUME_FROM]
-(writes rank0.pt, rank1.pt and the checkpoint OUT_DIR/last.ckpt).
+Usage: python deepspeed_layerwise.py OUT_DIR RUN EPOCHS [RESUME_FROM]   (writes rank0.pt, rank1.pt and
+the checkpoint OUT_DIR/last.ckpt). RUN: ddp, zero1, zero2 or zero3, then optionally bf16 (bf16-mixed)
+and/or lora (peft LoRA adapters, sampled by IST): e.g. zero2bf16, ddplora, zero2lora.
 """
 
+import contextlib
 import gc
 import os
 import sys
@@ -19,16 +21,18 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would pick CUDA on a
 TESTS = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(TESTS), str(TESTS / "callbacks")]
 
+import deepspeed  # noqa: E402
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 from deepspeed_fit import full_parameters  # noqa: E402
 from helpers import CPUDeepSpeedStrategy, trainer  # noqa: E402
 from lightning.pytorch import seed_everything  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
-from test_layerwise import Snapshot, TinyLlama, token_batches  # noqa: E402
+from test_layerwise import TinyLlama, token_batches  # noqa: E402
 
 from weightwise.callbacks import LayerwiseSampling  # noqa: E402
 from weightwise.freezing import optimizer_state_bytes  # noqa: E402
+from weightwise.layers import find_layer_stack  # noqa: E402
 from weightwise.zero import GROUP_KEY, master_partition_bytes, master_partitions  # noqa: E402
 
 
@@ -36,18 +40,17 @@ def zero(optimizer) -> bool:
     return hasattr(optimizer, "fp16_partitioned_groups_flat") or hasattr(optimizer, "bit16_groups_flat")
 
 
-class GatheredSnapshot(Snapshot):
-    """Snapshot of whole layers; under ZeRO-3 each rank holds a shard, so gather them first."""
+class GatheredSnapshot(pl.Callback):
+    """Every layer's parameters before each step; under ZeRO-3 each rank holds shards, so gather first."""
+
+    def __init__(self) -> None:
+        self.params = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        _, stack = find_layer_stack(pl_module)
         params = list(pl_module.parameters())
-        if hasattr(params[0], "ds_id"):
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(params):
-                super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
-        else:
-            super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        with deepspeed.zero.GatheredParameters(params) if hasattr(params[0], "ds_id") else contextlib.nullcontext():
+            self.params.append([torch.cat([p.detach().flatten() for p in layer.parameters()]).clone() for layer in stack])
 
 
 class ScheduledTinyLlama(TinyLlama):
@@ -97,10 +100,13 @@ if __name__ == "__main__":
     out_dir, name, epochs = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
     resume_from = sys.argv[4] if len(sys.argv) > 4 else None
     seed_everything(0)
-    stage = 0 if name == "ddp" else int(name.removeprefix("zero").removesuffix("bf16"))
+    lora, bf16 = name.endswith("lora"), name.removesuffix("lora").endswith("bf16")
+    stage = 0 if name.startswith("ddp") else int(name.removeprefix("zero").removesuffix("lora").removesuffix("bf16"))
     # ZeRO-3: partition every parameter (none kept whole), so layers are gathered by module hooks.
-    strategy = "ddp" if name == "ddp" else CPUDeepSpeedStrategy(stage=stage, param_persistence_threshold=0 if stage == 3 else None)
-    sampling, snapshot, recorder = LayerwiseSampling("lisa", n_layers=2, interval=3), GatheredSnapshot(), Recorder()
+    strategy = "ddp" if stage == 0 else CPUDeepSpeedStrategy(stage=stage, param_persistence_threshold=0 if stage == 3 else None)
+    # With LoRA adapters (peft) IST chooses which layers' adapters train; the base weights never do.
+    sampling = LayerwiseSampling("ist" if lora else "lisa", n_layers=2, interval=3)
+    snapshot, recorder = GatheredSnapshot(), Recorder()
     fit = trainer(
         devices=2,
         strategy=strategy,
@@ -108,9 +114,13 @@ if __name__ == "__main__":
         callbacks=[sampling, snapshot, recorder, ModelCheckpoint(dirpath=out_dir, save_last=True)],
         default_root_dir=out_dir,
         enable_checkpointing=True,
-        precision="bf16-mixed" if name.endswith("bf16") else "32-true",
+        precision="bf16-mixed" if bf16 else "32-true",
     )
     module = ScheduledTinyLlama()
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        module.model = get_peft_model(module.model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     fit.fit(module, token_batches(), ckpt_path=resume_from)
     torch.save(
         {
@@ -120,7 +130,8 @@ if __name__ == "__main__":
             "lrs": recorder.lrs,
             "memory": recorder.memory,
             "n_params": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in module.parameters()),
-            "layer_params": [sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in layer.parameters()) for layer in module.model.model.layers],
+            "layer_params": [sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in layer.parameters()) for layer in sampling.stack],
+            "importance": sampling.importance,
             "flat_buffers": recorder.buffer_counts(),
             "fp32_detail": recorder.fp32_detail,
             "partitioned": sum(p.ds_tensor.numel() < p.ds_numel for p in module.parameters() if hasattr(p, "ds_tensor")),

@@ -128,7 +128,8 @@ class LayerwiseSampling(Callback):
 
         ``configure_optimizers``: DeepSpeed builds its engine from the returned optimizer right away,
         so the optimizer is recorded (it stays what the LR scheduler drives) and the layers outside
-        period 0 are frozen first - the engine never holds state for them. ``load_checkpoint``:
+        period 0 are frozen first - the engine never holds state for them; ``on_fit_start`` then
+        gives the engine the per-layer groups. ``load_checkpoint``:
         DeepSpeed loads the optimizer shards before any callback hook runs, so the ZeRO optimizer is
         rebuilt with the checkpoint's active layers first (read from the checkpoint's client state).
         """
@@ -144,6 +145,7 @@ class LayerwiseSampling(Callback):
             layer_of.update({p: None for p in pl_module.parameters() if p.requires_grad and p not in layer_of})
             self._zero = ZeroLayerOptimizer(optimizers[0], layer_of)
             self._set_trainable(self._draw(0))
+            self._zero.hide_untrainable_groups()
             return config
 
         def layerwise_load_checkpoint(checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
@@ -195,6 +197,8 @@ class LayerwiseSampling(Callback):
             strategy.optimizers = [strategy.deepspeed_engine.optimizer]
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._zero is not None:  # the engine exists now: give it the per-layer groups right away
+            self._rebuild_zero(trainer.strategy)  # type: ignore[arg-type]
         self._discover(pl_module)
         self._param_names = {p: name for name, p in pl_module.named_parameters()}
         if self._parked_to_load is not None:  # resumed "offload" run: the parked moments come back too
