@@ -54,3 +54,12 @@ def test_hyperparameters_follow_the_proxy_that_the_scheduler_drives():
 def test_reading_a_directory_that_is_no_deepspeed_checkpoint_names_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a DeepSpeed checkpoint directory"):
         read_client_state(tmp_path)
+
+
+def test_groups_left_without_trainable_parameters_are_hidden_from_the_first_engine_build():
+    model = TinyLlama(layers=2).model
+    zero = layerwise_optimizer(model)
+    for p in model.parameters():
+        p.requires_grad_(p.dim() >= 2)  # e.g. LoRA: the norms-only group 1 has nothing trainable
+    zero.hide_untrainable_groups()
+    assert zero.proxy.param_groups == [zero.groups[0]] and len(zero.groups) == 2  # put back by the first rebuild
