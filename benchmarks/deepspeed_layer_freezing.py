@@ -40,7 +40,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from weightwise.freezing import optimizer_state_bytes  # noqa: E402
 from weightwise.layers import find_layer_stack  # noqa: E402
-from weightwise.zero import ZeroLayerOptimizer, master_partition_bytes  # noqa: E402
+from weightwise.zero import ZeroLayerOptimizer, flat_buffers, master_partition_bytes  # noqa: E402
 
 MIB = 2**20
 ACTIVE = (3, 9)
@@ -65,11 +65,6 @@ def train(engine: deepspeed.DeepSpeedEngine, steps: int = 3) -> None:
         ids = torch.randint(0, 1024, (2, 32))
         engine.backward(engine(input_ids=ids, labels=ids).loss)
         engine.step()
-
-
-def flat_buffers(zero: object) -> list[torch.Tensor]:
-    """The ZeRO optimizer's flat buffers of trainable parameters (ZeRO-3: of this rank's partitions)."""
-    return getattr(zero, "fp16_partitioned_groups_flat", None) or zero.bit16_groups_flat
 
 
 def timed_rebuild(layerwise: ZeroLayerOptimizer, engine: deepspeed.DeepSpeedEngine) -> float:

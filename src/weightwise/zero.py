@@ -200,6 +200,12 @@ def master_partitions(optimizer: Any) -> list[torch.Tensor]:
     )
 
 
+def flat_buffers(optimizer: Any) -> list[torch.Tensor]:
+    """A ZeRO optimizer's flat buffers of trainable (bit16) parameters on this rank (ZeRO-3: its partitions)."""
+    master_partitions(optimizer)  # the same type check and error
+    return list(optimizer.fp16_partitioned_groups_flat if _is_stage3(optimizer) else optimizer.bit16_groups_flat)
+
+
 def master_partition_bytes(optimizer: Any) -> int:
     """Bytes of a ZeRO optimizer's fp32 master partitions on this rank."""
     return sum(t.numel() * t.element_size() for t in master_partitions(optimizer))

@@ -8,6 +8,7 @@ Usage: python deepspeed_fit.py OUT_DIR ddp|zero1|zero2|zero3 EPOCHS [RESUME_FROM
 with STOP_AT_STEP the run checkpoints after every step and stops there, mid-epoch; "-" for no RESUME_FROM).
 """
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -35,15 +36,20 @@ class SampleIds(Callback):
         self.ids.setdefault(trainer.current_epoch, []).extend(batch.sample_id.tolist())
 
 
-def full_parameters(module: torch.nn.Module) -> torch.Tensor:
-    """All parameters, whole: under ZeRO-3 each rank holds a shard, so gather them first."""
+def gathered(module: torch.nn.Module) -> contextlib.AbstractContextManager:
+    """Whole parameters inside the block: under ZeRO-3 each rank holds shards, so gather them."""
     params = list(module.parameters())
     if hasattr(params[0], "ds_id"):
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters(params):
-            return flat_params(module).clone()
-    return flat_params(module)
+        return deepspeed.zero.GatheredParameters(params)
+    return contextlib.nullcontext()
+
+
+def full_parameters(module: torch.nn.Module) -> torch.Tensor:
+    """All parameters, whole (a copy)."""
+    with gathered(module):
+        return flat_params(module).clone()
 
 
 if __name__ == "__main__":

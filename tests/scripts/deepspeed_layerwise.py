@@ -1,4 +1,4 @@
-"""A 2-process fit (CPU, gloo) of LayerwiseSampling under DDP or Lightning's DeepSpeedStrategy ZeRO-1/2.
+"""A 2-process fit (CPU, gloo) of LayerwiseSampling under DDP or Lightning's DeepSpeedStrategy ZeRO-1/2/3.
 
 A tiny Llama with two AdamW param groups (decay / no decay) and a per-step LR schedule. Each rank
 saves its layers before every step, the final parameters, the layer history, the learning rates
@@ -9,7 +9,6 @@ the checkpoint OUT_DIR/last.ckpt). RUN: ddp, zero1, zero2 or zero3, then optiona
 and/or lora (peft LoRA adapters, sampled by IST): e.g. zero2bf16, ddplora, zero2lora.
 """
 
-import contextlib
 import gc
 import os
 import sys
@@ -21,23 +20,19 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would pick CUDA on a
 TESTS = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(TESTS), str(TESTS / "callbacks")]
 
-import deepspeed  # noqa: E402
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
-from deepspeed_fit import full_parameters  # noqa: E402
+from deepspeed_fit import full_parameters, gathered  # noqa: E402
 from helpers import CPUDeepSpeedStrategy, trainer  # noqa: E402
 from lightning.pytorch import seed_everything  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+from lightning.pytorch.strategies import DeepSpeedStrategy  # noqa: E402
 from test_layerwise import TinyLlama, token_batches  # noqa: E402
 
 from weightwise.callbacks import LayerwiseSampling  # noqa: E402
 from weightwise.freezing import optimizer_state_bytes  # noqa: E402
 from weightwise.layers import find_layer_stack  # noqa: E402
-from weightwise.zero import GROUP_KEY, master_partition_bytes, master_partitions  # noqa: E402
-
-
-def zero(optimizer) -> bool:
-    return hasattr(optimizer, "fp16_partitioned_groups_flat") or hasattr(optimizer, "bit16_groups_flat")
+from weightwise.zero import GROUP_KEY, flat_buffers, master_partition_bytes, master_partitions  # noqa: E402
 
 
 class GatheredSnapshot(pl.Callback):
@@ -48,8 +43,7 @@ class GatheredSnapshot(pl.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         _, stack = find_layer_stack(pl_module)
-        params = list(pl_module.parameters())
-        with deepspeed.zero.GatheredParameters(params) if hasattr(params[0], "ds_id") else contextlib.nullcontext():
+        with gathered(pl_module):
             self.params.append([torch.cat([p.detach().flatten() for p in layer.parameters()]).clone() for layer in stack])
 
 
@@ -73,7 +67,7 @@ class Recorder(pl.Callback):
         # Runs after LayerwiseSampling's hook (which rebuilds ZeRO at a new period): per split group,
         # does its fp32 master hold more than the bf16 parameters do (carried) or not (built anew)?
         optimizer = trainer.optimizers[0]
-        if zero(optimizer):
+        if isinstance(trainer.strategy, DeepSpeedStrategy):
             self.fp32_detail.append({
                 group.get(GROUP_KEY): bool((master != master.bfloat16().float()).any())
                 for group, master in zip(optimizer.param_groups, master_partitions(optimizer))
@@ -84,10 +78,10 @@ class Recorder(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         optimizer = trainer.optimizers[0]
-        self.memory.append({"state": optimizer_state_bytes(optimizer), "master": master_partition_bytes(optimizer) if zero(optimizer) else 0})
-        if zero(optimizer):
-            flat = optimizer.fp16_partitioned_groups_flat if hasattr(optimizer, "fp16_partitioned_groups_flat") else optimizer.bit16_groups_flat
-            self.buffers.append(weakref.ref(flat[0]))
+        deepspeed = isinstance(trainer.strategy, DeepSpeedStrategy)
+        self.memory.append({"state": optimizer_state_bytes(optimizer), "master": master_partition_bytes(optimizer) if deepspeed else 0})
+        if deepspeed:
+            self.buffers.append(weakref.ref(flat_buffers(optimizer)[0]))
 
     def buffer_counts(self) -> tuple[int, int]:
         """(flat buffers seen, flat buffers still alive); weakref.ref returns one object per referent."""
