@@ -137,3 +137,18 @@ def test_ddp_layerwise_sampling_trains_only_active_layers_in_lock_step(tmp_path)
             assert moved == (layer in active), (step, layer)
             # gradients of the active layers were averaged across ranks: both ranks hold the same values
             assert torch.equal(snapshots[step + 1][layer], ranks[1]["snapshots"][step + 1][layer])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ist", "upcycling"])
+def test_ranks_with_different_data_take_the_same_decisions(tmp_path, mode):
+    run_script(str(SCRIPTS / "ddp_agreement.py"), str(tmp_path), mode)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    if mode == "ist":
+        assert len(ranks[0]["history"]) == 20
+        assert ranks[0]["history"] == ranks[1]["history"]  # the same layers in every period
+        assert torch.equal(ranks[0]["importance"], ranks[1]["importance"])
+    else:
+        for name, utility in ranks[0]["utility"].items():
+            assert torch.equal(utility, ranks[1]["utility"][name]) and utility.sum() > 0, name
+            assert torch.equal(ranks[0]["copies"][name], ranks[1]["copies"][name]), name

@@ -49,3 +49,11 @@ def all_gather_variable(*tensors: Tensor) -> tuple[list[Tensor], slice]:
         gathered.append(torch.cat([buf[:size] for buf, size in zip(buffers, sizes)]))
     start = sum(sizes[: rank()])
     return gathered, slice(start, start + n_local)
+
+
+def all_reduce_sum(tensor: Tensor) -> Tensor:
+    """The element-wise sum of ``tensor`` over every rank (a copy; the input is left alone)."""
+    total = tensor.detach().clone()
+    if world_size() > 1:
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total

@@ -61,23 +61,60 @@ def test_router_noise_splits_tokens_among_copies_and_barely_moves_top1_outputs()
     assert changed <= 0.1
 
 
-def test_adam_state_follows_the_copies():
-    model = tiny_moe("qwen3_moe", top_k=1, norm_topk_prob=False)
-    model.train()
+def adam_step(param: torch.Tensor, state: dict, grad: torch.Tensor) -> torch.Tensor:
+    """The update one AdamW step makes to ``param`` from ``state`` given ``grad`` (a fresh optimizer)."""
+    copy = torch.nn.Parameter(param.detach().clone())
+    optimizer = torch.optim.AdamW([copy], lr=1e-3, eps=1e-12, weight_decay=0.0)
+    optimizer.state[copy] = {k: v.clone() for k, v in state.items()}
+    copy.grad = grad.clone()
+    optimizer.step()
+    return copy.detach() - param.detach()
+
+
+@pytest.mark.parametrize("method", ["duplicate", "granular"])
+def test_adam_state_follows_the_gradient_scale_so_the_next_step_is_the_sources(method):
+    """Weights scaled by s get gradients scaled by 1/s: moments / s and / s^2 keep Adam's next step."""
+    model = tiny_moe("qwen3_moe", top_k=1, norm_topk_prob=False).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, eps=1e-12, weight_decay=0.0)
+    for _ in range(3):  # moments of different sizes per element
+        optimizer.zero_grad()
+        model(input_ids=INPUT, labels=INPUT).loss.backward()
+        optimizer.step()
+    block = next(iter(find_moe_blocks(model).values()))
+    params = block.expert_parameters()
+    old = {n: (p.detach().clone(), {k: v.clone() for k, v in optimizer.state[p].items()}) for n, p in params.items()}
+    grads = {n: torch.randn_like(p) for n, p in params.items()}  # the next gradient of the original experts
+    expected = {n: adam_step(weight, state, grads[n]) for n, (weight, state) in old.items()}
+
+    report = upcycle_experts(model, factor=2, method=method, optimizer=optimizer)
+    scale = 2.0  # duplicate without renormalisation, or granular: outputs scaled by m = 2
+    # The same next gradient in the new parametrisation: gate/up unchanged, down (scaled by s) / s.
+    new_grads = block.split_experts(grads, 2, 1 / scale) if method == "granular" else block.gather_experts(
+        grads, next(iter(report.sources.values())), 1 / scale
+    )
+    new_expected = block.split_experts(expected, 2, 1.0) if method == "granular" else block.gather_experts(
+        expected, next(iter(report.sources.values())), 1.0
+    )
+    optimizer.zero_grad(set_to_none=True)
+    before = {n: p.detach().clone() for n, p in params.items()}
+    for n, p in params.items():
+        p.grad = new_grads[n]
+    optimizer.step()
+    for n, p in params.items():
+        # element by element, relative: a moment off by a factor s or s^2 moves the step by far more
+        torch.testing.assert_close(p.detach() - before[n], new_expected[n], rtol=1e-4, atol=1e-9)
+
+
+def test_router_state_follows_its_rows_and_training_goes_on():
+    model = tiny_moe("qwen3_moe", top_k=1, norm_topk_prob=False).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model(input_ids=INPUT, labels=INPUT).loss.backward()
     optimizer.step()
     block = next(iter(find_moe_blocks(model).values()))
-    down, router = block.expert_parameters()["down_proj"], block.router_weight
-    old_down_state = {k: v.clone() for k, v in optimizer.state[down].items()}
+    router = block.router_weight
     old_router_avg = optimizer.state[router]["exp_avg"].clone()
-
     upcycle_experts(model, factor=2, optimizer=optimizer)
-    state = optimizer.state[down]
-    assert state["exp_avg"].shape == down.shape
-    # copy j of expert e: weights scaled by 2 (no renormalisation), moments by 2 and 4
-    assert torch.allclose(state["exp_avg"][3], old_down_state["exp_avg"][1] * 2)
-    assert torch.allclose(state["exp_avg_sq"][3], old_down_state["exp_avg_sq"][1] * 4)
+    assert optimizer.state[block.expert_parameters()["down_proj"]]["exp_avg"].shape == block.expert_parameters()["down_proj"].shape
     assert torch.equal(optimizer.state[router]["exp_avg"][5], old_router_avg[2])
     model(input_ids=INPUT, labels=INPUT).loss.backward()  # training goes on with the grown model
     optimizer.step()

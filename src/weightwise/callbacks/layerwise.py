@@ -12,6 +12,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
+from weightwise import distributed
 from weightwise.callbacks.strategies import require_single_device_or_ddp, rewrap_ddp
 from weightwise.freezing import OptimizerStateStash, StateMode, optimizer_state_bytes
 from weightwise.layers import find_layer_stack
@@ -218,7 +219,7 @@ class LayerwiseSampling(Callback):
         period = trainer.global_step // self.interval
         if period != self._period:
             if self.policy == "ist" and self._period_losses and self.active:
-                self._update_importance()
+                self._update_importance()  # a collective: every rank has losses of the same period here
             self._period = period
             self._apply(trainer, self._draw(period))
             self.history.append(self.active)
@@ -256,7 +257,11 @@ class LayerwiseSampling(Callback):
             self._period_losses.append(float(outputs["loss"]))
 
     def _update_importance(self) -> None:
-        mean = sum(self._period_losses) / len(self._period_losses)
+        # The period's mean loss over every rank's steps: each rank trained on other data, and a
+        # reward from its own losses alone would make the ranks draw different layers.
+        local = torch.tensor([sum(self._period_losses), float(len(self._period_losses))], dtype=torch.float64)
+        total, count = distributed.all_reduce_sum(local).tolist()
+        mean = total / count
         if self._previous_mean is not None:
             reward = self._previous_mean - mean
             for i in self.active:

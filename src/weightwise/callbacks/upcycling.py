@@ -107,7 +107,10 @@ class ExpertUpcycling(Callback):
             if self._pending_utility is not None:
                 self.utility.load_state_dict(self._pending_utility)
 
-    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+        # Here the gradients are those the optimizer applies: accumulated over the micro-batches and,
+        # under DDP, averaged over the ranks - the same on every rank, so every rank counts the same
+        # utility and makes the same copies. (After each backward they are one rank's micro-batch.)
         in_window = self.at_step - self.utility_window <= trainer.global_step < self.at_step
         if self.selection == "utility" and not self.done and in_window and self.utility is not None:
             self.utility.accumulate()

@@ -27,7 +27,11 @@ output is unchanged up to float rounding. FLOPs per token are unchanged (m·K ex
 
 Surgery is in place and keeps the ``nn.Parameter`` objects: pass the ``optimizer`` and its
 per-parameter state (Adam moments, momentum) is remapped to the new experts - a copy inherits its
-source's state, scaled like the copy's weights (first moments by s, second by s^2).
+source's state, scaled like the copy's *gradient*. A weight scaled by s (the output scale above)
+receives gradients scaled by 1/s (its routing probability is 1/s of its source's), so its first
+moments are divided by s and its second moments by s^2: the state is what the optimizer would hold
+had it always trained the new parametrisation, and Adam's next step of each copy is the step its
+source would have taken.
 """
 
 from __future__ import annotations
@@ -166,8 +170,10 @@ def _transform_experts(
         for key, value in states[0].items():
             same_layout = all(isinstance(s.get(key), Tensor) and s[key].shape == p.shape for s, p in zip(states, params.values()))
             if isinstance(value, Tensor) and same_layout:
-                power = 2 if key.endswith("_sq") else 1  # second moments scale with the square
-                new_state = operation({n: optimizer.state[p][key] for n, p in params.items()}, output_scale**power)
+                # The state follows the gradient, which scales by 1/s where the weight scales by s:
+                # first moments by 1/s, second moments by 1/s^2.
+                power = 2 if key.endswith("_sq") else 1
+                new_state = operation({n: optimizer.state[p][key] for n, p in params.items()}, output_scale**-power)
                 for n, p in params.items():
                     optimizer.state[p][key] = new_state[n]
     new_weights = operation({n: p.data for n, p in params.items()}, output_scale)
