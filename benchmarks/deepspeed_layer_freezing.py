@@ -9,7 +9,7 @@ and takes 3 steps in three setups:
   ``requires_grad=False`` (what a callback flipping ``requires_grad`` does);
 * ``frozen at start``: the same 14 layers are frozen before ``deepspeed.initialize``;
 * ``rebuilt per period``: what ``LayerwiseSampling`` does under DeepSpeed - frozen at start, the
-  ZeRO optimizer rebuilt with per-(group, layer) groups (:class:`weightwise.zero.ZeroLayerOptimizer`),
+  ZeRO optimizer rebuilt with per-(group, layer) groups (:class:`weightwise.integrations.deepspeed.ZeroLayerOptimizer`),
   3 steps, then rebuilt for two other layers (one stays) and 3 more steps.
 
 Reported: the ZeRO optimizer's fp32 master partitions, its Adam state and its flat parameter
@@ -34,13 +34,17 @@ os.environ.setdefault("RANK", "0")
 os.environ.setdefault("LOCAL_RANK", "0")
 os.environ.setdefault("WORLD_SIZE", "1")
 
-import deepspeed  # noqa: E402
-import torch  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+import deepspeed
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
-from weightwise.freezing import optimizer_state_bytes  # noqa: E402
-from weightwise.layers import find_layer_stack  # noqa: E402
-from weightwise.zero import ZeroLayerOptimizer, flat_buffers, master_partition_bytes  # noqa: E402
+from weightwise.integrations.deepspeed import (
+    ZeroLayerOptimizer,
+    flat_buffers,
+    master_partition_bytes,
+)
+from weightwise.layers import find_layer_stack
+from weightwise.layers.freezing import optimizer_state_bytes
 
 MIB = 2**20
 ACTIVE = (3, 9)

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from weightwise.freezing import OptimizerStateStash, optimizer_state_bytes
 from weightwise.layers import find_layer_stack
+from weightwise.layers.freezing import OptimizerStateStash, optimizer_state_bytes
 
 MIB = 2**20
 

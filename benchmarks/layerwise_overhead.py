@@ -22,20 +22,17 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
-import lightning.pytorch as pl  # noqa: E402
-import torch  # noqa: E402
-from language_modeling import CausalLM, Windows, stdlib_bytes  # noqa: E402
-from lightning.pytorch.callbacks import Callback  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch.utils.data import DataLoader
 
-from weightwise.callbacks import LayerwiseSampling  # noqa: E402
+from examples.language_modeling import CausalLM, Windows, stdlib_bytes
+from weightwise.callbacks import LayerwiseSampling
 
 
 class StepTimer(Callback):

@@ -32,22 +32,20 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
 
-import lightning.pytorch as pl  # noqa: E402
-import torch  # noqa: E402
-from bbc_news import BBCNewsDataModule, MiniLMClassifier, load_bbc_news  # noqa: E402
-from language_modeling import CausalLM, Windows, stdlib_bytes  # noqa: E402
-from peft import LoraConfig, get_peft_model  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
+import lightning.pytorch as pl
+import torch
+from peft import LoraConfig, get_peft_model
+from torch.utils.data import DataLoader
 
-from weightwise.callbacks import LayerwiseSampling  # noqa: E402
+from examples.bbc_news import BBCNewsDataModule, MiniLMClassifier, load_bbc_news
+from examples.language_modeling import CausalLM, Windows, stdlib_bytes
+from weightwise.callbacks import LayerwiseSampling
 
 METHODS = ("full", "lora", "lisa", "ist")
 LORA_LR_FACTOR = 5.0

@@ -19,25 +19,29 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
 
-import lightning.pytorch as pl  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from bbc_news import BBCNewsDataModule, MiniLMClassifier, flip_labels, load_bbc_news, minilm_path  # noqa: E402
-from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
-from torchmetrics.classification import MulticlassAccuracy  # noqa: E402
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+from torchmetrics.classification import MulticlassAccuracy
 
-from weightwise import IndexedDataset  # noqa: E402
-from weightwise.callbacks import DataPruning  # noqa: E402
-from weightwise.losses import el2n  # noqa: E402
-from weightwise.samplers import make_sampler  # noqa: E402
+from examples.bbc_news import (
+    BBCNewsDataModule,
+    MiniLMClassifier,
+    flip_labels,
+    load_bbc_news,
+    minilm_path,
+)
+from weightwise import IndexedDataset
+from weightwise.callbacks import DataPruning
+from weightwise.losses import el2n
+from weightwise.samplers import make_sampler
 
 # benchmark row name -> (weightwise.samplers.make_sampler policy, its arguments)
 VARIANTS = {

@@ -16,7 +16,12 @@ import time
 import torch
 
 from weightwise import SampleScoreStore
-from weightwise.samplers import ImportanceSampler, InfoBatchSampler, RandomSubsetSampler, ScorePruningSampler
+from weightwise.samplers import (
+    ImportanceSampler,
+    InfoBatchSampler,
+    RandomSubsetSampler,
+    ScorePruningSampler,
+)
 
 
 def main() -> None:

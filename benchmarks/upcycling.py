@@ -1,7 +1,7 @@
 """Small-scale expert-upcycling experiment on real text: does growing E -> 2E mid-training pay off?
 
 A tiny Mixtral (byte-level, vocabulary 256) is trained on Python's own standard-library sources
-(real text shipped with every Python) with a plain PyTorch loop - ``weightwise.moe`` is pure
+(real text shipped with every Python) with a plain PyTorch loop - ``weightwise.experts`` is pure
 functions, no Lightning needed. Top-K is fixed, so every run costs the same per step and
 "compute" is simply optimizer steps:
 
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from transformers import MixtralConfig, MixtralForCausalLM
 
-from weightwise.moe import ExpertUtility, find_moe_blocks, upcycle_experts
+from weightwise.experts import ExpertUtility, find_moe_blocks, upcycle_experts
 
 
 def corpus(n_bytes: int) -> torch.Tensor:

@@ -12,21 +12,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import lightning.pytorch as pl  # noqa: E402
-import torch  # noqa: E402
-from bbc_news import BBCNewsDataModule, MiniLMClassifier  # noqa: E402
-from lightning.pytorch.loggers import WandbLogger  # noqa: E402
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import WandbLogger
 
-from weightwise.callbacks import LossReweighting  # noqa: E402
+from examples.bbc_news import BBCNewsDataModule, MiniLMClassifier
+from weightwise.callbacks import LossReweighting
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -2,8 +2,9 @@
 
 import pytest
 import torch
-from helpers import Classifier, indexed_loader, trainer
 
+from tests.support.models import Classifier, indexed_loader
+from tests.support.training import trainer
 from weightwise.callbacks import DataPruning, LossReweighting
 from weightwise.samplers import InfoBatchSampler
 
@@ -21,8 +22,7 @@ def test_reweighting_and_pruning_on_cuda_keep_the_score_store_on_the_device():
 
 
 def test_layerwise_sampling_lowers_peak_cuda_memory():
-    from test_layerwise import TinyLlama, token_batches  # noqa: F401  (tests/callbacks on sys.path via conftest)
-
+    from tests.support.models import TinyLlama, token_batches
     from weightwise.callbacks import LayerwiseSampling
 
     peaks = {}
@@ -56,7 +56,7 @@ def test_layerwise_sampling_under_deepspeed_on_cuda_freezes_and_saves_memory(sta
     from test_layerwise import Snapshot, TinyLlama, token_batches
 
     from weightwise.callbacks import LayerwiseSampling
-    from weightwise.zero import master_partitions
+    from weightwise.integrations.deepspeed import master_partitions
 
     peaks, states = {}, {}
     for name in ("full", "lisa"):

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from weightwise.callbacks import LayerwiseSampling  # noqa: E402
-from weightwise.freezing import optimizer_state_bytes  # noqa: E402
+from weightwise.layers.freezing import optimizer_state_bytes  # noqa: E402
 
 METHODS = ("full", "lora", "lisa", "ist")
 MIB = 2**20

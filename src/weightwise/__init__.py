@@ -8,8 +8,8 @@ Public API:
 * :class:`weightwise.SampleScoreStore` - per-sample signals (loss, EMA, weight, visits).
 """
 
-from weightwise.data import IndexedDataset, sample_ids_from_batch
-from weightwise.scores import SampleScoreStore
+from weightwise.core.ids import IndexedDataset, sample_ids_from_batch
+from weightwise.core.store import SampleScoreStore
 
 __version__ = "0.1.0"
 __all__ = ["IndexedDataset", "SampleScoreStore", "__version__", "sample_ids_from_batch"]

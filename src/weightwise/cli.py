@@ -12,7 +12,7 @@ import argparse
 import os
 from collections.abc import Sequence
 
-from weightwise.moe import upcycle_experts
+from weightwise.experts import upcycle_experts
 
 
 def _upcycle(args: argparse.Namespace) -> None:

@@ -1,15 +1,10 @@
 """The demo and its BBC News / MiniLM-L6 parts, on a few articles (real corpus, real pretrained model)."""
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-sys.path.insert(0, str(EXAMPLES))
-
-from bbc_news import flip_labels, load_bbc_news  # noqa: E402
+from examples.bbc_news import flip_labels, load_bbc_news
 
 
 def test_corpus_is_the_real_bbc_news():
@@ -27,7 +22,7 @@ def test_flip_labels_flips_exactly_the_fraction_to_other_classes():
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end_and_prints_its_table(capsys):
-    import bbc_news_noisy_labels
+    from examples import bbc_news_noisy_labels
 
     bbc_news_noisy_labels.main(["--limit-train", "64", "--limit-test", "32", "--epochs", "1", "--no-wandb"])
     out = capsys.readouterr().out

@@ -4,23 +4,19 @@ Each rank trains on its own share of a dataset that alternates easy sequences (o
 and random ones; Lightning's DistributedSampler (no shuffling) gives rank 0 the easy and rank 1 the
 random ones, so per-rank statistics differ as much as they can. Each rank saves its decisions.
 
-Usage: python ddp_agreement.py OUT_DIR {ist|upcycling}  (writes rank0.pt, rank1.pt)
+Usage: python -m tests.scripts.ddp_agreement OUT_DIR {ist|upcycling}  (writes rank0.pt, rank1.pt)
 """
 
 import sys
 from pathlib import Path
 
-TESTS = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(TESTS), str(TESTS / "callbacks"), str(TESTS / "moe")]
+import torch
+from lightning.pytorch import seed_everything
+from torch.utils.data import DataLoader
 
-import torch  # noqa: E402
-from helpers import trainer  # noqa: E402
-from lightning.pytorch import seed_everything  # noqa: E402
-from test_layerwise import TinyLlama  # noqa: E402
-from test_upcycling import TinyMoELM  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
-
-from weightwise.callbacks import ExpertUpcycling, LayerwiseSampling  # noqa: E402
+from tests.support.models import TinyLlama, TinyMoELM
+from tests.support.training import trainer
+from weightwise.callbacks import ExpertUpcycling, LayerwiseSampling
 
 
 def easy_and_random(n: int, length: int, vocab: int) -> list[dict]:

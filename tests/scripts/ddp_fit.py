@@ -1,20 +1,19 @@
 """A real 2-process DDP fit (CPU, gloo) with LossReweighting; each rank saves what it ended with.
 
-Usage: python ddp_fit.py OUT_DIR STRATEGY [EPOCHS [RESUME_FROM]]  (writes rank0.pt, rank1.pt, last.ckpt)
+Usage: python -m tests.scripts.ddp_fit OUT_DIR STRATEGY [EPOCHS [RESUME_FROM]]  (writes rank0.pt, rank1.pt, last.ckpt)
 Lightning's subprocess launcher re-runs this script for rank 1.
 """
 
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/helpers.py
+import torch
+from lightning.pytorch import seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
 
-import torch  # noqa: E402
-from helpers import Classifier, flat_params, indexed_loader, trainer  # noqa: E402
-from lightning.pytorch import seed_everything  # noqa: E402
-from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
-
-from weightwise.callbacks import LossReweighting  # noqa: E402
+from tests.support.models import Classifier, indexed_loader
+from tests.support.training import flat_params, trainer
+from weightwise.callbacks import LossReweighting
 
 N_SAMPLES, LOCAL_BATCH, EPOCHS = 48, 6, 2
 

@@ -1,20 +1,17 @@
 """2-process DDP (CPU, gloo) with LayerwiseSampling; each rank saves its layers after every step.
 
-Usage: python ddp_layerwise.py OUT_DIR  (writes rank0.pt, rank1.pt)
+Usage: python -m tests.scripts.ddp_layerwise OUT_DIR  (writes rank0.pt, rank1.pt)
 """
 
 import sys
 from pathlib import Path
 
-TESTS = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(TESTS), str(TESTS / "callbacks")]
+import torch
+from lightning.pytorch import seed_everything
 
-import torch  # noqa: E402
-from helpers import trainer  # noqa: E402
-from lightning.pytorch import seed_everything  # noqa: E402
-from test_layerwise import Snapshot, TinyLlama, token_batches  # noqa: E402
-
-from weightwise.callbacks import LayerwiseSampling  # noqa: E402
+from tests.support.models import TinyLlama, token_batches
+from tests.support.training import Snapshot, trainer
+from weightwise.callbacks import LayerwiseSampling
 
 if __name__ == "__main__":
     out_dir = Path(sys.argv[1])

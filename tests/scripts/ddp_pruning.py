@@ -1,20 +1,19 @@
 """2-process DDP (CPU, gloo) with InfoBatchSampler + DataPruning; each rank saves what it trained on.
 
-Usage: python ddp_pruning.py OUT_DIR  (writes rank0.pt, rank1.pt)
+Usage: python -m tests.scripts.ddp_pruning OUT_DIR  (writes rank0.pt, rank1.pt)
 """
 
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/helpers.py
+import torch
+from lightning.pytorch import seed_everything
+from lightning.pytorch.callbacks import Callback
 
-import torch  # noqa: E402
-from helpers import Classifier, indexed_loader, trainer  # noqa: E402
-from lightning.pytorch import seed_everything  # noqa: E402
-from lightning.pytorch.callbacks import Callback  # noqa: E402
-
-from weightwise.callbacks import DataPruning  # noqa: E402
-from weightwise.samplers import InfoBatchSampler  # noqa: E402
+from tests.support.models import Classifier, indexed_loader
+from tests.support.training import trainer
+from weightwise.callbacks import DataPruning
+from weightwise.samplers import InfoBatchSampler
 
 N_SAMPLES, EPOCHS = 50, 4
 

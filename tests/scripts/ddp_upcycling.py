@@ -1,20 +1,18 @@
 """2-process DDP (CPU, gloo): ExpertUpcycling mid-fit; each rank saves its final parameters.
 
-Usage: python ddp_upcycling.py OUT_DIR  (writes rank0.pt, rank1.pt)
+Usage: python -m tests.scripts.ddp_upcycling OUT_DIR  (writes rank0.pt, rank1.pt)
 """
 
 import sys
 from pathlib import Path
 
-TESTS = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(TESTS), str(TESTS / "callbacks"), str(TESTS / "moe")]
+import torch
+from lightning.pytorch import seed_everything
 
-import torch  # noqa: E402
-from helpers import flat_params, trainer  # noqa: E402
-from lightning.pytorch import seed_everything  # noqa: E402
-from test_upcycling import TinyMoELM, loader  # noqa: E402
-
-from weightwise.callbacks import ExpertUpcycling  # noqa: E402
+from tests.support.models import TinyMoELM
+from tests.support.models import moe_loader as loader
+from tests.support.training import flat_params, trainer
+from weightwise.callbacks import ExpertUpcycling
 
 if __name__ == "__main__":
     out_dir = Path(sys.argv[1])

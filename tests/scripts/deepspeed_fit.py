@@ -3,27 +3,27 @@
 LossReweighting + DataPruning (InfoBatch) + SampleReport + checkpointing; each rank saves the full
 parameters, its score store, the sample ids it trained on, the pruning ledger and the report rows.
 
-Usage: python deepspeed_fit.py OUT_DIR ddp|zero1|zero2|zero3 EPOCHS [RESUME_FROM] [STOP_AT_STEP]
+Usage: python -m tests.scripts.deepspeed_fit OUT_DIR ddp|zero1|zero2|zero3 EPOCHS [RESUME_FROM] [STOP_AT_STEP]
 (writes rank0.pt, rank1.pt and the checkpoint OUT_DIR/last.ckpt - a directory under DeepSpeed;
 with STOP_AT_STEP the run checkpoints after every step and stops there, mid-epoch; "-" for no RESUME_FROM).
 """
 
-import contextlib
 import os
 import sys
 from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would pick CUDA on a GPU machine
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/helpers.py
 
-import torch  # noqa: E402
-from helpers import Classifier, CPUDeepSpeedStrategy, flat_params, indexed_loader, trainer  # noqa: E402
-from lightning.pytorch import seed_everything  # noqa: E402
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
+import torch
+from lightning.pytorch import seed_everything
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from weightwise.callbacks import DataPruning, LossReweighting, SampleReport  # noqa: E402
-from weightwise.samplers import InfoBatchSampler  # noqa: E402
+from tests.support.models import Classifier, indexed_loader
+from tests.support.strategies import CPUDeepSpeedStrategy
+from tests.support.training import full_parameters, trainer
+from weightwise.callbacks import DataPruning, LossReweighting, SampleReport
+from weightwise.samplers import InfoBatchSampler
 
 N_SAMPLES, LOCAL_BATCH = 40, 5
 
@@ -34,22 +34,6 @@ class SampleIds(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.ids.setdefault(trainer.current_epoch, []).extend(batch.sample_id.tolist())
-
-
-def gathered(module: torch.nn.Module) -> contextlib.AbstractContextManager:
-    """Whole parameters inside the block: under ZeRO-3 each rank holds shards, so gather them."""
-    params = list(module.parameters())
-    if hasattr(params[0], "ds_id"):
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(params)
-    return contextlib.nullcontext()
-
-
-def full_parameters(module: torch.nn.Module) -> torch.Tensor:
-    """All parameters, whole (a copy)."""
-    with gathered(module):
-        return flat_params(module).clone()
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ A tiny Llama with two AdamW param groups (decay / no decay) and a per-step LR sc
 saves its layers before every step, the final parameters, the layer history, the learning rates
 it stepped with, and (under ZeRO) its master-weight and optimizer-state bytes after each step.
 
-Usage: python deepspeed_layerwise.py OUT_DIR RUN EPOCHS [RESUME_FROM]   (writes rank0.pt, rank1.pt and
+Usage: python -m tests.scripts.deepspeed_layerwise OUT_DIR RUN EPOCHS [RESUME_FROM]   (writes rank0.pt, rank1.pt and
 the checkpoint OUT_DIR/last.ckpt). RUN: ddp, zero1, zero2 or zero3, then optionally bf16 (bf16-mixed)
 and/or lora (peft LoRA adapters, sampled by IST): e.g. zero2bf16, ddplora, zero2lora.
 """
@@ -17,22 +17,25 @@ from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would pick CUDA on a GPU machine
 
-TESTS = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(TESTS), str(TESTS / "callbacks")]
 
-import lightning.pytorch as pl  # noqa: E402
-import torch  # noqa: E402
-from deepspeed_fit import full_parameters, gathered  # noqa: E402
-from helpers import CPUDeepSpeedStrategy, trainer  # noqa: E402
-from lightning.pytorch import seed_everything  # noqa: E402
-from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
-from lightning.pytorch.strategies import DeepSpeedStrategy  # noqa: E402
-from test_layerwise import TinyLlama, token_batches  # noqa: E402
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch import seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import DeepSpeedStrategy
 
-from weightwise.callbacks import LayerwiseSampling  # noqa: E402
-from weightwise.freezing import optimizer_state_bytes  # noqa: E402
-from weightwise.layers import find_layer_stack  # noqa: E402
-from weightwise.zero import GROUP_KEY, flat_buffers, master_partition_bytes, master_partitions  # noqa: E402
+from tests.support.models import TinyLlama, token_batches
+from tests.support.strategies import CPUDeepSpeedStrategy
+from tests.support.training import full_parameters, gathered, trainer
+from weightwise.callbacks import LayerwiseSampling
+from weightwise.integrations.deepspeed import (
+    GROUP_KEY,
+    flat_buffers,
+    master_partition_bytes,
+    master_partitions,
+)
+from weightwise.layers import find_layer_stack
+from weightwise.layers.freezing import optimizer_state_bytes
 
 
 class GatheredSnapshot(pl.Callback):

@@ -1,6 +1,6 @@
 """A saved transformers MoE model trained for a few steps under DeepSpeed ZeRO (2 processes, CPU, gloo).
 
-Usage: python deepspeed_moe.py OUT_DIR STAGE MODEL_DIR STEPS
+Usage: python -m tests.scripts.deepspeed_moe OUT_DIR STAGE MODEL_DIR STEPS
 (writes the sharded checkpoint OUT_DIR/last.ckpt and OUT_DIR/losses.pt from rank 0)
 """
 
@@ -10,14 +10,15 @@ from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would pick CUDA on a GPU machine
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/helpers.py
 
-import lightning.pytorch as pl  # noqa: E402
-import torch  # noqa: E402
-from helpers import CPUDeepSpeedStrategy, trainer  # noqa: E402
-from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader
+from transformers import AutoModelForCausalLM
+
+from tests.support.strategies import CPUDeepSpeedStrategy
+from tests.support.training import trainer
 
 
 class PretrainedLM(pl.LightningModule):

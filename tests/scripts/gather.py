@@ -1,6 +1,6 @@
 """Two gloo processes gather tensors of *different* lengths with weightwise.distributed.
 
-Usage: python gather.py OUT_DIR  (writes rank0.pt, rank1.pt)
+Usage: python -m tests.scripts.gather OUT_DIR  (writes rank0.pt, rank1.pt)
 """
 
 import os
@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from weightwise import distributed
+from weightwise.core import collectives as distributed
 
 
 def worker(rank: int, out_dir: str, port: int) -> None:

@@ -1,13 +1,20 @@
-"""Lightning callbacks: thin stateful adapters over :mod:`weightwise.losses` and the score store."""
+"""Lightning callbacks - the public face of every capability's thin callback.
 
-from weightwise.callbacks.base import SampleWeightCallback
-from weightwise.callbacks.guard import PerSampleLossGuard
-from weightwise.callbacks.layerwise import LayerwiseSampling
-from weightwise.callbacks.pruning import DataPruning
-from weightwise.callbacks.reduction import PerSampleLossReducer, reducer_of
-from weightwise.callbacks.report import SampleReport
-from weightwise.callbacks.reweighting import LossReweighting
-from weightwise.callbacks.upcycling import ExpertUpcycling
+* :class:`LossReweighting` - online loss-based sample weights (:mod:`weightwise.weighting`).
+* :class:`DataPruning` - connects a sampler of :mod:`weightwise.samplers` to the run (:mod:`weightwise.selection`).
+* :class:`LayerwiseSampling` - a few layers train at a time (:mod:`weightwise.layers`).
+* :class:`ExpertUpcycling` - grow a Mixture-of-Experts mid-fit (:mod:`weightwise.experts`).
+* :class:`SampleReport` - the samples weighted lowest and found hardest (:mod:`weightwise.reporting`).
+* :class:`SampleWeightCallback` - the base class of callbacks that contribute a weight factor.
+"""
+
+from weightwise.experts.callback import ExpertUpcycling
+from weightwise.layers.callback import LayerwiseSampling
+from weightwise.reporting.report import SampleReport
+from weightwise.selection.callback import DataPruning
+from weightwise.weighting.callback import LossReweighting, SampleWeightCallback
+from weightwise.weighting.guard import PerSampleLossGuard
+from weightwise.weighting.reducer import PerSampleLossReducer, reducer_of
 
 __all__ = [
     "DataPruning",

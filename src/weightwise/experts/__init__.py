@@ -1,0 +1,29 @@
+"""Experts: grow a Mixture-of-Experts from E to m·E experts mid-training (expert upcycling).
+
+Functional core (any loop):
+
+* :func:`upcycle_experts` - duplicate (top-K fixed) or granular split (top-(m·K), exact).
+* :class:`ExpertUtility`, :func:`allocate_copies` - gradient-based utility and non-uniform copies.
+* :class:`ExpertsAdapter` - the interface a custom MoE block implements; transformers' fused
+  experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) are recognised by :func:`find_moe_blocks`.
+
+Lightning side: :mod:`~weightwise.experts.callback` (``ExpertUpcycling``).
+"""
+
+from weightwise.experts.adapters import (
+    ExpertsAdapter,
+    FusedExpertsAdapter,
+    find_moe_blocks,
+)
+from weightwise.experts.surgery import UpcycleReport, upcycle_experts
+from weightwise.experts.utility import ExpertUtility, allocate_copies
+
+__all__ = [
+    "ExpertUtility",
+    "ExpertsAdapter",
+    "FusedExpertsAdapter",
+    "UpcycleReport",
+    "allocate_copies",
+    "find_moe_blocks",
+    "upcycle_experts",
+]

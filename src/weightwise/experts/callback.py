@@ -1,0 +1,224 @@
+"""``ExpertUpcycling``: grow a Mixture-of-Experts from E to m·E experts in the middle of ``fit``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor
+from typing_extensions import override
+
+from weightwise.core.checkpoints import state_version, with_version
+from weightwise.experts.adapters import find_moe_blocks
+from weightwise.experts.surgery import Method, Selection, UpcycleReport, upcycle_experts
+from weightwise.experts.utility import ExpertUtility
+from weightwise.integrations.lightning import (
+    MethodPatch,
+    check_trainer,
+    require_rewrappable_strategy,
+    rewrap_ddp,
+)
+from weightwise.reporting.histograms import log_histogram
+
+
+class ExpertUpcycling(Callback):
+    """At optimizer step ``at_step``, upcycle every MoE block of the model (see :mod:`weightwise.experts`).
+
+    * With ``selection="utility"``, expert utilities ``|theta * grad|`` are accumulated over the
+      ``utility_window`` steps before ``at_step`` and turned into per-expert copy counts.
+    * The surgery is in place: parameters keep their identity, the optimizer's Adam moments are
+      remapped to the copies and the LR schedule simply continues. Under DDP the model is wrapped
+      anew so gradient buckets match the new shapes; every rank does the same surgery (the
+      router noise is seeded by ``seed``).
+    * When the batch is a mapping the model accepts (``input_ids``, ``labels``, ...), the model's
+      loss on that batch is measured right before and right after the surgery
+      (``weightwise/upcycle_loss_before|after``), and the routers' expert load before and after is
+      logged (``weightwise/expert_load_*``) - the size of the function jump is visible, not assumed.
+    * DeepSpeed partitions parameters at engine start, so in-place surgery is not possible there:
+      save, upcycle the saved model with ``weightwise upcycle IN OUT --factor m``, and resume.
+
+    Args:
+        at_step: global step at which to grow the experts.
+        factor, method, selection, router_noise: see :func:`weightwise.experts.upcycle_experts`.
+        utility_window: steps before ``at_step`` over which utility is measured.
+        seed: seed of the router noise (identical on every rank).
+
+    Raises:
+        ValueError: a bad setting, found at construction rather than when ``at_step`` arrives.
+
+    Example::
+
+        >>> import lightning.pytorch as pl
+        >>> from weightwise.callbacks import ExpertUpcycling
+        >>> trainer = pl.Trainer(callbacks=[ExpertUpcycling(at_step=5_000, factor=2, selection="utility")], logger=False)
+    """
+
+    STATE_VERSION = 1
+
+    def __init__(
+        self,
+        at_step: int,
+        factor: int = 2,
+        *,
+        method: Method = "duplicate",
+        selection: Selection = "uniform",
+        router_noise: float = 1e-2,
+        utility_window: int = 20,
+        seed: int = 0,
+    ) -> None:
+        if at_step < 1:
+            raise ValueError(f"at_step must be >= 1, got {at_step}")
+        if not isinstance(factor, int) or factor < 2:
+            raise ValueError(f"factor must be an integer >= 2, got {factor!r}")
+        if method not in ("duplicate", "granular"):
+            raise ValueError(f"method must be 'duplicate' or 'granular', got {method!r}")
+        if selection not in ("uniform", "utility"):
+            raise ValueError(f"selection must be 'uniform' or 'utility', got {selection!r}")
+        if selection == "utility" and method != "duplicate":
+            raise ValueError("selection='utility' needs method='duplicate' (granular splits every expert alike)")
+        if selection == "utility" and not 1 <= utility_window <= at_step:
+            raise ValueError(f"selection='utility' needs 1 <= utility_window <= at_step, got {utility_window} and {at_step}")
+        if router_noise < 0:
+            raise ValueError(f"router_noise must be >= 0, got {router_noise}")
+        self.at_step = at_step
+        self.factor = factor
+        self.method: Method = method
+        self.selection: Selection = selection
+        self.router_noise = router_noise
+        self.utility_window = utility_window
+        self.seed = seed
+        self.done = False
+        self.report: UpcycleReport | None = None
+        self.measurements: dict[str, dict[str, Any] | None] = {}
+        self.utility: ExpertUtility | None = None
+        self._pending_utility: dict | None = None
+        self._patch: MethodPatch | None = None
+
+    # ------------------------------------------------------------------ resume
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Lightning loads the module's weights before any callback state, right after the module's own
+        # on_load_checkpoint hook. A checkpoint written after the surgery holds m·E experts, so wrap that
+        # hook for this fit to give the module the grown shape first (the values are then loaded).
+        if stage != "fit":
+            return
+        check_trainer(trainer)
+
+        def make_on_load_checkpoint(original: Any) -> Any:
+            def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
+                state = checkpoint.get("callbacks", {}).get(self.state_key) or {}
+                if state.get("done") and not self.done:
+                    upcycle_experts(pl_module, self.factor, method=self.method)
+                original(checkpoint)
+
+            return on_load_checkpoint
+
+        self._patch = MethodPatch(pl_module, "on_load_checkpoint", make_on_load_checkpoint)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and self._patch is not None:
+            self._patch.restore()
+            self._patch = None
+
+    # ------------------------------------------------------------------ utility window
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        require_rewrappable_strategy(
+            trainer,
+            "ExpertUpcycling",
+            "Train to the step, save the model (`save_pretrained`), run `weightwise upcycle IN OUT --factor m`"
+            " and continue training the grown model under DeepSpeed.",
+        )
+        if len(trainer.optimizers) > 1:
+            raise MisconfigurationException("ExpertUpcycling supports one optimizer")
+        if not self.done:
+            self.utility = ExpertUtility(find_moe_blocks(pl_module))
+            if self._pending_utility is not None:
+                self.utility.load_state_dict(self._pending_utility)
+
+    @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+        # Here the gradients are those the optimizer applies: accumulated over the micro-batches and,
+        # under DDP, averaged over the ranks - the same on every rank, so every rank counts the same
+        # utility and makes the same copies. (After each backward they are one rank's micro-batch.)
+        in_window = self.at_step - self.utility_window <= trainer.global_step < self.at_step
+        if self.selection == "utility" and not self.done and in_window and self.utility is not None:
+            self.utility.accumulate()
+
+    # ------------------------------------------------------------------ surgery
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.done or trainer.global_step < self.at_step:
+            return
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        before = self._measure(pl_module, batch)
+        utility = self.utility.totals if self.selection == "utility" and self.utility is not None else None
+        self.report = upcycle_experts(
+            pl_module,
+            self.factor,
+            method=self.method,
+            selection=self.selection,
+            utility=utility,
+            router_noise=self.router_noise,
+            optimizer=optimizer,
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+        rewrap_ddp(trainer)  # DDP's gradient buckets were laid out for the old shapes
+        self.done = True
+        after = self._measure(pl_module, batch)
+        self._log(trainer, pl_module, before, after)
+
+    @staticmethod
+    def _measure(pl_module: pl.LightningModule, batch: Any) -> dict[str, Any] | None:
+        """Loss of the model on ``batch`` and its routers' expert load (eval mode, no grad)."""
+        from transformers import (
+            PreTrainedModel,  # lazily: importing weightwise costs no transformers
+        )
+
+        model = next((m for m in pl_module.modules() if isinstance(m, PreTrainedModel)), None)
+        if model is None or not isinstance(batch, Mapping) or "input_ids" not in batch:
+            return None
+        blocks = list(find_moe_blocks(model).values())
+        loads: list[Tensor] = []
+        hooks = [block.block.gate.register_forward_hook(lambda mod, args, out: loads.append(out[-1].flatten())) for block in blocks]
+        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                loss = model(**inputs).loss
+        finally:
+            model.train(was_training)
+            for hook in hooks:
+                hook.remove()
+        load = torch.bincount(torch.cat(loads).cpu(), minlength=blocks[0].num_experts).float()
+        return {"loss": None if loss is None else float(loss), "load": load / load.sum()}
+
+    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, before: dict | None, after: dict | None) -> None:
+        metrics: dict[str, float] = {"weightwise/num_experts": float(self.report.num_experts[1])}
+        for name, measured in (("before", before), ("after", after)):
+            if measured is None:
+                continue
+            if measured["loss"] is not None:
+                metrics[f"weightwise/upcycle_loss_{name}"] = measured["loss"]
+            metrics[f"weightwise/expert_load_max_{name}"] = float(measured["load"].max())
+            log_histogram(trainer, f"weightwise/expert_load_{name}", measured["load"])
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        self.measurements = {"before": before, "after": after}
+
+    # ------------------------------------------------------------------ checkpoints
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return with_version({"done": self.done, "utility": None if self.utility is None else self.utility.state_dict()}, self.STATE_VERSION)
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_version(state_dict, "ExpertUpcycling", self.STATE_VERSION)
+        self.done = bool(state_dict["done"])
+        self._pending_utility = state_dict["utility"]

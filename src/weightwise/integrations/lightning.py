@@ -1,0 +1,143 @@
+"""What weightwise needs from Lightning beyond its public callback API, in one place.
+
+Private pieces used (checked by :func:`check_trainer` when a callback is set up; tested with
+Lightning 2.4-2.6):
+
+* ``trainer._logger_connector.should_update_logs`` - whether this step writes logs
+  (``log_every_n_steps``); ``LightningModule.log`` costs ~1.5 ms a metric on CPU, more than a
+  small model's step, so per-step values are computed only on logging steps.
+* ``trainer.fit_loop.max_batches`` - the epoch length Lightning sized once from the first epoch;
+  a pruned epoch is shorter (:func:`set_epoch_length`).
+
+Methods replaced on live objects, for one fit, as instance attributes (the classes are untouched
+and :meth:`MethodPatch.restore` puts the originals back at teardown):
+
+* ``LightningModule.training_step`` - the reducer turns its per-sample losses into the scalar
+  Lightning backpropagates; no callback hook sits between the two.
+* ``LightningModule.configure_optimizers`` and ``DeepSpeedStrategy.load_checkpoint`` - layer
+  sampling under ZeRO must freeze layers before DeepSpeed builds its engine and rebuild the ZeRO
+  optimizer before DeepSpeed loads its shards (:mod:`weightwise.integrations.deepspeed`).
+* ``LightningModule.on_load_checkpoint`` - expert upcycling grows the module before Lightning
+  loads a checkpoint written after the surgery.
+
+Strategies: ``DeepSpeedStrategy`` subclasses ``DDPStrategy``, so it is told apart first
+(:func:`is_deepspeed`); after the trainable parameters or their shapes change, DDP is wrapped anew
+(:func:`rewrap_ddp`).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.strategies import (
+    DDPStrategy,
+    DeepSpeedStrategy,
+    FSDPStrategy,
+    SingleDeviceStrategy,
+)
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from weightwise.integrations.versions import require
+
+MINIMUM = "2.4"
+TESTED = ">=2.4,<2.7"
+
+
+def check_trainer(trainer: pl.Trainer) -> None:
+    """Raise, naming the versions, if this Lightning lacks a private piece weightwise uses.
+
+    Raises:
+        UnsupportedVersionError: a piece is missing (a Lightning release that moved it).
+    """
+    missing = []
+    if not hasattr(getattr(trainer, "_logger_connector", None), "should_update_logs"):
+        missing.append("Trainer._logger_connector.should_update_logs")
+    if not hasattr(trainer.fit_loop, "max_batches"):
+        missing.append("Trainer.fit_loop.max_batches")
+    require("lightning", MINIMUM, TESTED, missing, purpose="weightwise's Lightning callbacks")
+
+
+def is_logging_step(trainer: pl.Trainer) -> bool:
+    """Whether Lightning writes step-level logs at this step (``log_every_n_steps``)."""
+    return bool(trainer._logger_connector.should_update_logs)
+
+
+def set_epoch_length(trainer: pl.Trainer, batches: int) -> None:
+    """Tell the fit loop, the progress bar and ``val_check_interval`` that this epoch has ``batches``.
+
+    Lightning sizes the epoch once, from the first epoch's length (``FitLoop.setup_data``); a
+    pruned epoch is shorter.
+    """
+    limit = trainer.limit_train_batches
+    if isinstance(limit, int):
+        batches = min(batches, limit)
+    elif limit is not None and limit < 1.0:
+        batches = max(1, int(batches * limit))
+    trainer.fit_loop.max_batches = batches
+    if isinstance(trainer.val_check_interval, float) and trainer.val_check_batch not in (None, float("inf")):
+        trainer.val_check_batch = max(1, int(batches * trainer.val_check_interval))
+
+
+class MethodPatch:
+    """A method of a live object replaced by a wrapper for one fit; :meth:`restore` undoes it.
+
+    The wrapper is set as an instance attribute, so the class - and every other instance - keeps
+    the original, and pickling the object after :meth:`restore` sees nothing of weightwise.
+    """
+
+    def __init__(self, owner: object, name: str, make_wrapper: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
+        if name in vars(owner):
+            raise RuntimeError(f"{type(owner).__name__}.{name} is already replaced on this instance")
+        original = getattr(owner, name)
+        self.owner, self.name = owner, name
+        setattr(owner, name, functools.wraps(original)(make_wrapper(original)))
+
+    def restore(self) -> None:
+        """Remove the wrapper (safe to call more than once)."""
+        vars(self.owner).pop(self.name, None)
+
+
+def is_deepspeed(trainer: pl.Trainer) -> bool:
+    return isinstance(trainer.strategy, DeepSpeedStrategy)
+
+
+def is_fsdp(trainer: pl.Trainer) -> bool:
+    return isinstance(trainer.strategy, FSDPStrategy)
+
+
+def require_rewrappable_strategy(trainer: pl.Trainer, callback: str, deepspeed_fix: str) -> None:
+    """Raise unless the fit runs on one device or under plain DDP; the message names the way out.
+
+    Raises:
+        MisconfigurationException: DeepSpeed (with ``deepspeed_fix``) or another strategy.
+    """
+    if is_deepspeed(trainer):
+        raise MisconfigurationException(
+            f"{callback} cannot run under DeepSpeed: ZeRO partitions the trainable parameters into its optimizer"
+            f" when the engine starts, so they cannot change mid-run. {deepspeed_fix}"
+        )
+    require_single_device_or_ddp(trainer, callback)
+
+
+def require_single_device_or_ddp(trainer: pl.Trainer, callback: str) -> None:
+    """Raise for strategies other than single-device and DDP (the caller has dealt with DeepSpeed).
+
+    Raises:
+        MisconfigurationException: any other strategy.
+    """
+    if not isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)):
+        raise MisconfigurationException(
+            f"{callback} supports single-device, DDP and (where stated) DeepSpeed training, not"
+            f" {type(trainer.strategy).__name__}; use strategy='ddp'."
+        )
+
+
+def rewrap_ddp(trainer: pl.Trainer) -> None:
+    """Wrap the module in DDP anew: its reducer covers only the parameters that required grad, with
+    the shapes they had, when it was built. A no-op on one device."""
+    if isinstance(trainer.strategy, DDPStrategy) and not is_deepspeed(trainer):
+        trainer.strategy.model = trainer.strategy.lightning_module
+        trainer.strategy.configure_ddp()

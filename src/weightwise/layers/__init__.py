@@ -1,0 +1,14 @@
+"""Layers: which transformer layers train now, and freezing that frees memory for real.
+
+Functional core: :mod:`~weightwise.layers.stack` (finding a model's layer stack),
+:mod:`~weightwise.layers.policies` (which layers train each period: LISA and relatives),
+:mod:`~weightwise.layers.freezing` (freezing that also releases optimizer state). Lightning side:
+:mod:`~weightwise.layers.callback` (``LayerwiseSampling``); DeepSpeed's ZeRO rebuild is in
+:mod:`weightwise.integrations.deepspeed`.
+"""
+
+from weightwise.layers.freezing import OptimizerStateStash, optimizer_state_bytes
+from weightwise.layers.policies import LayerPolicy, LossCreditLayers, UniformLayers
+from weightwise.layers.stack import find_layer_stack
+
+__all__ = ["LayerPolicy", "LossCreditLayers", "OptimizerStateStash", "UniformLayers", "find_layer_stack", "optimizer_state_bytes"]

@@ -1,0 +1,374 @@
+"""``LayerwiseSampling``: train a few transformer layers at a time (LISA and relatives)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor
+from typing_extensions import override
+
+from weightwise.core import collectives
+from weightwise.core.checkpoints import state_version, with_version
+from weightwise.integrations.lightning import (
+    MethodPatch,
+    check_trainer,
+    is_deepspeed,
+    require_single_device_or_ddp,
+    rewrap_ddp,
+)
+from weightwise.layers.freezing import (
+    OptimizerStateStash,
+    StateMode,
+    optimizer_state_bytes,
+)
+from weightwise.layers.policies import LayerPolicy, LossCreditLayers, UniformLayers
+from weightwise.layers.stack import find_layer_stack
+
+Policy = Literal["lisa", "ist"]
+POLICIES: dict[str, type[LayerPolicy]] = {"lisa": UniformLayers, "ist": LossCreditLayers}
+
+
+class LayerwiseSampling(Callback):
+    """Every ``interval`` steps, choose ``n_layers`` layers of the stack to train; freeze the others.
+
+    * ``"lisa"`` - LISA (Pan et al., "LISA: Layerwise Importance Sampling for Memory-Efficient Large
+      Language Model Fine-Tuning", 2024): the active layers are drawn uniformly; everything outside
+      the layer stack (embeddings, head, final norm) always trains.
+    * ``"ist"`` - importance-aware sampling in the spirit of IST ("Importance-aware Sparse Tuning",
+      2024): each layer has an importance score; a period's reward is the decrease of the mean
+      training loss from the previous period, averaged over every rank's steps,
+      ``s_l <- (1 - beta) s_l + beta * reward`` for the layers that were active, and layers are drawn
+      without replacement with probability ``softmax(s / temperature)``
+      (:class:`weightwise.layers.policies.LossCreditLayers`).
+
+    The choice itself lives in :mod:`weightwise.layers.policies`; this callback applies it. Only
+    parameters that were trainable when ``fit`` started are sampled, so with PEFT adapters (e.g.
+    ``peft`` LoRA) the chosen layers' adapters train and base weights stay frozen.
+
+    Frozen layers get ``requires_grad=False`` and ``grad=None`` (so AdamW's momentum and weight
+    decay leave them bit-identical) and their optimizer state is released or offloaded to CPU
+    (:mod:`weightwise.layers.freezing`); parked state is saved in checkpoints. The choice of each
+    period is a function of the seed, the period and statistics reduced over every rank, so it is
+    identical on every rank and after resuming. Logged at every period:
+    ``weightwise/layer_active/NN`` (1 for the layers that train, 0 otherwise - a layer x step map),
+    ``weightwise/layer_importance/NN`` (policies with scores) and ``weightwise/optimizer_state_mib``.
+
+    Single device, DDP and DeepSpeed ZeRO-1/2/3. DDP only synchronises parameters that required
+    gradients when the model was wrapped, so after every change of the active layers the module is
+    wrapped anew (its buckets then hold only the trainable parameters - less communication, too).
+    ZeRO keeps master weights and moments of every parameter trainable when its optimizer was built,
+    so flipping ``requires_grad`` there saves no memory; under ``DeepSpeedStrategy`` the ZeRO
+    optimizer is built anew for each period's layers, with one param group per (group, layer) so
+    that the state of layers that stay active is carried exactly
+    (:mod:`weightwise.integrations.deepspeed`): the run equals DDP's, and the master weights, moments
+    and gradient buffers are those of the active layers only. The engine starts with period 0's
+    layers already frozen, and resuming from a sharded checkpoint rebuilds the optimizer with the
+    checkpoint's layout before DeepSpeed loads it. ZeRO-Offload, fp16 and
+    ``optimizer_state="offload"`` are refused under DeepSpeed.
+
+    Args:
+        policy: ``"lisa"`` or ``"ist"``.
+        n_layers: gamma, layers trained per period (LISA's default 2).
+        interval: K, steps per period (LISA samples every K = 20-50 steps).
+        layers: dotted path of the layer ``ModuleList`` (default: found, see :func:`find_layer_stack`).
+        optimizer_state: ``"release"`` or ``"offload"`` for frozen layers' optimizer state.
+        seed: base seed of the layer draws.
+        beta, temperature: IST's score smoothing and sampling temperature.
+
+    Raises:
+        ValueError: an unknown policy or a non-positive ``n_layers``/``interval``.
+
+    Example::
+
+        >>> import lightning.pytorch as pl
+        >>> from weightwise.callbacks import LayerwiseSampling
+        >>> trainer = pl.Trainer(callbacks=[LayerwiseSampling("lisa", n_layers=2, interval=20)], logger=False)
+    """
+
+    STATE_VERSION = 1
+
+    def __init__(
+        self,
+        policy: Policy = "lisa",
+        n_layers: int = 2,
+        interval: int = 20,
+        *,
+        layers: str | None = None,
+        optimizer_state: StateMode = "release",
+        seed: int = 0,
+        beta: float = 0.5,
+        temperature: float = 1.0,
+    ) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {sorted(POLICIES)}, got {policy!r}")
+        if n_layers < 1 or interval < 1:
+            raise ValueError(f"n_layers and interval must be >= 1, got {n_layers}, {interval}")
+        if policy == "ist" and (not 0.0 < beta <= 1.0 or temperature <= 0):
+            raise ValueError(f"beta must be in (0, 1] and temperature positive, got beta={beta}, temperature={temperature}")
+        self.policy = policy
+        self.n_layers = n_layers
+        self.interval = interval
+        self.layers_path = layers
+        self.stash = OptimizerStateStash(optimizer_state)
+        self.seed = seed
+        self.beta = beta
+        self.temperature = temperature
+        self.chooser: LayerPolicy | None = None
+        self.active: list[int] = []
+        self.history: list[list[int]] = []
+        self._period_loss = torch.zeros(2, dtype=torch.float64)  # this rank's (sum, count) in the current period
+        self._period: int | None = None
+        self._applied = False
+        self._param_names: dict[torch.nn.Parameter, str] = {}
+        self._parked_to_load: dict[str, dict[str, Any]] | None = None
+        self._chooser_state: dict[str, Any] | None = None
+        self._zero: Any = None  # a weightwise.integrations.deepspeed.ZeroLayerOptimizer under DeepSpeed
+        self._patches: list[MethodPatch] = []
+        self._discovered = False
+
+    @property
+    def importance(self) -> Tensor | None:
+        """The policy's per-layer scores (``None`` before fit or for LISA)."""
+        return None if self.chooser is None else self.chooser.importance
+
+    # ------------------------------------------------------------------ set-up
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        check_trainer(trainer)
+        if is_deepspeed(trainer):
+            self._hook_deepspeed(trainer.strategy, pl_module)
+        else:
+            require_single_device_or_ddp(trainer, "LayerwiseSampling")
+
+    def _hook_deepspeed(self, strategy: Any, pl_module: pl.LightningModule) -> None:
+        """Wrap (on the instances, for this fit) the two moments the ZeRO layout is decided.
+
+        ``configure_optimizers``: DeepSpeed builds its engine from the returned optimizer right away,
+        so the optimizer is recorded (it stays what the LR scheduler drives) and the layers outside
+        period 0 are frozen first - the engine never holds state for them; ``on_fit_start`` then
+        gives the engine the per-layer groups. ``load_checkpoint``: DeepSpeed loads the optimizer
+        shards before any callback hook runs, so the ZeRO optimizer is rebuilt with the checkpoint's
+        active layers first (read from the checkpoint's client state).
+        """
+        from weightwise.integrations import deepspeed
+
+        deepspeed.check_version()
+        problems = deepspeed.unsupported_settings(strategy.config or {})
+        if self.stash.mode != "release":
+            problems.append("optimizer_state='offload': use 'release' (ZeRO keeps state per rank partition)")
+        if problems:
+            raise MisconfigurationException("LayerwiseSampling under DeepSpeed does not support " + "; ".join(problems))
+
+        def make_configure_optimizers(configure_optimizers: Any) -> Any:
+            def layerwise_configure_optimizers() -> Any:
+                config = configure_optimizers()
+                optimizers = _optimizers_in(config)
+                if len(optimizers) != 1:
+                    raise MisconfigurationException(f"DeepSpeed takes one optimizer; configure_optimizers returned {len(optimizers)}")
+                self._discover(pl_module)
+                layer_of: dict[torch.nn.Parameter, int | None] = {p: i for i, params in enumerate(self.trainable) for p in params}
+                layer_of.update({p: None for p in pl_module.parameters() if p.requires_grad and p not in layer_of})
+                self._zero = deepspeed.ZeroLayerOptimizer(optimizers[0], layer_of)
+                self._set_trainable(self.chooser.choose(0))
+                self._zero.hide_untrainable_groups()
+                return config
+
+            return layerwise_configure_optimizers
+
+        def make_load_checkpoint(load_checkpoint: Any) -> Any:
+            def layerwise_load_checkpoint(checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
+                # A single file (DeepSpeedStrategy(load_full_weights=True)) restores weights, not optimizer shards.
+                if self._zero is not None and Path(checkpoint_path).is_dir():
+                    state = deepspeed.read_client_state(checkpoint_path).get("callbacks", {}).get(self.state_key)
+                    if state is None:
+                        raise MisconfigurationException(
+                            f"{checkpoint_path} was not written by a DeepSpeed run with LayerwiseSampling, so its optimizer"
+                            " shards have another layout; resume it without LayerwiseSampling, or start from its weights"
+                        )
+                    self._set_trainable(state["active"])
+                    self._rebuild_zero(strategy)
+                return load_checkpoint(checkpoint_path, *args, **kwargs)
+
+            return layerwise_load_checkpoint
+
+        self._patches = [
+            MethodPatch(pl_module, "configure_optimizers", make_configure_optimizers),
+            MethodPatch(strategy, "load_checkpoint", make_load_checkpoint),
+        ]
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for patch in self._patches:  # the class methods show through again
+            patch.restore()
+        self._patches = []
+        self._zero, self._discovered = None, False
+
+    def _discover(self, pl_module: pl.LightningModule) -> None:
+        """Find the layer stack and the parameters to sample (those trainable when fit starts)."""
+        if self._discovered:
+            return
+        _, self.stack = find_layer_stack(pl_module, self.layers_path)
+        # Only what the user made trainable is sampled: with PEFT (LoRA) that is each layer's
+        # adapters, and the frozen base weights must stay frozen when their layer is chosen.
+        self.trainable = [[p for p in layer.parameters() if p.requires_grad] for layer in self.stack]
+        if self.n_layers > len(self.stack):
+            raise MisconfigurationException(f"n_layers={self.n_layers} but the layer stack has {len(self.stack)} layers")
+        if self.chooser is None:
+            self.chooser = self._make_policy(len(self.stack))
+            if self._chooser_state is not None:
+                self.chooser.load_state_dict(self._chooser_state)
+                self._chooser_state = None
+        self._discovered = True
+
+    def _make_policy(self, num_layers: int) -> LayerPolicy:
+        if self.policy == "ist":
+            return LossCreditLayers(num_layers, self.n_layers, self.seed, beta=self.beta, temperature=self.temperature)
+        return POLICIES[self.policy](num_layers, self.n_layers, self.seed)
+
+    def _set_trainable(self, chosen: list[int]) -> None:
+        for i, params in enumerate(self.trainable):
+            for p in params:
+                p.requires_grad_(i in chosen)
+                p.grad = None
+
+    def _rebuild_zero(self, strategy: Any) -> None:
+        """A ZeRO optimizer for the parameters that require grad now; Lightning steps the new one."""
+        assert self._zero is not None
+        if self._zero.rebuild(strategy.deepspeed_engine):
+            strategy.optimizers = [strategy.deepspeed_engine.optimizer]
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._zero is not None:  # the engine exists now: give it the per-layer groups right away
+            from weightwise.integrations import deepspeed
+
+            deepspeed.check_engine(trainer.strategy.deepspeed_engine)  # type: ignore[attr-defined]
+            self._rebuild_zero(trainer.strategy)
+        self._discover(pl_module)
+        self._param_names = {p: name for name, p in pl_module.named_parameters()}
+        if self._parked_to_load is not None:  # resumed "offload" run: the parked moments come back too
+            self.stash.load_state_dict(self._parked_to_load, dict(pl_module.named_parameters()))
+            self._parked_to_load = None
+
+    # ------------------------------------------------------------------ the periods
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        assert self.chooser is not None
+        period = trainer.global_step // self.interval
+        if period != self._period:
+            if self._period_loss[1] > 0 and self.active:
+                self._end_period()  # a collective: every rank has losses of the same period here
+            self._period = period
+            self._apply(trainer, self.chooser.choose(period))
+            self.history.append(self.active)
+        elif not self._applied:  # resumed mid-period: the fresh module has every layer trainable
+            self._apply(trainer, self.active)
+
+    def _end_period(self) -> None:
+        # The period's mean loss over every rank's steps: each rank trained on other data, and a
+        # statistic of its own losses alone would make the ranks draw different layers.
+        total, count = collectives.all_reduce_sum(self._period_loss).tolist()
+        assert self.chooser is not None
+        self.chooser.end_period(total / count)
+        self._period_loss.zero_()
+
+    def _apply(self, trainer: pl.Trainer, chosen: list[int]) -> None:
+        if self._zero is not None:
+            self._set_trainable(chosen)
+            self._rebuild_zero(trainer.strategy)
+        else:
+            optimizer = trainer.optimizers[0] if trainer.optimizers else None
+            self.stash.freeze((p for i, params in enumerate(self.trainable) if i not in chosen for p in params), optimizer)
+            self.stash.thaw((p for i in chosen for p in self.trainable[i]), optimizer)
+            rewrap_ddp(trainer)  # DDP's reducer covers the parameters that required grad when it was built
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        self.active, self._applied = chosen, True
+        # One value per layer and period: in W&B (or any logger) a layer x step map of what trained.
+        metrics = {f"weightwise/layer_active/{i:02d}": float(i in chosen) for i in range(len(self.stack))}
+        if self.importance is not None:
+            metrics.update({f"weightwise/layer_importance/{i:02d}": float(v) for i, v in enumerate(self.importance)})
+        if optimizer is not None:
+            metrics["weightwise/optimizer_state_mib"] = optimizer_state_bytes(optimizer) / 2**20
+        if self._zero is not None:
+            from weightwise.integrations.deepspeed import master_partition_bytes
+
+            metrics["weightwise/master_weights_mib"] = master_partition_bytes(optimizer) / 2**20
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+
+    @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+        if self._zero is not None:  # the LR scheduler drives the user's optimizer; ZeRO steps the split groups
+            self._zero.sync_hyperparameters(optimizer)
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.importance is not None and isinstance(outputs, dict) and "loss" in outputs:
+            self._period_loss += torch.tensor([float(outputs["loss"]), 1.0], dtype=torch.float64)
+
+    # ------------------------------------------------------------------ checkpoints
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        policy_state = self.chooser.state_dict() if self.chooser is not None else self._chooser_state
+        return with_version(
+            {
+                "policy": policy_state,
+                "history": [list(h) for h in self.history],
+                "period": self._period,
+                "active": list(self.active),
+                "period_loss": self._period_loss.clone(),
+                "parked": self.stash.state_dict(self._param_names),
+                "optimizer_hyperparameters": None if self._zero is None else self._zero.hyperparameters(),
+            },
+            self.STATE_VERSION,
+        )
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_version(state_dict, "LayerwiseSampling", self.STATE_VERSION) == 0:
+            state_dict = _migrate_unversioned(state_dict)
+        self._chooser_state = state_dict["policy"]
+        if self.chooser is not None and self._chooser_state is not None:
+            self.chooser.load_state_dict(self._chooser_state)
+            self._chooser_state = None
+        self.history = [list(h) for h in state_dict["history"]]
+        self._period = state_dict["period"]
+        self.active = list(state_dict["active"])
+        self._period_loss = state_dict["period_loss"].clone()
+        self._parked_to_load = state_dict.get("parked") or None
+        hyperparameters = state_dict.get("optimizer_hyperparameters")
+        if self._zero is not None and hyperparameters is not None:
+            # DeepSpeed resume (callback state is loaded after the engine is built): the proxy gets lr etc.
+            # as the LR scheduler had left them, which DeepSpeed's own optimizer checkpoint does not hold.
+            self._zero.load_hyperparameters(hyperparameters)
+
+
+def _migrate_unversioned(state: dict[str, Any]) -> dict[str, Any]:
+    """The layout of weightwise 0.1 (policy state inline, period losses as a list) as version 1."""
+    losses = list(state["period_losses"])
+    policy = None
+    if state.get("importance") is not None:
+        policy = {"version": 1, "scores": state["importance"], "previous_mean": state["previous_mean"], "active": list(state["active"])}
+    return {
+        **state,
+        "policy": policy,
+        "period_loss": torch.tensor([sum(losses), float(len(losses))], dtype=torch.float64),
+    }
+
+
+def _optimizers_in(config: Any) -> list[torch.optim.Optimizer]:
+    """The optimizers in any return value of ``configure_optimizers`` (object, list, tuple or dict)."""
+    if isinstance(config, torch.optim.Optimizer):
+        return [config]
+    if isinstance(config, dict):
+        return _optimizers_in(config.get("optimizer"))
+    if isinstance(config, (list, tuple)):
+        return [optimizer for item in config for optimizer in _optimizers_in(item)]
+    return []

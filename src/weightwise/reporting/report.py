@@ -1,0 +1,77 @@
+"""``SampleReport``: a table of the samples weightwise weighted lowest and found hardest."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from typing_extensions import override
+
+from weightwise.weighting.callback import SampleWeightCallback
+
+COLUMNS = ["view", "sample_id", "last_weight", "loss_ema", "visits"]
+
+
+class SampleReport(Callback):
+    """At the end of training, list the ``k`` samples with the lowest last weight and the ``k`` with
+    the highest loss EMA - in practice, where mislabelled or odd data hides.
+
+    The rows go to a W&B Table (``weightwise/samples``) when a ``WandbLogger`` is attached, and to
+    ``weightwise_samples.csv`` in the trainer's log directory otherwise. ``describe(sample_id)``
+    adds columns about the sample itself (its text, its label).
+
+    Needs a weightwise weighting callback (``LossReweighting``, ``DataPruning``) in the same Trainer:
+    their score store is what is reported.
+    """
+
+    def __init__(self, k: int = 20, describe: Callable[[int], dict[str, Any]] | None = None) -> None:
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        self.k = k
+        self.describe = describe
+        self.rows: list[list[Any]] = []
+        self.columns: list[str] = list(COLUMNS)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        source = next((cb for cb in trainer.callbacks if isinstance(cb, SampleWeightCallback) and cb.reducer), None)
+        if source is None:
+            raise MisconfigurationException(
+                "SampleReport reports weightwise's score store: add LossReweighting or DataPruning to the Trainer"
+            )
+        scores = source.reducer.scores
+        seen = scores.seen.nonzero().squeeze(1).cpu()
+        weight, ema = scores.weight.cpu()[seen], scores.ema.cpu()[seen]
+        k = min(self.k, seen.numel())
+        views = {
+            "lowest weight": seen[torch.argsort(weight.nan_to_num(float("inf")))[:k]],
+            "highest loss": seen[torch.argsort(ema, descending=True)[:k]],
+        }
+        self.rows = []
+        for view, ids in views.items():
+            for i in ids.tolist():
+                extra = self.describe(i) if self.describe else {}
+                row = [view, i, float(scores.weight[i]), float(scores.ema[i]), int(scores.count[i]), *extra.values()]
+                self.rows.append(row)
+        if self.describe and self.rows:
+            self.columns = COLUMNS + list(self.describe(self.rows[0][1]).keys())
+        # trainer.log_dir is a collective under DDP/DeepSpeed (rank 0 broadcasts it): every rank asks.
+        directory = Path(trainer.log_dir or trainer.default_root_dir)
+        if trainer.is_global_zero:
+            self._write(trainer, directory)
+
+    def _write(self, trainer: pl.Trainer, directory: Path) -> None:
+        wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+        for logger in wandb_loggers:
+            logger.log_table(key="weightwise/samples", columns=self.columns, data=self.rows)
+        if not wandb_loggers:
+            directory.mkdir(parents=True, exist_ok=True)
+            with open(directory / "weightwise_samples.csv", "w", newline="") as handle:
+                csv.writer(handle).writerows([self.columns, *self.rows])

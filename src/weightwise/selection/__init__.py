@@ -1,0 +1,10 @@
+"""Data selection: which samples an epoch (or a step) trains on, and with which correction.
+
+Functional core: per-epoch plans (:mod:`~weightwise.selection.base`: ``EpochPlan`` and the
+self-sharding ``EpochSampler``) and the policies - InfoBatch (:mod:`~weightwise.selection.infobatch`),
+RS2 (:mod:`~weightwise.selection.random_subsets`), importance sampling
+(:mod:`~weightwise.selection.importance`), Data Diet pruning (:mod:`~weightwise.selection.score_pruning`,
+ranking in :mod:`~weightwise.selection.ranking`) - and per-sample difficulty scores
+(:mod:`~weightwise.selection.scores`). Lightning side: :mod:`~weightwise.selection.callback`
+(``DataPruning``). Public face: :mod:`weightwise.samplers`.
+"""

@@ -1,0 +1,191 @@
+"""``DataPruning``: connects a weightwise sampler to the run and keeps the compute-savings ledger."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor
+from torch.utils.data import DataLoader
+from typing_extensions import override
+
+from weightwise.core.checkpoints import state_version, with_version
+from weightwise.core.ids import SAMPLE_ID_KEY, sample_ids_from_batch
+from weightwise.integrations.lightning import set_epoch_length
+from weightwise.selection.base import EpochPlan, EpochSampler
+from weightwise.selection.infobatch import InfoBatchSampler
+from weightwise.weighting.callback import SampleWeightCallback
+from weightwise.weighting.reducer import NonFinitePolicy
+
+
+class DataPruning(SampleWeightCallback):
+    """Dynamic data pruning / importance sampling with a sampler from :mod:`weightwise.samplers`.
+
+    Put the sampler in the training ``DataLoader`` and this callback in the ``Trainer``::
+
+        sampler = InfoBatchSampler(len(train_set), prune_ratio=0.5)
+        loader = DataLoader(IndexedDataset(train_set), batch_size=32, sampler=sampler)
+        trainer = pl.Trainer(callbacks=[DataPruning()], use_distributed_sampler=False)
+
+    The callback
+
+    * attaches the run's score store to the sampler (the losses every step records are its scores)
+      and gives ``InfoBatchSampler`` the number of epochs from ``Trainer(max_epochs)``;
+    * multiplies the sampler's per-sample correction (``1/(1-r)``, ``1/(N p_i)``) into the one
+      combined loss weight (docs/architecture.md, contract 3), so it composes with ``LossReweighting``;
+    * tells Lightning each epoch's true length, so the progress bar, ``val_check_interval`` and the
+      epoch end follow the pruned epoch;
+    * logs a ledger every epoch: ``weightwise/epoch_samples`` (visited, all ranks),
+      ``weightwise/epoch_fraction_skipped``, ``weightwise/samples_skipped_total`` (forward and
+      backward passes saved against full-data epochs), ``weightwise/fraction_skipped_total`` and
+      ``weightwise/epoch_seconds``;
+    * checkpoints the sampler's state and the ledger (docs/architecture.md, contract 4); a checkpoint written mid-epoch
+      (``ModelCheckpoint(every_n_train_steps=...)``) also holds the epoch's plan and how many of
+      this rank's samples already trained, so a resumed run trains exactly the rest of the epoch
+      (Lightning restarts a plain ``DataLoader`` from its first batch otherwise).
+
+    Learning-rate schedules: size them in steps. ``trainer.estimated_stepping_batches`` is computed
+    from the first (full) epoch, so with pruning it is an upper bound on the steps the run takes.
+    """
+
+    STATE_VERSION = 1
+
+    def __init__(self, *, nonfinite: NonFinitePolicy = "raise", sample_id_key: str = SAMPLE_ID_KEY) -> None:
+        super().__init__(nonfinite=nonfinite, sample_id_key=sample_id_key)
+        self.sampler: EpochSampler | None = None
+        self.ledger: dict[str, float] = {"epochs": 0, "samples_visited": 0, "samples_full": 0, "seconds": 0.0}
+        self._pending_sampler_state: dict[str, Any] | None = None
+        self._pending_mid_epoch: dict[str, Any] | None = None
+        self._epoch_start = 0.0
+        self._consumed = 0  # this rank's samples trained in the current epoch
+        self._device_weights: tuple[Tensor, Tensor] | None = None
+
+    # ------------------------------------------------------------------ wiring
+    @staticmethod
+    def find_sampler(trainer: pl.Trainer) -> EpochSampler:
+        """The weightwise sampler of the (single) training DataLoader; errors name the fix."""
+        loader = trainer.train_dataloader
+        if not isinstance(loader, DataLoader):
+            raise MisconfigurationException(
+                f"DataPruning supports one training DataLoader, got {type(loader).__name__}"
+            )
+        candidates = [loader.sampler, getattr(loader.batch_sampler, "sampler", None)]
+        for sampler in candidates:
+            if isinstance(sampler, EpochSampler):
+                return sampler
+            wrapped = getattr(getattr(sampler, "dataset", None), "_sampler", None)
+            if isinstance(wrapped, EpochSampler):
+                raise MisconfigurationException(
+                    "Lightning wrapped the weightwise sampler in a DistributedSampler, which would shard it twice."
+                    " weightwise samplers shard themselves: pass Trainer(use_distributed_sampler=False)."
+                )
+        raise MisconfigurationException(
+            "DataPruning needs the training DataLoader to use a weightwise sampler, e.g."
+            " DataLoader(IndexedDataset(ds), batch_size=32, sampler=weightwise.samplers.InfoBatchSampler(len(ds)))"
+        )
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        sampler = self.sampler = self.find_sampler(trainer)
+        if self._pending_sampler_state is not None:
+            sampler.load_state_dict(self._pending_sampler_state)
+            self._pending_sampler_state = None
+        if isinstance(sampler, InfoBatchSampler) and sampler.num_epochs is None:
+            if trainer.max_epochs is None or trainer.max_epochs < 0:
+                raise MisconfigurationException("InfoBatchSampler needs num_epochs= when Trainer(max_epochs) is unset")
+            sampler.num_epochs = trainer.max_epochs
+        assert self.reducer is not None
+        sampler.attach_scores(self.reducer.scores)
+        sampler.set_epoch(trainer.current_epoch)
+        if self._pending_mid_epoch is not None:  # Lightning calls no on_train_epoch_start when it restarts mid-epoch
+            state, self._pending_mid_epoch = self._pending_mid_epoch, None
+            if state["epoch"] == trainer.current_epoch:
+                sampler.resume_epoch(trainer.current_epoch, EpochPlan(state["indices"], state["weights"]), state["consumed"])
+                self._consumed = state["consumed"]
+                self._set_epoch_length(trainer)
+                self._epoch_start = time.perf_counter() - state["seconds"]
+            else:
+                # Saved after the epoch's last batch: Lightning counts that epoch as done and goes on
+                # without its epoch-end hooks, so its ledger entry is made here, and the next one starts.
+                self._record_epoch(int(state["indices"].numel()), state["seconds"])
+                self._start_epoch(trainer)
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start_epoch(trainer)
+
+    def _start_epoch(self, trainer: pl.Trainer) -> None:
+        assert self.sampler is not None
+        self.sampler.refresh()  # plan this epoch from the scores as they are now
+        self._set_epoch_length(trainer)
+        self._epoch_start = time.perf_counter()
+        self._consumed = 0
+
+    @staticmethod
+    def _set_epoch_length(trainer: pl.Trainer) -> None:
+        set_epoch_length(trainer, len(trainer.train_dataloader))
+
+    # ------------------------------------------------------------------ weights and ledger
+    def sample_weights(self, losses: Tensor, sample_ids: Tensor, trainer: pl.Trainer) -> Tensor | None:
+        weights = self.sampler.epoch_weights() if self.sampler is not None else None
+        if weights is None:
+            return None
+        if self._device_weights is None or self._device_weights[0] is not weights:
+            # The [N] factors change once per epoch: copy them to the device once, not every step.
+            self._device_weights = (weights, weights.to(losses.device))
+        return self._device_weights[1][sample_ids]
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._consumed += int(sample_ids_from_batch(batch, self.sample_id_key).numel())
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert self.sampler is not None
+        visited = int(self.sampler.plan.indices.numel())
+        seconds = time.perf_counter() - self._epoch_start
+        self._record_epoch(visited, seconds)
+        self._consumed = 0  # a checkpoint from here on (epoch end) starts the next epoch afresh
+        full = self.sampler.num_samples
+        skipped_total = self.ledger["samples_full"] - self.ledger["samples_visited"]
+        metrics = {
+            "weightwise/epoch_samples": float(visited),
+            "weightwise/epoch_fraction_skipped": 1.0 - visited / full,
+            "weightwise/samples_skipped_total": float(skipped_total),
+            "weightwise/fraction_skipped_total": skipped_total / self.ledger["samples_full"],
+            "weightwise/epoch_seconds": seconds,
+        }
+        pl_module.log_dict({k: torch.tensor(v) for k, v in metrics.items()}, on_step=False, on_epoch=True)
+
+    def _record_epoch(self, visited: int, seconds: float) -> None:
+        assert self.sampler is not None
+        self.ledger["epochs"] += 1
+        self.ledger["samples_visited"] += visited
+        self.ledger["samples_full"] += self.sampler.num_samples
+        self.ledger["seconds"] += seconds
+
+    # ------------------------------------------------------------------ checkpoints
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        sampler_state = self.sampler.state_dict() if self.sampler is not None else self._pending_sampler_state
+        mid_epoch = None
+        if self.sampler is not None and 0 < self._consumed:
+            plan = self.sampler.plan
+            mid_epoch = {
+                "epoch": self.sampler.epoch,
+                "consumed": self._consumed,
+                "indices": plan.indices,
+                "weights": plan.weights,
+                "seconds": time.perf_counter() - self._epoch_start,
+            }
+        return with_version({"ledger": dict(self.ledger), "sampler": sampler_state, "mid_epoch": mid_epoch}, self.STATE_VERSION)
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_version(state_dict, "DataPruning", self.STATE_VERSION)
+        self.ledger = dict(state_dict["ledger"])
+        self._pending_sampler_state = state_dict["sampler"]
+        self._pending_mid_epoch = state_dict.get("mid_epoch")

@@ -1,0 +1,31 @@
+"""Build a sampler from a policy name - for configs (LightningCLI YAML) and scripts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from weightwise.selection.base import EpochSampler
+from weightwise.selection.importance import ImportanceSampler
+from weightwise.selection.infobatch import InfoBatchSampler
+from weightwise.selection.random_subsets import RandomSubsetSampler
+from weightwise.selection.score_pruning import ScorePruningSampler
+
+POLICIES: dict[str, tuple[type[EpochSampler], dict[str, Any]]] = {
+    "infobatch": (InfoBatchSampler, {}),
+    "rs2": (RandomSubsetSampler, {}),
+    "importance": (ImportanceSampler, {}),
+    "el2n": (ScorePruningSampler, {"score": "el2n"}),
+    "grand": (ScorePruningSampler, {"score": "grand"}),
+}
+
+
+def make_sampler(policy: str, num_samples: int, **kwargs: Any) -> EpochSampler:
+    """``make_sampler("infobatch", len(ds), prune_ratio=0.5)``; ``kwargs`` go to the sampler class.
+
+    Policies: ``infobatch``, ``rs2``, ``importance``, ``el2n`` and ``grand`` (Data Diet pruning by
+    that recorded score; ``rescore_every=n`` for the dynamic variant).
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"unknown pruning policy {policy!r}; choose one of {sorted(POLICIES)}")
+    cls, defaults = POLICIES[policy]
+    return cls(num_samples, **{**defaults, **kwargs})

@@ -1,0 +1,132 @@
+"""LayerwiseSampling with a tiny Llama on real text: frozen layers are bit-identical, state is freed."""
+
+import pytest
+import torch
+
+from tests.support.models import TinyLlama, token_batches
+from tests.support.training import Snapshot, trainer
+from weightwise.callbacks import LayerwiseSampling
+from weightwise.layers.freezing import OptimizerStateStash, optimizer_state_bytes
+
+
+def test_frozen_layers_stay_bit_identical_under_adamw_with_weight_decay():
+    sampling, snapshot = LayerwiseSampling("lisa", n_layers=2, interval=2), Snapshot()
+    module = TinyLlama()
+    trainer(max_epochs=2, callbacks=[sampling, snapshot]).fit(module, token_batches())
+    assert len(sampling.history) == 4 and any(a != b for a, b in zip(sampling.history, sampling.history[1:]))
+    for step in range(len(snapshot.params) - 1):
+        active = sampling.history[step // 2]
+        for layer in range(6):
+            moved = not torch.equal(snapshot.params[step][layer], snapshot.params[step + 1][layer])
+            assert moved == (layer in active), (step, layer, active)
+
+
+def test_optimizer_state_is_released_or_offloaded():
+    module = TinyLlama()
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-2)
+    module.model(input_ids=torch.randint(0, 64, (2, 8)), labels=torch.randint(0, 64, (2, 8))).loss.backward()
+    optimizer.step()
+    full = optimizer_state_bytes(optimizer)
+    layer = list(module.model.model.layers[0].parameters())
+    kept = optimizer.state[layer[0]]["exp_avg"].clone()
+
+    offload = OptimizerStateStash("offload")
+    offload.freeze(layer, optimizer)
+    assert optimizer_state_bytes(optimizer) < full and all(p.grad is None and not p.requires_grad for p in layer)
+    offload.thaw(layer, optimizer)
+    assert torch.equal(optimizer.state[layer[0]]["exp_avg"], kept) and optimizer_state_bytes(optimizer) == full
+
+    release = OptimizerStateStash("release")
+    release.freeze(layer, optimizer)
+    release.thaw(layer, optimizer)
+    assert layer[0] not in optimizer.state  # moments start from zero when the layer returns
+
+
+def test_ist_learns_importance_and_run_is_deterministic():
+    def run():
+        sampling = LayerwiseSampling("ist", n_layers=2, interval=1, seed=3)
+        trainer(max_epochs=2, callbacks=[sampling]).fit(TinyLlama(), token_batches())
+        return sampling
+
+    first, second = run(), run()
+    assert first.history == second.history
+    assert first.importance.abs().sum() > 0  # rewards reached the scores
+
+
+def test_bad_settings():
+    with pytest.raises(ValueError, match="policy"):
+        LayerwiseSampling("random")
+    with pytest.raises(Exception, match="n_layers=9"):
+        trainer(max_steps=1, callbacks=[LayerwiseSampling(n_layers=9)]).fit(TinyLlama(), token_batches())
+
+
+@pytest.mark.parametrize("optimizer_state", ["release", "offload"])
+def test_resume_continues_the_same_layer_schedule(tmp_path, optimizer_state):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from tests.support.training import flat_params
+
+    def run(max_epochs, ckpt_path=None, checkpoint_dir=None):
+        sampling = LayerwiseSampling("ist", n_layers=2, interval=3, seed=1, optimizer_state=optimizer_state)
+        callbacks = [sampling] + ([ModelCheckpoint(dirpath=checkpoint_dir, save_last=True)] if checkpoint_dir else [])
+        module = TinyLlama()
+        trainer(max_epochs=max_epochs, callbacks=callbacks, enable_checkpointing=bool(checkpoint_dir)).fit(
+            module, token_batches(), ckpt_path=ckpt_path
+        )
+        return module, sampling
+
+    straight, straight_sampling = run(4)
+    run(2, checkpoint_dir=tmp_path)
+    resumed, resumed_sampling = run(4, ckpt_path=tmp_path / "last.ckpt")
+    assert resumed_sampling.history == straight_sampling.history
+    assert torch.allclose(resumed_sampling.importance, straight_sampling.importance)
+    assert torch.allclose(flat_params(resumed), flat_params(straight))
+    if optimizer_state == "offload":  # the moments parked on CPU at the checkpoint came back with it
+        parked = torch.load(tmp_path / "last.ckpt", weights_only=False)["callbacks"]["LayerwiseSampling"]["parked"]
+        parked_layers = {int(name.split("layers.")[1].split(".")[0]) for name in parked}
+        # ...and they mattered: a parked layer trains again after the resume (periods 3+), with its moments.
+        assert parked_layers & {i for period in straight_sampling.history[3:] for i in period}
+
+
+def test_with_lora_adapters_only_the_chosen_layers_adapters_train():
+    from peft import LoraConfig, get_peft_model
+
+    module = TinyLlama()
+    module.model = get_peft_model(module.model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    base_before = {n: p.detach().clone() for n, p in module.named_parameters() if "lora_" not in n}
+    sampling = LayerwiseSampling("ist", n_layers=2, interval=2)
+    adapters = {n: p.detach().clone() for n, p in module.named_parameters() if "lora_B" in n}
+    trainer(max_epochs=1, callbacks=[sampling]).fit(module, token_batches())
+    for name, param in module.named_parameters():
+        if "lora_" not in name:
+            assert torch.equal(param, base_before[name]) and not param.requires_grad, name  # base never trains
+    stack = sampling.stack
+    trained = {i for i, layer in enumerate(stack) for n, p in layer.named_parameters() if "lora_B" in n and p.abs().sum() > 0}
+    assert trained == {i for period in sampling.history for i in period}  # exactly the sampled layers' adapters moved
+    assert len(adapters) == 2 * len(stack)
+
+
+def test_layer_activity_and_importance_are_logged_per_period(tmp_path):
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    sampling = LayerwiseSampling("ist", n_layers=2, interval=2)
+    trainer(max_epochs=1, callbacks=[sampling], logger=CSVLogger(tmp_path)).fit(TinyLlama(), token_batches())
+    rows = [r for r in csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))) if r.get("weightwise/layer_active/00")]
+    assert len(rows) == len(sampling.history) == 2
+    for row, active in zip(rows, sampling.history):
+        assert [i for i in range(6) if float(row[f"weightwise/layer_active/{i:02d}"]) == 1.0] == active
+        assert "weightwise/layer_importance/05" in row
+    assert float(rows[0]["weightwise/optimizer_state_mib"]) == 0.0  # before the first step: no Adam state yet
+    assert float(rows[1]["weightwise/optimizer_state_mib"]) > 0.0
+
+
+def test_the_optimizer_is_found_in_every_configure_optimizers_form():
+    from weightwise.layers.callback import _optimizers_in
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    schedule = torch.optim.lr_scheduler.StepLR(optimizer, 1)
+    forms = [optimizer, [optimizer], ([optimizer], [schedule]), {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule}}]
+    assert all(_optimizers_in(form) == [optimizer] for form in forms)
+    assert _optimizers_in(None) == []

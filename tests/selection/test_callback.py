@@ -1,0 +1,195 @@
+"""DataPruning with real Trainer runs: shorter epochs, corrections, ledger, composition, resume."""
+
+import csv
+from types import SimpleNamespace
+
+import pytest
+import torch
+from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+from lightning.pytorch import seed_everything
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from tests.support.models import Classifier, indexed_loader
+from tests.support.training import flat_params, trainer
+from weightwise.callbacks import DataPruning, LossReweighting
+from weightwise.losses import loss_weights
+from weightwise.samplers import (
+    ImportanceSampler,
+    InfoBatchSampler,
+    RandomSubsetSampler,
+    ScorePruningSampler,
+)
+
+
+class Recorder(Callback):
+    """Which sample ids each epoch trained on, and how many batches Lightning thought it had."""
+
+    def __init__(self):
+        self.ids, self.num_batches, self.validations = {}, {}, 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.ids.setdefault(trainer.current_epoch, []).extend(batch.sample_id.tolist())
+        self.num_batches[trainer.current_epoch] = trainer.num_training_batches
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        self.validations += 1
+
+
+def test_infobatch_epochs_shrink_validation_runs_and_ledger_is_logged(tmp_path):
+    sampler = InfoBatchSampler(64, prune_ratio=0.5)
+    recorder = Recorder()
+    pruning = DataPruning()
+    fit = trainer(
+        max_epochs=8,
+        callbacks=[pruning, recorder],
+        logger=CSVLogger(tmp_path),
+        enable_progress_bar=True,
+        num_sanity_val_steps=0,
+    )
+    fit.fit(Classifier(), indexed_loader(64, 8, sampler=sampler), indexed_loader(16, 8))
+
+    sizes = [len(recorder.ids[e]) for e in range(8)]
+    assert sizes[0] == 64 and sizes[7] == 64  # first epoch full, last epoch annealed (7 >= 0.875 * 8)
+    assert all(size < 64 for size in sizes[1:7])
+    assert [recorder.num_batches[e] for e in range(8)] == [-(-s // 8) for s in sizes]
+    assert recorder.validations == 8  # validation still runs at the end of every (shorter) epoch
+    assert sampler.num_epochs == 8  # taken from max_epochs
+    assert pruning.ledger["samples_visited"] == sum(sizes) and pruning.ledger["samples_full"] == 8 * 64
+
+    rows = [r for r in csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))) if r.get("weightwise/epoch_samples")]
+    assert [float(r["weightwise/epoch_samples"]) for r in rows] == [float(s) for s in sizes]
+    assert float(rows[-1]["weightwise/samples_skipped_total"]) == 8 * 64 - sum(sizes)
+
+
+def test_infobatch_correction_reaches_the_loss_and_composes_with_reweighting():
+    sampler = InfoBatchSampler(32, prune_ratio=0.5, num_epochs=10)
+    pruning, reweighting = DataPruning(), LossReweighting("linupper")
+    model = Classifier(lr=0.0)  # frozen model: losses stay the same, so weights can be recomputed
+    trainer(max_epochs=2, callbacks=[reweighting, pruning]).fit(model, indexed_loader(32, 32, sampler=sampler))
+    plan = sampler.plan
+    store = pruning.reducer.scores
+    kept = plan.indices
+    expected = loss_weights(store.loss[kept], "linupper") * plan.weights[kept]
+    assert torch.allclose(store.weight[kept], expected, atol=1e-5)
+    assert (plan.weights[kept] > 1.0).any()  # some kept well-learned samples were up-weighted
+
+
+@pytest.mark.parametrize(
+    "make_sampler",
+    [
+        lambda: RandomSubsetSampler(64, 0.25),
+        lambda: ImportanceSampler(64, 0.5),
+        lambda: ScorePruningSampler(64, 0.5, score="el2n"),
+    ],
+)
+def test_every_policy_trains_with_fewer_samples(make_sampler):
+    sampler = make_sampler()
+    recorder = Recorder()
+    pruning = DataPruning()
+    trainer(max_epochs=3, callbacks=[pruning, recorder]).fit(Classifier(el2n=True), indexed_loader(64, 8, sampler=sampler))
+    assert pruning.ledger["samples_visited"] < 3 * 64
+    assert sum(len(v) for v in recorder.ids.values()) == pruning.ledger["samples_visited"]
+    assert torch.isfinite(pruning.reducer.scores.signal("el2n")).sum() > 0
+
+
+def test_without_a_weightwise_sampler_the_error_names_the_fix():
+    with pytest.raises(MisconfigurationException, match="InfoBatchSampler"):
+        trainer(max_epochs=1, callbacks=[DataPruning()]).fit(Classifier(), indexed_loader(16, 8))
+
+
+def test_double_sharding_by_lightning_is_refused():
+    from torch.utils.data import DataLoader
+
+    sampler = RandomSubsetSampler(16, 0.5, num_replicas=1, rank=0)
+    wrapped = DataLoader(range(16), sampler=DistributedSamplerWrapper(sampler, num_replicas=2, rank=0))
+    with pytest.raises(MisconfigurationException, match="use_distributed_sampler=False"):
+        DataPruning.find_sampler(SimpleNamespace(train_dataloader=wrapped))
+
+
+def test_resume_continues_the_same_subsets_weights_and_scores(tmp_path):
+    def run(max_epochs, ckpt_path=None, checkpoint_dir=None):
+        seed_everything(5)
+        model = Classifier()
+        sampler = InfoBatchSampler(48, prune_ratio=0.5, num_epochs=6)
+        recorder, pruning = Recorder(), DataPruning()
+        callbacks = [pruning, recorder]
+        if checkpoint_dir:
+            callbacks.append(ModelCheckpoint(dirpath=checkpoint_dir, save_last=True))
+        trainer(max_epochs=max_epochs, callbacks=callbacks, enable_checkpointing=bool(checkpoint_dir)).fit(
+            model, indexed_loader(48, 8, sampler=sampler), ckpt_path=ckpt_path
+        )
+        return model, recorder, pruning
+
+    straight, straight_ids, straight_pruning = run(6)
+    run(3, checkpoint_dir=tmp_path)
+    resumed, resumed_ids, resumed_pruning = run(6, ckpt_path=tmp_path / "last.ckpt")
+
+    assert sorted(resumed_ids.ids) == [3, 4, 5]
+    for epoch in (3, 4, 5):
+        assert resumed_ids.ids[epoch] == straight_ids.ids[epoch], epoch
+    assert len(straight_ids.ids[3]) < 48  # the resumed epochs are pruned ones, so the test has teeth
+    assert torch.allclose(flat_params(resumed), flat_params(straight))
+    assert resumed_pruning.ledger["samples_visited"] == straight_pruning.ledger["samples_visited"]
+
+
+@pytest.fixture(scope="module")
+def mid_epoch_checkpoints(tmp_path_factory):
+    """An uninterrupted pruned run, and a copy of it that saved a checkpoint after every step."""
+    directory = tmp_path_factory.mktemp("every_step")
+
+    def run(ckpt_path=None, save=False, max_steps=-1):
+        seed_everything(5)
+        model, recorder, pruning = Classifier(), Recorder(), DataPruning()
+        callbacks = [pruning, recorder]
+        if save:
+            callbacks.append(ModelCheckpoint(dirpath=directory, every_n_train_steps=1, save_top_k=-1, filename="{step}"))
+        trainer(max_epochs=4, max_steps=max_steps, callbacks=callbacks, enable_checkpointing=save).fit(
+            model, indexed_loader(48, 8, sampler=InfoBatchSampler(48, prune_ratio=0.5, num_epochs=4)), ckpt_path=ckpt_path
+        )
+        return model, recorder, pruning
+
+    run(save=True, max_steps=10)
+    return run, run(), directory
+
+
+# 6 batches in epoch 0 (full), then pruned epochs: mid epoch 0, its last batch, mid epoch 1 (pruned).
+@pytest.mark.parametrize("step", [3, 6, 8])
+def test_resume_from_a_mid_epoch_checkpoint_trains_exactly_the_rest_of_the_epoch(mid_epoch_checkpoints, step):
+    run, (straight, straight_ids, straight_pruning), directory = mid_epoch_checkpoints
+    resumed, resumed_ids, resumed_pruning = run(ckpt_path=directory / f"step={step}.ckpt")
+    for epoch, ids in resumed_ids.ids.items():
+        assert ids == straight_ids.ids[epoch][len(straight_ids.ids[epoch]) - len(ids) :], epoch
+    trained = sum(len(ids) for ids in resumed_ids.ids.values())
+    assert trained == sum(len(ids) for ids in straight_ids.ids.values()) - 8 * step  # nothing twice, nothing lost
+    assert torch.equal(flat_params(resumed), flat_params(straight))
+    assert resumed_pruning.ledger["samples_visited"] == straight_pruning.ledger["samples_visited"]
+
+
+class ScheduledClassifier(Classifier):
+    """LR decays linearly over trainer.estimated_stepping_batches, stepped every optimizer step."""
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
+        total = self.trainer.estimated_stepping_batches
+        schedule = torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, 0.0, total_iters=total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def test_step_sized_schedule_max_steps_and_mid_epoch_validation_follow_pruned_epochs():
+    recorder = Recorder()
+    model = ScheduledClassifier()
+    fit = trainer(
+        max_epochs=10,
+        max_steps=30,
+        val_check_interval=0.5,
+        num_sanity_val_steps=0,
+        callbacks=[DataPruning(), recorder],
+    )
+    fit.fit(model, indexed_loader(64, 8, sampler=RandomSubsetSampler(64, 0.5)), indexed_loader(16, 8))
+    assert fit.global_step == 30  # max_steps still ends the run: 4 steps per pruned epoch
+    assert [len(ids) for ids in recorder.ids.values()][:7] == [32] * 7
+    assert recorder.validations == 2 * 7 + 1  # twice per 4-batch epoch, once in the last partial epoch
+    # With max_steps set, estimated_stepping_batches is max_steps: the schedule ends exactly with the run.
+    assert fit.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-9)

@@ -1,0 +1,229 @@
+import pytest
+import torch
+
+from weightwise import SampleScoreStore
+from weightwise.samplers import (
+    ImportanceSampler,
+    InfoBatchSampler,
+    RandomSubsetSampler,
+    ScorePruningSampler,
+)
+
+
+def store_with(values, name="loss"):
+    store = SampleScoreStore()
+    ids = torch.arange(len(values))
+    store.update(ids, torch.as_tensor(values, dtype=torch.float32), step=0)
+    if name not in ("loss", "ema"):
+        store.record(name, ids, torch.as_tensor(values, dtype=torch.float32))
+    return store
+
+
+# ---------------------------------------------------------------- InfoBatch
+def test_infobatch_first_epoch_is_full_without_scores():
+    sampler = InfoBatchSampler(20, prune_ratio=0.5, num_epochs=10)
+    assert sorted(sampler) == list(range(20)) and sampler.epoch_weights() is None
+
+
+def test_infobatch_prunes_half_of_the_below_mean_samples_and_rescales_the_rest():
+    losses = torch.arange(20, dtype=torch.float32)  # mean 9.5: ids 0..9 are well learned
+    sampler = InfoBatchSampler(20, prune_ratio=0.5, num_epochs=10)
+    sampler.attach_scores(store_with(losses))
+    sampler.set_epoch(1)
+    visited = set(sampler)
+    assert len(visited) == 15 and set(range(10, 20)) <= visited  # 5 of 10 well-learned pruned, hard ones kept
+    weights = sampler.epoch_weights()
+    kept_easy = [i for i in visited if i < 10]
+    assert torch.equal(weights[kept_easy], torch.full((5,), 2.0))  # 1 / (1 - 0.5)
+    assert torch.equal(weights[10:], torch.ones(10))
+    # Unbiased: the expected weighted sum over the epoch equals the full-data sum.
+    expected = sum(losses[i] * weights[i] for i in visited)
+    assert abs(float(expected) - float(losses.sum())) < 20  # one draw; exact in expectation (next test)
+
+
+def test_infobatch_is_unbiased_in_expectation():
+    losses = torch.rand(40) * 3
+    sampler = InfoBatchSampler(40, prune_ratio=0.7, num_epochs=100)
+    sampler.attach_scores(store_with(losses))
+    total = torch.zeros(())
+    draws = 2000
+    for epoch in range(draws):
+        sampler.set_epoch(epoch % 80)  # below the annealing epoch
+        sampler.seed = epoch  # fresh randomness per draw
+        sampler.refresh()
+        plan = sampler.plan
+        total += (losses[plan.indices] * plan.weights[plan.indices]).sum()
+    assert abs(float(total / draws) - float(losses.sum())) / float(losses.sum()) < 0.01
+
+
+def test_infobatch_anneals_to_full_data():
+    sampler = InfoBatchSampler(20, prune_ratio=0.5, num_epochs=8, anneal=0.875)
+    sampler.attach_scores(store_with(torch.arange(20.0)))
+    sampler.set_epoch(6)
+    assert len(list(sampler)) == 15
+    sampler.set_epoch(7)  # 7 >= 0.875 * 8
+    assert sorted(sampler) == list(range(20)) and sampler.epoch_weights() is None
+
+
+def test_infobatch_keeps_unscored_samples_and_rounds_to_world_size():
+    store = SampleScoreStore()
+    store.update(torch.arange(10), torch.arange(10.0), step=0)  # ids 10..20 never seen
+    sampler = InfoBatchSampler(21, prune_ratio=0.5, num_epochs=10, num_replicas=2, rank=0)
+    sampler.attach_scores(store)
+    sampler.set_epoch(1)
+    plan = sampler.plan
+    assert plan.indices.numel() % 2 == 0
+    assert set(range(10, 21)) <= set(plan.indices.tolist())
+    pruned = 21 - plan.indices.numel()
+    assert torch.allclose(plan.weights[plan.indices[plan.indices < 5]], torch.tensor(5 / (5 - pruned)))
+
+
+def test_infobatch_needs_num_epochs_once_scored():
+    sampler = InfoBatchSampler(10)
+    sampler.attach_scores(store_with(torch.arange(10.0)))
+    sampler.set_epoch(1)
+    with pytest.raises(ValueError, match="num_epochs"):
+        list(sampler)
+
+
+# ---------------------------------------------------------------- RS2
+def test_rs2_without_replacement_sees_everything_before_repeating():
+    sampler = RandomSubsetSampler(30, fraction=0.2)  # 6 per epoch, 5 epochs per pass
+    first_pass = []
+    for epoch in range(5):
+        sampler.set_epoch(epoch)
+        first_pass += list(sampler)
+    assert sorted(first_pass) == list(range(30))
+    sampler.set_epoch(5)
+    assert len(set(sampler)) == 6
+
+
+def test_rs2_subset_that_straddles_two_passes():
+    sampler = RandomSubsetSampler(10, fraction=0.4)  # 4 per epoch: epoch 2 takes 2 + 2 across passes
+    seen = []
+    for epoch in range(5):
+        sampler.set_epoch(epoch)
+        seen += list(sampler)
+    assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:20]) == list(range(10))
+
+
+def test_rs2_with_replacement_draws_independent_subsets():
+    sampler = RandomSubsetSampler(100, fraction=0.3, replacement=True)
+    subsets = []
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        subsets.append(set(sampler))
+    assert all(len(s) == 30 for s in subsets) and subsets[0] != subsets[1]
+
+
+# ---------------------------------------------------------------- importance sampling
+def test_importance_probabilities_follow_scores_with_a_floor():
+    sampler = ImportanceSampler(4, score="ema", uniform_mix=0.2)
+    sampler.attach_scores(store_with([0.0, 1.0, 1.0, 2.0]))
+    p = sampler.probabilities()
+    assert torch.allclose(p, 0.8 * torch.tensor([0.0, 0.25, 0.25, 0.5]) + 0.05)
+    assert p.min() == 0.05  # floor: eps / N
+
+
+def test_importance_weights_make_the_loss_estimate_unbiased():
+    losses = torch.rand(50) * 4
+    sampler = ImportanceSampler(50, fraction=1.0, score="ema", uniform_mix=0.1)
+    sampler.attach_scores(store_with(losses))
+    estimates = []
+    for epoch in range(300):
+        sampler.set_epoch(epoch)
+        plan = sampler.plan
+        estimates.append((losses[plan.indices] * plan.weights[plan.indices]).mean())
+    assert abs(float(torch.stack(estimates).mean()) - float(losses.mean())) / float(losses.mean()) < 0.02
+    # and high-loss samples are drawn more often
+    counts = torch.bincount(sampler.plan.indices, minlength=50)
+    assert counts[losses.argsort()[-10:]].sum() > counts[losses.argsort()[:10]].sum()
+
+
+def test_importance_first_epoch_is_uniform_and_unscored_samples_are_optimistic():
+    sampler = ImportanceSampler(10, fraction=0.5)
+    assert len(set(sampler)) == 5 and sampler.epoch_weights() is None
+    store = SampleScoreStore()
+    store.update(torch.arange(5), torch.ones(5), step=0)
+    store.update(torch.tensor([5]), torch.tensor([3.0]), step=0)  # ids 6..9 unseen: get the max, 3
+    sampler.attach_scores(store)
+    p = sampler.probabilities()
+    assert torch.allclose(p[6:], p[5].expand(4))
+
+
+def test_importance_rejects_negative_scores():
+    sampler = ImportanceSampler(3, score="margin")
+    sampler.attach_scores(store_with([1.0, -1.0, 0.5], name="margin"))
+    with pytest.raises(ValueError, match="non-negative"):
+        sampler.probabilities()
+
+
+# ---------------------------------------------------------------- Data Diet
+def test_score_pruning_static_keeps_the_highest_scores_after_warmup():
+    sampler = ScorePruningSampler(10, keep_fraction=0.3, score="el2n", warmup_epochs=2)
+    sampler.attach_scores(store_with(torch.arange(10.0), name="el2n"))
+    sampler.set_epoch(1)
+    assert len(list(sampler)) == 10
+    sampler.set_epoch(2)
+    assert sorted(sampler) == [7, 8, 9]
+    sampler.set_epoch(9)
+    assert sorted(sampler) == [7, 8, 9]  # static: never rescored
+
+
+def test_score_pruning_skip_hardest_offset():
+    sampler = ScorePruningSampler(10, keep_fraction=0.3, score="el2n", skip_hardest=0.2)
+    sampler.attach_scores(store_with(torch.arange(10.0), name="el2n"))
+    sampler.set_epoch(1)
+    assert sorted(sampler) == [5, 6, 7]
+
+
+def test_score_pruning_dynamic_rescoring_epochs_are_full_and_reselect():
+    store = store_with(torch.arange(10.0), name="el2n")
+    sampler = ScorePruningSampler(10, keep_fraction=0.2, score="el2n", warmup_epochs=1, rescore_every=3)
+    sampler.attach_scores(store)
+    full = [e for e in range(10) if sampler.is_full_epoch(e)]
+    assert full == [0, 4, 7]
+    sampler.set_epoch(1)
+    assert sorted(sampler) == [8, 9]
+    store.record("el2n", torch.arange(10), torch.arange(10.0).flip(0))  # the rescoring epoch changes the ranking
+    sampler.set_epoch(3)
+    assert sorted(sampler) == [8, 9]  # same selection until the next full pass
+    sampler.set_epoch(5)
+    assert sorted(sampler) == [0, 1]
+
+
+def test_score_pruning_selection_survives_state_dict():
+    sampler = ScorePruningSampler(10, keep_fraction=0.2, score="el2n")
+    sampler.attach_scores(store_with(torch.arange(10.0), name="el2n"))
+    sampler.set_epoch(1)
+    list(sampler)
+    restored = ScorePruningSampler(10, keep_fraction=0.2, score="el2n")
+    restored.load_state_dict(sampler.state_dict())
+    restored.attach_scores(store_with(torch.zeros(10), name="el2n"))  # scores changed since
+    restored.set_epoch(2)
+    assert sorted(restored) == [8, 9]
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [
+        lambda: InfoBatchSampler(10, prune_ratio=1.0),
+        lambda: RandomSubsetSampler(10, fraction=0.0),
+        lambda: ImportanceSampler(10, uniform_mix=0.0),
+        lambda: ScorePruningSampler(10, warmup_epochs=0),
+        lambda: ScorePruningSampler(10, rescore_every=1),
+    ],
+)
+def test_bad_arguments(factory):
+    with pytest.raises(ValueError):
+        factory()
+
+
+def test_make_sampler_by_policy_name():
+    from weightwise.samplers import make_sampler
+
+    sampler = make_sampler("el2n", 10, keep_fraction=0.3)
+    assert isinstance(sampler, ScorePruningSampler) and sampler.score == "el2n" and sampler.keep_fraction == 0.3
+    assert isinstance(make_sampler("infobatch", 10), InfoBatchSampler)
+    with pytest.raises(ValueError, match="choose one of"):
+        make_sampler("forgetting", 10)

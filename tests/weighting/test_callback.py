@@ -1,0 +1,132 @@
+import csv
+import time
+
+import pytest
+import torch
+from lightning.pytorch import seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import DataLoader
+
+from tests.support.models import Classifier, blobs, indexed_loader
+from tests.support.training import flat_params, trainer
+from weightwise.callbacks import LossReweighting, reducer_of
+from weightwise.losses import loss_weights
+
+
+def test_uniform_reproduces_plain_mean_training_exactly():
+    seed_everything(7)
+    plain = Classifier(per_sample=False, optimizer="adamw", lr=0.01)
+    trainer(max_epochs=3).fit(plain, DataLoader(blobs(96), batch_size=10, shuffle=True))
+
+    seed_everything(7)
+    weighted = Classifier(per_sample=True, optimizer="adamw", lr=0.01)
+    trainer(max_epochs=3, callbacks=[LossReweighting("uniform")]).fit(weighted, indexed_loader(96, 10, shuffle=True))
+
+    assert torch.equal(flat_params(plain), flat_params(weighted))
+
+
+def test_linupper_changes_training_and_applies_weights_of_the_batch():
+    seed_everything(0)
+    model = Classifier()
+    init = Classifier()
+    init.load_state_dict(model.state_dict())
+    cb = LossReweighting("linupper")
+    fit_trainer = trainer(max_steps=1, callbacks=[cb])
+    fit_trainer.fit(model, indexed_loader(16, 16))
+
+    # Same single step by hand: weighted mean with the paper's weights on the batch's losses.
+    x, y = blobs(16).tensors
+    losses = torch.nn.functional.cross_entropy(init.net(x), y, reduction="none")
+    w = loss_weights(losses, "linupper")
+    (losses * w).mean().backward()
+    with torch.no_grad():
+        expected = torch.cat([(p - 0.1 * p.grad).flatten() for p in init.parameters()])
+    assert torch.allclose(flat_params(model), expected, atol=1e-6)
+    assert not torch.allclose(w, torch.ones_like(w))
+    # The training_step wrapper is gone after fit, the module is plain again.
+    assert "training_step" not in model.__dict__ and reducer_of(model) is None
+
+
+def test_score_store_sees_every_sample_with_its_own_loss():
+    seed_everything(0)
+    model = Classifier(lr=0.0)  # frozen model: each stored loss must equal the sample's own loss
+    cb = LossReweighting("quadratic")
+    trainer(max_epochs=2, callbacks=[cb]).fit(model, indexed_loader(40, 8, shuffle=True))
+    store = cb.reducer.scores
+    assert len(store) == 40 and store.count.tolist() == [2] * 40
+    x, y = blobs(40).tensors
+    own = torch.nn.functional.cross_entropy(model.net(x), y, reduction="none").detach()
+    assert torch.allclose(store.loss, own, atol=1e-6)
+    assert torch.isfinite(store.weight).all() and (store.weight >= 0).all()
+
+
+def test_weight_statistics_are_logged(tmp_path):
+    cb = LossReweighting("extremes")
+    trainer(max_epochs=1, logger=CSVLogger(tmp_path), log_every_n_steps=1, callbacks=[cb]).fit(
+        Classifier(), indexed_loader(32, 8)
+    )
+    rows = list(csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))))
+    means = [float(r["weightwise/weight_mean"]) for r in rows if r.get("weightwise/weight_mean")]
+    maxima = [float(r["weightwise/weight_max"]) for r in rows if r.get("weightwise/weight_max")]
+    assert len(means) == 4 and all(abs(m - 1) < 1e-5 for m in means)
+    assert all(m > 1 for m in maxima)
+
+
+def test_wandb_offline_run_gets_weight_histogram(tmp_path):
+    import wandb
+    from lightning.pytorch.loggers import WandbLogger
+
+    logger = WandbLogger(save_dir=tmp_path, offline=True, project="weightwise-tests")
+    trainer(max_epochs=1, logger=logger, log_every_n_steps=1, callbacks=[LossReweighting("linupper")]).fit(
+        Classifier(), indexed_loader(16, 8)
+    )
+    wandb.finish()
+    # W&B's service process writes the offline run file asynchronously: give it time to flush.
+    deadline = time.monotonic() + 30
+    content = b""
+    while time.monotonic() < deadline and b"weightwise/weights" not in content:
+        run_files = list(tmp_path.rglob("*.wandb"))
+        content = run_files[0].read_bytes() if run_files else b""
+        time.sleep(0.2)
+    assert run_files, "no offline W&B run was written"
+    assert b"weightwise/weights" in content
+
+
+def test_resume_from_checkpoint_continues_identically(tmp_path):
+    def run(max_epochs, ckpt_path=None, callbacks=()):
+        seed_everything(3)
+        model = Classifier()
+        cb = LossReweighting("linupper")
+        trainer(max_epochs=max_epochs, callbacks=[cb, *callbacks], enable_checkpointing=bool(callbacks)).fit(
+            model, indexed_loader(24, 8), ckpt_path=ckpt_path
+        )
+        return model, cb.reducer.scores
+
+    straight, straight_scores = run(4)
+    checkpointing = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    run(2, callbacks=[checkpointing])
+    ckpt = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert ckpt["weightwise"]["scores"]["count"].tolist() == [2] * 24
+    resumed, resumed_scores = run(4, ckpt_path=tmp_path / "last.ckpt")
+
+    assert torch.allclose(flat_params(straight), flat_params(resumed))
+    assert resumed_scores.count.tolist() == [4] * 24
+    assert torch.allclose(resumed_scores.ema, straight_scores.ema)
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    checkpointing = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer(max_epochs=1, enable_checkpointing=True, callbacks=[LossReweighting("linupper"), checkpointing]).fit(
+        Classifier(), indexed_loader(16, 8)
+    )
+    with pytest.raises(ValueError, match="resume with the same settings"):
+        trainer(max_epochs=2, callbacks=[LossReweighting("linupper", delta=2.0)]).fit(
+            Classifier(), indexed_loader(16, 8), ckpt_path=tmp_path / "last.ckpt"
+        )
+
+
+@pytest.mark.parametrize("kwargs", [{"strategy": "cubic"}, {"temperature": 0.0}, {"nonfinite": "ignore"}])
+def test_bad_configuration(kwargs):
+    with pytest.raises(ValueError):
+        LossReweighting(**kwargs)
