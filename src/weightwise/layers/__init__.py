@@ -7,8 +7,16 @@ Functional core: :mod:`~weightwise.layers.stack` (finding a model's layer stack)
 :mod:`weightwise.integrations.deepspeed`.
 """
 
-from weightwise.layers.freezing import OptimizerStateStash, optimizer_state_bytes
+from weightwise.layers.freezing import OptimizerStateStash, activate_layers, optimizer_state_bytes
 from weightwise.layers.policies import LayerPolicy, LossCreditLayers, UniformLayers
 from weightwise.layers.stack import find_layer_stack
 
-__all__ = ["LayerPolicy", "LossCreditLayers", "OptimizerStateStash", "UniformLayers", "find_layer_stack", "optimizer_state_bytes"]
+__all__ = [
+    "LayerPolicy",
+    "LossCreditLayers",
+    "OptimizerStateStash",
+    "UniformLayers",
+    "activate_layers",
+    "find_layer_stack",
+    "optimizer_state_bytes",
+]

@@ -284,9 +284,7 @@ class LayerwiseSampling(Callback):
             self._set_trainable(chosen)
             self._rebuild_zero(trainer.strategy)
         else:
-            optimizer = trainer.optimizers[0] if trainer.optimizers else None
-            self.stash.freeze((p for i, params in enumerate(self.trainable) if i not in chosen for p in params), optimizer)
-            self.stash.thaw((p for i in chosen for p in self.trainable[i]), optimizer)
+            activate_layers(self.trainable, chosen, trainer.optimizers[0] if trainer.optimizers else None, self.stash)
             rewrap_ddp(trainer)  # DDP's reducer covers the parameters that required grad when it was built
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         self.active, self._applied = chosen, True

@@ -13,7 +13,7 @@ Flipping ``requires_grad`` is not enough (docs/architecture.md, "Memory is real"
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Literal
 
 import torch
@@ -77,3 +77,23 @@ class OptimizerStateStash:
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes held in the optimizer's per-parameter state tensors (e.g. Adam's two moments)."""
     return sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values() if isinstance(v, Tensor))
+
+
+def activate_layers(
+    layer_params: Sequence[Sequence[nn.Parameter]],
+    chosen: Iterable[int],
+    optimizer: torch.optim.Optimizer | None,
+    stash: OptimizerStateStash,
+) -> None:
+    """Make exactly the ``chosen`` layers trainable: freeze the others (state released or parked by
+    ``stash``) and thaw the chosen ones (parked state restored).
+
+    Args:
+        layer_params: per layer of the stack, the parameters that layer sampling may train.
+        chosen: indices of the layers to train.
+        optimizer: the optimizer whose per-parameter state follows the freezing (``None``: none yet).
+        stash: where frozen layers' state goes.
+    """
+    chosen = set(chosen)
+    stash.freeze((p for i, params in enumerate(layer_params) if i not in chosen for p in params), optimizer)
+    stash.thaw((p for i in sorted(chosen) for p in layer_params[i]), optimizer)
