@@ -21,11 +21,7 @@ from weightwise.integrations.lightning import (
     require_single_device_or_ddp,
     rewrap_ddp,
 )
-from weightwise.layers.freezing import (
-    OptimizerStateStash,
-    StateMode,
-    optimizer_state_bytes,
-)
+from weightwise.layers.freezing import OptimizerStateStash, StateMode, activate_layers, optimizer_state_bytes
 from weightwise.layers.policies import LayerPolicy, LossCreditLayers, UniformLayers
 from weightwise.layers.stack import find_layer_stack
 
