@@ -12,7 +12,7 @@ pytestmark = pytest.mark.gpu
 
 
 def test_reweighting_and_pruning_on_cuda_keep_the_score_store_on_the_device():
-    reweighting, pruning = LossReweighting("quadratic"), DataPruning()
+    reweighting, pruning = LossReweighting("quadratic", warmup_steps=0), DataPruning()
     sampler = InfoBatchSampler(64, prune_ratio=0.5)
     trainer(accelerator="gpu", max_epochs=3, callbacks=[reweighting, pruning]).fit(
         Classifier(), indexed_loader(64, 8, sampler=sampler)
@@ -36,7 +36,7 @@ def test_layerwise_sampling_lowers_peak_cuda_memory():
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_on_cuda_reweights_prunes_and_checkpoints_the_score_store(tmp_path, stage):
     pytest.importorskip("deepspeed")
-    reweighting, pruning = LossReweighting("linupper"), DataPruning()
+    reweighting, pruning = LossReweighting("linupper", warmup_steps=0), DataPruning()
     run = trainer(
         accelerator="gpu", strategy=f"deepspeed_stage_{stage}", precision="bf16-mixed", max_epochs=2,
         callbacks=[reweighting, pruning], use_distributed_sampler=False,

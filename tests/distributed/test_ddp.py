@@ -62,7 +62,7 @@ def test_ddp_weights_use_the_global_batch_and_match_single_process(tmp_path, str
             global_batches.append([i for shard in shards for i in shard[start : start + ddp_fit.LOCAL_BATCH]])
     seed_everything(0)
     single = Classifier(lr=0.5)
-    callback = LossReweighting(strategy)
+    callback = LossReweighting(strategy, warmup_steps=0)
     trainer(max_epochs=1, callbacks=[callback]).fit(single, DataLoader(dataset, batch_sampler=global_batches))
     assert torch.allclose(ranks[0]["params"], flat_params(single), atol=1e-5)
     assert torch.allclose(ranks[0]["scores"]["weight"], callback.reducer.scores.weight, atol=1e-5)

@@ -12,7 +12,7 @@ from weightwise.callbacks import LossReweighting, SampleReport
 def test_report_lists_the_lowest_weighted_and_hardest_samples(tmp_path):
     labels = blobs(32).tensors[1]
     report = SampleReport(k=3, describe=lambda i: {"label": int(labels[i])})
-    reweighting = LossReweighting("quadratic")
+    reweighting = LossReweighting("quadratic", warmup_steps=0)
     trainer(max_epochs=2, callbacks=[reweighting, report], default_root_dir=tmp_path).fit(Classifier(), indexed_loader(32, 8))
     scores = reweighting.reducer.scores
     lowest = [r for r in report.rows if r[0] == "lowest weight"]

@@ -23,7 +23,7 @@ if __name__ == "__main__":
     resume_from = sys.argv[4] if len(sys.argv) > 4 else None
     seed_everything(0)
     model = Classifier(lr=0.5)
-    callback = LossReweighting(strategy)
+    callback = LossReweighting(strategy, warmup_steps=0)
     checkpointing = ModelCheckpoint(dirpath=out_dir, save_last=True)
     ddp = trainer(
         devices=2, strategy="ddp", max_epochs=epochs, callbacks=[callback, checkpointing], enable_checkpointing=True

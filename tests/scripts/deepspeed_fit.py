@@ -42,7 +42,7 @@ if __name__ == "__main__":
     stop_at_step = int(sys.argv[5]) if len(sys.argv) > 5 else -1
     seed_everything(0)
     strategy = "ddp" if name == "ddp" else CPUDeepSpeedStrategy(stage=int(name.removeprefix("zero")))
-    reweighting, pruning, ids, report = LossReweighting("linupper"), DataPruning(), SampleIds(), SampleReport(k=3)
+    reweighting, pruning, ids, report = LossReweighting("linupper", warmup_steps=0), DataPruning(), SampleIds(), SampleReport(k=3)
     fit = trainer(
         devices=2,
         strategy=strategy,

@@ -65,7 +65,7 @@ def test_infobatch_epochs_shrink_validation_runs_and_ledger_is_logged(tmp_path):
 
 def test_infobatch_correction_reaches_the_loss_and_composes_with_reweighting():
     sampler = InfoBatchSampler(32, prune_ratio=0.5, num_epochs=10)
-    pruning, reweighting = DataPruning(), LossReweighting("linupper")
+    pruning, reweighting = DataPruning(), LossReweighting("linupper", warmup_steps=0)
     model = Classifier(lr=0.0)  # frozen model: losses stay the same, so weights can be recomputed
     trainer(max_epochs=2, callbacks=[reweighting, pruning]).fit(model, indexed_loader(32, 32, sampler=sampler))
     plan = sampler.plan

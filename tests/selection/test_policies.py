@@ -65,6 +65,32 @@ def test_infobatch_anneals_to_full_data():
     assert sorted(sampler) == list(range(20)) and sampler.epoch_weights() is None
 
 
+def test_infobatch_annealing_epoch_is_the_references_when_epochs_times_delta_is_not_whole():
+    sampler = InfoBatchSampler(20, prune_ratio=0.5, num_epochs=10, anneal=0.875)  # stop_prune = 8.75
+    sampler.attach_scores(store_with(torch.arange(20.0)))
+    assert [sampler.prunes(e) for e in range(10)] == [True] * 8 + [False] * 2  # epoch e prunes while e + 1 <= 8.75
+    sampler.set_epoch(8)
+    assert sorted(sampler) == list(range(20)) and sampler.epoch_weights() is None
+
+
+def test_infobatch_equal_scores_have_nothing_below_the_mean_to_prune():
+    sampler = InfoBatchSampler(20, prune_ratio=0.5, num_epochs=10)
+    sampler.attach_scores(store_with(torch.full((20,), 1.5)))  # strict <: no sample is below the mean
+    sampler.set_epoch(1)
+    assert sorted(sampler) == list(range(20)) and torch.equal(sampler.epoch_weights(), torch.ones(20))
+
+
+def test_infobatch_keeps_the_floor_of_the_well_learned_share_and_rescales_nominally_on_request():
+    losses = torch.arange(22, dtype=torch.float32)  # mean 10.5: 11 well learned
+    realised = InfoBatchSampler(22, prune_ratio=0.5, num_epochs=10)
+    nominal = InfoBatchSampler(22, prune_ratio=0.5, num_epochs=10, rescale="nominal")
+    for sampler in (realised, nominal):
+        sampler.attach_scores(store_with(losses))
+        sampler.set_epoch(1)
+    assert len(list(realised)) == 22 - (11 - 5)  # int(0.5 * 11) = 5 kept, as the reference's int(keep_ratio * n)
+    assert float(realised.epoch_weights()[0]) == pytest.approx(11 / 5) and float(nominal.epoch_weights()[0]) == 2.0
+
+
 def test_infobatch_keeps_unscored_samples_and_rounds_to_world_size():
     store = SampleScoreStore()
     store.update(torch.arange(10), torch.arange(10.0), step=0)  # ids 10..20 never seen
@@ -208,6 +234,8 @@ def test_score_pruning_selection_survives_state_dict():
     "factory",
     [
         lambda: InfoBatchSampler(10, prune_ratio=1.0),
+        lambda: InfoBatchSampler(10, prune_ratio=0.95),
+        lambda: InfoBatchSampler(10, rescale="exact"),
         lambda: RandomSubsetSampler(10, fraction=0.0),
         lambda: ImportanceSampler(10, uniform_mix=0.0),
         lambda: ScorePruningSampler(10, warmup_epochs=0),

@@ -159,3 +159,41 @@ class TinyMoELM(pl.LightningModule):
 
 def moe_loader() -> DataLoader:
     return DataLoader(text_batches(), batch_size=4, collate_fn=lambda items: {k: torch.stack([i[k] for i in items]) for k in items[0]})
+
+
+class TokenLossLM(TinyLlama):
+    """TinyLlama returning token losses with their mask (``"tokens"``), the plain HF mean (``"plain"``),
+    or the token losses of packed rows with their position ids (``"packed"``: documents restart at
+    position 0 every ``document_length`` tokens)."""
+
+    def __init__(self, mode: str = "tokens", layers: int = 2, document_length: int = 5, lr: float = 1e-2):
+        super().__init__(layers=layers)
+        self.mode, self.document_length, self.lr = mode, document_length, lr
+
+    def training_step(self, batch, batch_idx):
+        from weightwise.losses import token_cross_entropy
+
+        labels = batch.get("labels", batch["input_ids"])
+        if self.mode == "plain":
+            return self.model(input_ids=batch["input_ids"], labels=labels).loss
+        logits = self.model(input_ids=batch["input_ids"]).logits
+        losses, mask = token_cross_entropy(logits, labels, shift=True)
+        if self.mode == "packed":
+            positions = torch.arange(labels.shape[1] - 1, device=labels.device) % self.document_length
+            return {"loss": losses, "mask": mask, "position_ids": positions.expand_as(losses)}
+        return {"loss": losses, "mask": mask}
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def padded_token_batches(n: int = 8, length: int = 16, batch_size: int = 2) -> DataLoader:
+    """Real-text sequences of different lengths: the tail of every other one is padding (-100 labels)."""
+    data = (real_bytes(n * length) % 64).view(n, length)
+    items = []
+    for i, row in enumerate(data):
+        labels = row.clone()
+        if i % 2:
+            labels[length // 2 + i % 3 :] = -100
+        items.append({"input_ids": row, "labels": labels})
+    return DataLoader(items, batch_size=batch_size)

@@ -1,6 +1,7 @@
 import csv
 import time
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch import seed_everything
@@ -8,9 +9,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
-from tests.support.models import Classifier, blobs, indexed_loader
+from tests.support.models import Classifier, TokenLossLM, blobs, indexed_loader, padded_token_batches
 from tests.support.training import flat_params, trainer
-from weightwise.callbacks import LossReweighting, reducer_of
+from weightwise.callbacks import LossReweighting, SampleWeightCallback, reducer_of
 from weightwise.losses import loss_weights
 
 
@@ -21,7 +22,7 @@ def test_uniform_reproduces_plain_mean_training_exactly():
 
     seed_everything(7)
     weighted = Classifier(per_sample=True, optimizer="adamw", lr=0.01)
-    trainer(max_epochs=3, callbacks=[LossReweighting("uniform")]).fit(weighted, indexed_loader(96, 10, shuffle=True))
+    trainer(max_epochs=3, callbacks=[LossReweighting("uniform", warmup_steps=0)]).fit(weighted, indexed_loader(96, 10, shuffle=True))
 
     assert torch.equal(flat_params(plain), flat_params(weighted))
 
@@ -31,7 +32,7 @@ def test_linupper_changes_training_and_applies_weights_of_the_batch():
     model = Classifier()
     init = Classifier()
     init.load_state_dict(model.state_dict())
-    cb = LossReweighting("linupper")
+    cb = LossReweighting("linupper", warmup_steps=0)
     fit_trainer = trainer(max_steps=1, callbacks=[cb])
     fit_trainer.fit(model, indexed_loader(16, 16))
 
@@ -51,7 +52,7 @@ def test_linupper_changes_training_and_applies_weights_of_the_batch():
 def test_score_store_sees_every_sample_with_its_own_loss():
     seed_everything(0)
     model = Classifier(lr=0.0)  # frozen model: each stored loss must equal the sample's own loss
-    cb = LossReweighting("quadratic")
+    cb = LossReweighting("quadratic", warmup_steps=0)
     trainer(max_epochs=2, callbacks=[cb]).fit(model, indexed_loader(40, 8, shuffle=True))
     store = cb.reducer.scores
     assert len(store) == 40 and store.count.tolist() == [2] * 40
@@ -62,7 +63,7 @@ def test_score_store_sees_every_sample_with_its_own_loss():
 
 
 def test_weight_statistics_are_logged(tmp_path):
-    cb = LossReweighting("extremes")
+    cb = LossReweighting("extremes", warmup_steps=0)
     trainer(max_epochs=1, logger=CSVLogger(tmp_path), log_every_n_steps=1, callbacks=[cb]).fit(
         Classifier(), indexed_loader(32, 8)
     )
@@ -78,7 +79,7 @@ def test_wandb_offline_run_gets_weight_histogram(tmp_path):
     from lightning.pytorch.loggers import WandbLogger
 
     logger = WandbLogger(save_dir=tmp_path, offline=True, project="weightwise-tests")
-    trainer(max_epochs=1, logger=logger, log_every_n_steps=1, callbacks=[LossReweighting("linupper")]).fit(
+    trainer(max_epochs=1, logger=logger, log_every_n_steps=1, callbacks=[LossReweighting("linupper", warmup_steps=0)]).fit(
         Classifier(), indexed_loader(16, 8)
     )
     wandb.finish()
@@ -97,7 +98,7 @@ def test_resume_from_checkpoint_continues_identically(tmp_path):
     def run(max_epochs, ckpt_path=None, callbacks=()):
         seed_everything(3)
         model = Classifier()
-        cb = LossReweighting("linupper")
+        cb = LossReweighting("linupper", warmup_steps=0)
         trainer(max_epochs=max_epochs, callbacks=[cb, *callbacks], enable_checkpointing=bool(callbacks)).fit(
             model, indexed_loader(24, 8), ckpt_path=ckpt_path
         )
@@ -117,11 +118,11 @@ def test_resume_from_checkpoint_continues_identically(tmp_path):
 
 def test_resume_with_other_settings_is_refused(tmp_path):
     checkpointing = ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    trainer(max_epochs=1, enable_checkpointing=True, callbacks=[LossReweighting("linupper"), checkpointing]).fit(
+    trainer(max_epochs=1, enable_checkpointing=True, callbacks=[LossReweighting("linupper", warmup_steps=0), checkpointing]).fit(
         Classifier(), indexed_loader(16, 8)
     )
-    with pytest.raises(ValueError, match="resume with the same settings"):
-        trainer(max_epochs=2, callbacks=[LossReweighting("linupper", delta=2.0)]).fit(
+    with pytest.raises(ValueError, match="resume with the saved settings"):
+        trainer(max_epochs=2, callbacks=[LossReweighting("linupper", delta=2.0, warmup_steps=0)]).fit(
             Classifier(), indexed_loader(16, 8), ckpt_path=tmp_path / "last.ckpt"
         )
 
@@ -130,3 +131,92 @@ def test_resume_with_other_settings_is_refused(tmp_path):
 def test_bad_configuration(kwargs):
     with pytest.raises(ValueError):
         LossReweighting(**kwargs)
+
+
+class WeightsPerStep(pl.Callback):
+    """The combined weights the reducer gave each step's samples (read back from the score store)."""
+
+    def __init__(self):
+        self.weights = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.weights.append(reducer_of(pl_module).scores.weight[batch.sample_id].clone())
+
+
+def test_no_reweighting_during_the_warmup_then_the_strategy():
+    record = WeightsPerStep()
+    reweighting = LossReweighting("linupper", warmup_steps=2)
+    trainer(max_steps=4, callbacks=[reweighting, record]).fit(Classifier(lr=0.0), indexed_loader(32, 8))
+    assert all(torch.equal(w, torch.ones(8)) for w in record.weights[:2])
+    assert all(not torch.allclose(w, torch.ones(8)) for w in record.weights[2:])
+
+
+def test_temperature_warmup_weights_nearly_uniformly_first():
+    record = WeightsPerStep()
+    reweighting = LossReweighting("linupper", warmup_steps=1, warmup="temperature", warmup_temperature=100.0)
+    model = Classifier(lr=0.0)
+    trainer(max_steps=2, callbacks=[reweighting, record]).fit(model, indexed_loader(16, 8))
+    x, y = blobs(16).tensors
+    losses = torch.nn.functional.cross_entropy(model.net(x), y, reduction="none").detach()
+    torch.testing.assert_close(record.weights[0], loss_weights(losses[:8], "linupper", temperature=100.0))
+    torch.testing.assert_close(record.weights[1], loss_weights(losses[8:], "linupper"))
+
+
+def test_window_statistic_reweights_micro_batches_of_one_sample():
+    per_batch, windowed = WeightsPerStep(), WeightsPerStep()
+    trainer(max_steps=6, callbacks=[LossReweighting("linupper", warmup_steps=0), per_batch]).fit(
+        Classifier(lr=0.0), indexed_loader(6, 1)
+    )
+    assert all(torch.equal(w, torch.ones(1)) for w in per_batch.weights)  # one sample: always weight 1
+    reweighting = LossReweighting("linupper", warmup_steps=0, statistic="window", window=4)
+    trainer(max_steps=6, callbacks=[reweighting, windowed]).fit(Classifier(lr=0.0), indexed_loader(6, 1))
+    assert len({round(float(w), 4) for w in windowed.weights[1:]}) > 1  # relative to the recent window
+    assert reweighting._recent.numel() == 4
+
+
+def test_uniform_with_gradient_accumulation_is_plain_training():
+    seed_everything(7)
+    plain = Classifier(per_sample=False, optimizer="adamw", lr=0.01)
+    trainer(max_epochs=2, accumulate_grad_batches=3).fit(plain, DataLoader(blobs(96), batch_size=8, shuffle=True))
+    seed_everything(7)
+    weighted = Classifier(per_sample=True, optimizer="adamw", lr=0.01)
+    trainer(max_epochs=2, accumulate_grad_batches=3, callbacks=[LossReweighting("uniform")]).fit(
+        weighted, indexed_loader(96, 8, shuffle=True)
+    )
+    assert torch.equal(flat_params(plain), flat_params(weighted))
+
+
+def test_token_losses_of_padded_sequences_train_like_the_plain_language_model_loss():
+    """uniform + token losses with a mask: sequences weighted by token share = HF's token mean."""
+    plain, tokens = TokenLossLM("plain"), TokenLossLM("tokens")
+    trainer(max_steps=3).fit(plain, padded_token_batches())
+    reweighting = LossReweighting("uniform")
+    trainer(max_steps=3, callbacks=[reweighting]).fit(tokens, padded_token_batches())
+    torch.testing.assert_close(flat_params(tokens), flat_params(plain))
+    assert len(reweighting.reducer.scores) == 0  # a stream needs no ids: nothing was kept per sample
+
+
+def test_packed_documents_are_weighted_one_by_one():
+    class Seen(SampleWeightCallback):
+        def __init__(self):
+            super().__init__()
+            self.counts = []
+
+        def sample_weights(self, losses, sample_ids, trainer):
+            self.counts.append((losses.numel(), sample_ids))
+
+    seen = Seen()
+    module = TokenLossLM("packed", document_length=5)
+    trainer(max_steps=2, callbacks=[LossReweighting("linupper", warmup_steps=0), seen]).fit(module, padded_token_batches())
+    # rows of 15 predicted tokens = 3 documents of 5; the second row's labels end at token 9, so its
+    # third document has no valid token and is left out: 3 + 2 documents in the first batch
+    assert seen.counts[0] == (5, None) and torch.isfinite(flat_params(module)).all()
+
+
+def test_token_losses_without_a_mask_fail_with_the_fix():
+    class NoMask(TokenLossLM):
+        def training_step(self, batch, batch_idx):
+            return super().training_step(batch, batch_idx)["loss"]
+
+    with pytest.raises(ValueError, match="'mask'|mask"):
+        trainer(max_steps=1, callbacks=[LossReweighting(warmup_steps=0)]).fit(NoMask(), padded_token_batches())

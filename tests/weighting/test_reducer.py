@@ -12,10 +12,13 @@ from torch.utils.data import DataLoader
 from tests.support.models import Classifier, blobs, indexed_loader
 from tests.support.training import trainer
 from weightwise.callbacks import LossReweighting, SampleWeightCallback
+from weightwise.losses import loss_weights
 
 
 class IdFactor(SampleWeightCallback):
     """A stand-in for a sampler's correction: a fixed factor per sample id (1 + id / 10)."""
+
+    needs_sample_ids = True
 
     def sample_weights(self, losses, sample_ids, trainer):
         return 1.0 + sample_ids.float() / 10
@@ -42,7 +45,7 @@ class Broken(Classifier):
 
 
 def test_dict_output_with_explicit_sample_ids():
-    cb = LossReweighting("linupper")
+    cb = LossReweighting("linupper", warmup_steps=0)
     trainer(max_epochs=1, callbacks=[cb]).fit(DictOutput(), DataLoader(blobs(24), batch_size=8))
     assert cb.reducer.scores.count.tolist() == [1] * 24
 
@@ -58,12 +61,15 @@ def test_dict_output_with_explicit_sample_ids():
 )
 def test_bad_loss_shapes_fail_with_the_fix(make_loss, error, match):
     with pytest.raises(error, match=match):
-        trainer(max_steps=1, callbacks=[LossReweighting()]).fit(Broken(make_loss), indexed_loader(16, 8))
+        trainer(max_steps=1, callbacks=[LossReweighting(warmup_steps=0)]).fit(Broken(make_loss), indexed_loader(16, 8))
 
 
-def test_missing_sample_ids_fail_with_the_fix():
-    with pytest.raises(ValueError, match="IndexedDataset"):
-        trainer(max_steps=1, callbacks=[LossReweighting()]).fit(Classifier(), DataLoader(blobs(16), batch_size=8))
+def test_weights_from_the_batch_need_no_sample_ids_but_history_does():
+    reweighting = LossReweighting(warmup_steps=0)  # a plain TensorDataset: no ids, and none needed
+    trainer(max_steps=2, callbacks=[reweighting]).fit(Classifier(), DataLoader(blobs(16), batch_size=8))
+    assert len(reweighting.reducer.scores) == 0  # nothing to keep history by
+    with pytest.raises(ValueError, match="IndexedDataset"):  # a callback that keeps per-sample history
+        trainer(max_steps=1, callbacks=[IdFactor()]).fit(Classifier(), DataLoader(blobs(16), batch_size=8))
 
 
 def poison_second_sample(losses, batch_idx):
@@ -82,11 +88,11 @@ def poison_second_sample_and_its_gradient(losses, batch_idx):
 
 def test_nonfinite_loss_raises_with_sample_ids_by_default():
     with pytest.raises(FloatingPointError, match=r"sample ids \[9\].*nonfinite='drop'"):
-        trainer(max_epochs=1, callbacks=[LossReweighting()]).fit(Broken(poison_second_sample), indexed_loader(24, 8))
+        trainer(max_epochs=1, callbacks=[LossReweighting(warmup_steps=0)]).fit(Broken(poison_second_sample), indexed_loader(24, 8))
 
 
 def test_nonfinite_drop_is_counted_logged_and_keeps_parameters_finite(tmp_path):
-    cb = LossReweighting("linupper", nonfinite="drop")
+    cb = LossReweighting("linupper", nonfinite="drop", warmup_steps=0)
     model = Broken(poison_second_sample)
     trainer(max_epochs=2, callbacks=[cb], logger=CSVLogger(tmp_path), log_every_n_steps=1).fit(
         model, indexed_loader(24, 8)
@@ -101,7 +107,7 @@ def test_nonfinite_drop_is_counted_logged_and_keeps_parameters_finite(tmp_path):
 
 def test_dropped_sample_that_poisons_gradients_is_not_silent():
     with pytest.raises(FloatingPointError, match="gradients are non-finite"):
-        trainer(max_epochs=1, callbacks=[LossReweighting(nonfinite="drop")]).fit(
+        trainer(max_epochs=1, callbacks=[LossReweighting(nonfinite="drop", warmup_steps=0)]).fit(
             Broken(poison_second_sample_and_its_gradient), indexed_loader(24, 8)
         )
 
@@ -111,7 +117,7 @@ def test_all_nonfinite_batch_raises_even_when_dropping():
         return losses * float("nan")
 
     with pytest.raises(FloatingPointError, match="every sample"):
-        trainer(max_steps=1, callbacks=[LossReweighting(nonfinite="drop")]).fit(Broken(all_nan), indexed_loader(16, 8))
+        trainer(max_steps=1, callbacks=[LossReweighting(nonfinite="drop", warmup_steps=0)]).fit(Broken(all_nan), indexed_loader(16, 8))
 
 
 def test_manual_optimization_is_refused_with_the_alternative():
@@ -121,22 +127,22 @@ def test_manual_optimization_is_refused_with_the_alternative():
             self.automatic_optimization = False
 
     with pytest.raises(MisconfigurationException, match="weighted_mean"):
-        trainer(max_steps=1, callbacks=[LossReweighting()]).fit(Manual(), indexed_loader(16, 8))
+        trainer(max_steps=1, callbacks=[LossReweighting(warmup_steps=0)]).fit(Manual(), indexed_loader(16, 8))
 
 
 def test_callbacks_must_agree_on_shared_options():
     with pytest.raises(MisconfigurationException, match="disagree on nonfinite"):
-        trainer(max_steps=1, callbacks=[LossReweighting(), IdFactor(nonfinite="drop")]).fit(
+        trainer(max_steps=1, callbacks=[LossReweighting(warmup_steps=0), IdFactor(nonfinite="drop")]).fit(
             Classifier(), indexed_loader(16, 8)
         )
 
 
 def test_weighting_callbacks_multiply_into_one_weight():
-    reweighting, correction = LossReweighting("linupper"), IdFactor()
+    reweighting, correction = LossReweighting("linupper", warmup_steps=0), IdFactor()
     model = Classifier(lr=0.0)
     trainer(max_steps=1, callbacks=[reweighting, correction]).fit(model, indexed_loader(8, 8))
     x, y = blobs(8).tensors
     losses = F.cross_entropy(model.net(x), y, reduction="none").detach()
-    expected = reweighting.sample_weights(losses, None, None) * (1.0 + torch.arange(8) / 10)
+    expected = loss_weights(losses, "linupper") * (1.0 + torch.arange(8) / 10)
     assert torch.allclose(reweighting.reducer.scores.weight, expected, atol=1e-6)
     assert reweighting.reducer is correction.reducer

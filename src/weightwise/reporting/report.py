@@ -31,6 +31,8 @@ class SampleReport(Callback):
     their score store is what is reported.
     """
 
+    needs_sample_ids = True  # it reports the score store, which is kept by sample id
+
     def __init__(self, k: int = 20, describe: Callable[[int], dict[str, Any]] | None = None) -> None:
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")

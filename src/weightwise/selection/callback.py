@@ -18,6 +18,7 @@ from weightwise.integrations.lightning import set_epoch_length
 from weightwise.selection.base import EpochPlan, EpochSampler
 from weightwise.selection.infobatch import InfoBatchSampler
 from weightwise.weighting.callback import SampleWeightCallback
+from weightwise.weighting.losses import TokenWeighting
 from weightwise.weighting.reducer import NonFinitePolicy
 
 
@@ -52,9 +53,12 @@ class DataPruning(SampleWeightCallback):
     """
 
     STATE_VERSION = 1
+    needs_sample_ids = True  # plans come from per-sample history
 
-    def __init__(self, *, nonfinite: NonFinitePolicy = "raise", sample_id_key: str = SAMPLE_ID_KEY) -> None:
-        super().__init__(nonfinite=nonfinite, sample_id_key=sample_id_key)
+    def __init__(
+        self, *, nonfinite: NonFinitePolicy = "raise", sample_id_key: str = SAMPLE_ID_KEY, token_weighting: TokenWeighting = "rank"
+    ) -> None:
+        super().__init__(nonfinite=nonfinite, sample_id_key=sample_id_key, token_weighting=token_weighting)
         self.sampler: EpochSampler | None = None
         self.ledger: dict[str, float] = {"epochs": 0, "samples_visited": 0, "samples_full": 0, "seconds": 0.0}
         self._pending_sampler_state: dict[str, Any] | None = None

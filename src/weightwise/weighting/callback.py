@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from typing_extensions import override
@@ -12,8 +13,9 @@ from typing_extensions import override
 from weightwise.core.checkpoints import state_version, with_version
 from weightwise.core.ids import SAMPLE_ID_KEY
 from weightwise.integrations.lightning import check_trainer
+from weightwise.weighting.losses import TokenWeighting
 from weightwise.weighting.reducer import NonFinitePolicy, PerSampleLossReducer
-from weightwise.weighting.reweighting import STRATEGIES, Strategy, loss_weights
+from weightwise.weighting.reweighting import Strategy, check_strategy, loss_weights
 
 CHECKPOINT_KEY = "weightwise"
 """Where the shared reducer's state (the score store) lives in a Lightning checkpoint."""
@@ -31,24 +33,39 @@ class SampleWeightCallback(Callback):
             ``"drop"`` leaves such samples out of the step and counts them
             (``weightwise/nonfinite_dropped``).
         sample_id_key: the batch key carrying dataset indices (see :class:`weightwise.IndexedDataset`).
+        token_weighting: when ``training_step`` returns token losses (or token counts), sequences are
+            weighted by their share of the tokens - ``"rank"``: of their rank's (Sow et al.'s trainer,
+            and plain ``model(**batch).loss`` under DDP), ``"global"``: of the global batch's
+            (:func:`weightwise.weighting.losses.token_shares`).
+
+    Attributes:
+        needs_sample_ids: whether the callback keeps per-sample history, so batches must carry ids.
 
     Raises:
-        ValueError: an unknown ``nonfinite`` policy.
+        ValueError: an unknown ``nonfinite`` policy or ``token_weighting``.
     """
 
-    def __init__(self, *, nonfinite: NonFinitePolicy = "raise", sample_id_key: str = SAMPLE_ID_KEY) -> None:
+    needs_sample_ids = False
+
+    def __init__(
+        self, *, nonfinite: NonFinitePolicy = "raise", sample_id_key: str = SAMPLE_ID_KEY, token_weighting: TokenWeighting = "rank"
+    ) -> None:
         if nonfinite not in ("raise", "drop"):
             raise ValueError(f"nonfinite must be 'raise' or 'drop', got {nonfinite!r}")
+        if token_weighting not in ("rank", "global"):
+            raise ValueError(f"token_weighting must be 'rank' or 'global', got {token_weighting!r}")
         self.nonfinite: NonFinitePolicy = nonfinite
         self.sample_id_key = sample_id_key
+        self.token_weighting: TokenWeighting = token_weighting
         self.reducer: PerSampleLossReducer | None = None
 
-    def sample_weights(self, losses: Tensor, sample_ids: Tensor, trainer: pl.Trainer) -> Tensor | None:
+    def sample_weights(self, losses: Tensor, sample_ids: Tensor | None, trainer: pl.Trainer) -> Tensor | None:
         """This callback's factor for each sample of the global batch (``None``: all ones).
 
         Args:
             losses: ``[B_global]`` finite per-sample losses of every rank, detached.
-            sample_ids: ``[B_global]`` their dataset indices.
+            sample_ids: ``[B_global]`` their dataset indices (``None`` for a stream without ids;
+                callbacks with ``needs_sample_ids`` always get them).
             trainer: the running trainer.
         """
         raise NotImplementedError
@@ -81,38 +98,63 @@ class SampleWeightCallback(Callback):
             self.reducer.load_state_dict(checkpoint[CHECKPOINT_KEY])
 
 
+Warmup = Literal["uniform", "temperature"]
+Statistic = Literal["batch", "window"]
+
+
 class LossReweighting(SampleWeightCallback):
     """Weight each sample of every step by its loss relative to the rest of the global batch.
 
-    Implements the strategies of Sow et al., "Dynamic Loss-Based Sample Reweighting for Improved
-    Large Language Model Pretraining" (ICLR 2025): ``w = B * softmax(f(l~) / r)`` with the losses
-    ``l~`` normalised to [-delta, delta] over the global batch and ``f`` one of
+    Implements Sow et al., "Dynamic Loss-Based Sample Reweighting for Improved Large Language Model
+    Pretraining" (ICLR 2025; authors' code ``sowmaster/Sample-Level-Loss-Reweighting-ICLR-2025``,
+    ``src/trainer.py``): ``w = B * softmax(f(l~) / r)`` with the losses ``l~`` normalised to
+    [-delta, delta] over the global batch and ``f`` one of
 
     * ``"linupper"`` ``min(l~ + delta, delta)`` - down-weights the easiest samples;
-    * ``"quadratic"`` ``1 - l~^2 / delta^2`` - down-weights both extremes (outliers, mislabelled);
+    * ``"quadratic"`` (the reference's ``"mid"``) ``1 - l~^2 / delta^2`` - down-weights both extremes;
     * ``"extremes"`` ``|l~|`` - up-weights both extremes;
+    * ``"upper"`` ``0.5 l~ + 0.5 delta`` - up-weights in proportion to the loss;
     * ``"uniform"`` - weight 1: exactly plain mean-loss training.
 
     See :mod:`weightwise.weighting.reweighting` for the derivation. Weights have mean 1 over the
-    global batch, are non-negative and detached. The ``LightningModule``'s ``training_step``
-    returns the unreduced loss ``[B]`` and the batch carries sample ids
-    (:class:`weightwise.IndexedDataset`); nothing else changes.
+    global batch, are non-negative and detached. The ``LightningModule``'s ``training_step`` returns
+    the unreduced loss - ``[B]``, or token losses ``{"loss": [B, T], "mask": [B, T]}`` (sequences are
+    then weighted by their token share as in the reference's trainer); nothing else changes, and no
+    sample ids are needed: it works on any stream.
+
+    Defaults are the reference's: delta 1; r = 0.4 (five of its six published configurations; the
+    code's dataclass default is 1); no reweighting during the first ``warmup_steps = 1000``
+    optimizer steps (its ``burnout_steps``). Options that depart from it, each for a reason:
+
+    * ``warmup="temperature"``: during the warm-up, weight at ``warmup_temperature`` (100, nearly
+      uniform) instead of not at all - the authors' FSDP branch (``fms-fsdp``, ``reweighted-train``).
+    * ``statistic="window"``: the range and the softmax's normaliser over the last ``window``
+      samples of the run (every rank's, the current batch included) instead of the micro-batch -
+      for micro-batches of a few sequences, where a batch's min/max is meaningless (one sequence
+      always gets weight 1). The reference uses the micro-batch (its configurations never
+      accumulate gradients); with ``accumulate_grad_batches=k`` the default is the same: each
+      micro-batch's global batch (over the ranks) is normalised on its own, and Lightning divides
+      each micro-batch's loss by k, so ``"uniform"`` is exactly plain training.
 
     Args:
-        strategy: one of ``"uniform"``, ``"linupper"``, ``"quadratic"``, ``"extremes"``.
-        delta: half-width of the normalised loss range (paper default 1).
-        temperature: the paper's ``r``; larger is closer to uniform.
-        nonfinite: ``"raise"`` or ``"drop"`` (see :class:`SampleWeightCallback`).
-        sample_id_key: batch key carrying the dataset indices.
+        strategy: one of ``"linupper"``, ``"quadratic"`` (``"mid"``), ``"extremes"``, ``"upper"``, ``"uniform"``.
+        delta: half-width of the normalised loss range (reference: 1).
+        temperature: the paper's ``r``; larger is closer to uniform (reference configurations: 0.4).
+        warmup_steps: optimizer steps at the start without reweighting (reference: 1000).
+        warmup: ``"uniform"`` (reference) or ``"temperature"``.
+        warmup_temperature: r during a ``"temperature"`` warm-up (fms-fsdp: 100).
+        statistic: ``"batch"`` (reference) or ``"window"``.
+        window: samples in the window of ``statistic="window"``.
+        nonfinite, sample_id_key, token_weighting: see :class:`SampleWeightCallback`.
 
     Raises:
-        ValueError: an unknown strategy, or a non-positive ``delta`` or ``temperature``.
+        ValueError: an unknown strategy, warm-up or statistic, or a non-positive number.
 
     Example::
 
         >>> import lightning.pytorch as pl
         >>> from weightwise.callbacks import LossReweighting
-        >>> trainer = pl.Trainer(callbacks=[LossReweighting(strategy="quadratic")], logger=False)
+        >>> trainer = pl.Trainer(callbacks=[LossReweighting("linupper", warmup_steps=100)], logger=False)
     """
 
     STATE_VERSION = 1
@@ -122,33 +164,74 @@ class LossReweighting(SampleWeightCallback):
         strategy: Strategy = "linupper",
         *,
         delta: float = 1.0,
-        temperature: float = 1.0,
+        temperature: float = 0.4,
+        warmup_steps: int = 1000,
+        warmup: Warmup = "uniform",
+        warmup_temperature: float = 100.0,
+        statistic: Statistic = "batch",
+        window: int = 1024,
         nonfinite: NonFinitePolicy = "raise",
         sample_id_key: str = SAMPLE_ID_KEY,
+        token_weighting: TokenWeighting = "rank",
     ) -> None:
-        super().__init__(nonfinite=nonfinite, sample_id_key=sample_id_key)
-        if strategy not in STRATEGIES:
-            raise ValueError(f"unknown reweighting strategy {strategy!r}; choose one of {STRATEGIES}")
-        if delta <= 0 or temperature <= 0:
-            raise ValueError(f"delta and temperature must be positive, got delta={delta}, temperature={temperature}")
+        super().__init__(nonfinite=nonfinite, sample_id_key=sample_id_key, token_weighting=token_weighting)
+        check_strategy(strategy)
+        if delta <= 0 or temperature <= 0 or warmup_temperature <= 0:
+            raise ValueError(
+                f"delta and the temperatures must be positive, got delta={delta}, temperature={temperature},"
+                f" warmup_temperature={warmup_temperature}"
+            )
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        if warmup not in ("uniform", "temperature"):
+            raise ValueError(f"warmup must be 'uniform' or 'temperature', got {warmup!r}")
+        if statistic not in ("batch", "window"):
+            raise ValueError(f"statistic must be 'batch' or 'window', got {statistic!r}")
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
         self.strategy: Strategy = strategy
         self.delta = delta
         self.temperature = temperature
+        self.warmup_steps = warmup_steps
+        self.warmup: Warmup = warmup
+        self.warmup_temperature = warmup_temperature
+        self.statistic: Statistic = statistic
+        self.window = window
+        self._recent: Tensor | None = None  # the window's losses, oldest first (statistic="window")
+
+    def _settings(self) -> dict[str, Any]:
+        names = ("strategy", "delta", "temperature", "warmup_steps", "warmup", "warmup_temperature", "statistic", "window")
+        return {name: getattr(self, name) for name in names}
 
     @override
-    def sample_weights(self, losses: Tensor, sample_ids: Tensor, trainer: pl.Trainer) -> Tensor:
-        return loss_weights(losses, self.strategy, delta=self.delta, temperature=self.temperature)
+    def sample_weights(self, losses: Tensor, sample_ids: Tensor | None, trainer: pl.Trainer) -> Tensor | None:
+        window = None
+        if self.statistic == "window":
+            recent = losses if self._recent is None else torch.cat([self._recent.to(losses.device), losses])
+            self._recent = window = recent[-self.window :]
+        temperature = self.temperature
+        if trainer.global_step < self.warmup_steps:
+            if self.warmup == "uniform":
+                return None
+            temperature = self.warmup_temperature
+        return loss_weights(losses, self.strategy, delta=self.delta, temperature=temperature, window=window)
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return with_version({"strategy": self.strategy, "delta": self.delta, "temperature": self.temperature}, self.STATE_VERSION)
+        recent = None if self._recent is None else self._recent.cpu().clone()
+        return with_version({**self._settings(), "recent": recent}, self.STATE_VERSION)
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_version(state_dict, "LossReweighting", self.STATE_VERSION)
-        saved = (state_dict["strategy"], state_dict["delta"], state_dict["temperature"])
-        if saved != (self.strategy, self.delta, self.temperature):
+        if state_version(state_dict, "LossReweighting", self.STATE_VERSION) == 0:
+            # weightwise 0.1 had no warm-up and normalised per batch.
+            moot = {"warmup": self.warmup, "warmup_temperature": self.warmup_temperature, "window": self.window}
+            state_dict = {**state_dict, **moot, "warmup_steps": 0, "statistic": "batch", "recent": None}
+        saved = {name: state_dict[name] for name in self._settings()}
+        if saved != self._settings():
+            changed = {k: (v, self._settings()[k]) for k, v in saved.items() if v != self._settings()[k]}
             raise ValueError(
-                f"the checkpoint was trained with LossReweighting{saved} (strategy, delta, temperature) but this run"
-                f" uses {(self.strategy, self.delta, self.temperature)}; resume with the same settings"
+                f"the checkpoint was trained with other LossReweighting settings (saved, now): {changed};"
+                " resume with the saved settings"
             )
+        self._recent = state_dict["recent"]

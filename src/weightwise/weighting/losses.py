@@ -1,21 +1,226 @@
 """Per-sample losses and their weighted reduction (docs/architecture.md, contract 1).
 
 One value per sample, never reduced over the batch until :func:`weighted_mean` turns the weighted
-losses into the scalar that is backpropagated.
+losses into the scalar that is backpropagated. For language models the sample is a sequence - or,
+in packed rows, a document:
+
+* :func:`token_cross_entropy` - token losses ``[B, T]`` and their mask, computed in chunks so that
+  no ``[B, T, V]`` float32 copy of the logits exists (for a 128k vocabulary at 4 x 2048 tokens that
+  copy alone is 4 GiB); :func:`linear_cross_entropy` goes further and never materialises the
+  logits at all, from the last hidden states and the output embedding.
+* :func:`reduce_token_losses` - the mean over each sequence's (or each packed document's) valid
+  tokens, and the token counts the reducer weights sequences by (Sow et al.'s trainer weights
+  sequences by their share of the batch's tokens).
+* :func:`sequence_loss` - both at once, for a ``training_step`` that returns ``[B]``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Literal
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+TokenWeighting = Literal["rank", "global"]
+
+DEFAULT_CHUNK_TOKENS = 1024
+"""Tokens per chunk of the chunked cross-entropy: a float32 chunk of logits is 1024 x V x 4 bytes,
+128 MiB at a 32k vocabulary and 512 MiB at 128k (the whole ``[4, 2048, 128k]`` copy would be 4 GiB)."""
 
 
-def sequence_loss(logits: Tensor, labels: Tensor, *, ignore_index: int = -100, shift: bool = False) -> Tensor:
+def _chunked_token_losses(
+    n_tokens: int, labels: Tensor, ignore_index: int, chunk_tokens: int, chunk_logits: Callable[[int, int], Tensor], *inputs: Tensor
+) -> Tensor:
+    """Cross-entropy of ``n_tokens`` flat tokens, ``chunk_tokens`` at a time, each chunk checkpointed.
+
+    ``chunk_logits(start, stop)`` computes the chunk's logits from ``inputs``. Under autograd each
+    chunk is recomputed in the backward pass, so at most one chunk's float32 logits (and their
+    softmax) exist at any time.
+    """
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+
+    def chunk_loss(start: int, stop: int, *tensors: Tensor) -> Tensor:
+        return F.cross_entropy(chunk_logits(start, stop).float(), labels[start:stop], ignore_index=ignore_index, reduction="none")
+
+    needs_graph = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+    pieces = []
+    for start in range(0, n_tokens, chunk_tokens):
+        stop = min(start + chunk_tokens, n_tokens)
+        if needs_graph:
+            pieces.append(checkpoint(chunk_loss, start, stop, *inputs, use_reentrant=False))
+        else:
+            pieces.append(chunk_loss(start, stop, *inputs))
+    return torch.cat(pieces) if pieces else labels.new_zeros(0, dtype=torch.float32)
+
+
+def _shifted(tensor: Tensor, labels: Tensor, shift: bool) -> tuple[Tensor, Tensor]:
+    return (tensor[:, :-1], labels[:, 1:]) if shift else (tensor, labels)
+
+
+def token_cross_entropy(
+    logits: Tensor, labels: Tensor, *, ignore_index: int = -100, shift: bool = False, chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+) -> tuple[Tensor, Tensor]:
+    """Per-token cross-entropy ``[B, T]`` (float32) and the mask of tokens that have a target.
+
+    The logits stay in their dtype (e.g. bf16); each chunk of ``chunk_tokens`` tokens is upcast,
+    reduced and - under autograd - recomputed in the backward pass, so no ``[B, T, V]`` float32
+    copy is ever held.
+
+    Args:
+        logits: ``[B, T, V]``.
+        labels: ``[B, T]`` target ids, ``ignore_index`` where no loss is taken (padding, prompts).
+        ignore_index: label value without a target (HF convention: -100).
+        shift: ``True`` for causal LMs whose labels are the inputs (HF ``labels=input_ids``):
+            position t predicts token t + 1; the outputs then have ``T - 1`` columns.
+        chunk_tokens: tokens per chunk.
+
+    Raises:
+        ValueError: shapes that do not match.
+    """
+    if logits.ndim != 3 or labels.ndim != 2 or logits.shape[:2] != labels.shape:
+        raise ValueError(f"expected logits [B, T, V] and labels [B, T], got {tuple(logits.shape)} and {tuple(labels.shape)}")
+    logits, labels = _shifted(logits, labels, shift)
+    flat_logits, flat_labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
+    losses = _chunked_token_losses(
+        flat_labels.numel(), flat_labels, ignore_index, chunk_tokens, lambda a, b: flat_logits[a:b], flat_logits
+    )
+    return losses.view(labels.shape), labels != ignore_index
+
+
+def linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Tensor | None = None,
+    ignore_index: int = -100,
+    shift: bool = False,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> tuple[Tensor, Tensor]:
+    """Per-token cross-entropy of ``hidden @ weight.T (+ bias)`` without materialising the logits.
+
+    For a causal LM: ``hidden`` is the last hidden state (``model.model(...).last_hidden_state``)
+    and ``weight`` the output embedding (``model.lm_head.weight``). Each chunk's logits are computed,
+    reduced and dropped; the backward pass recomputes them chunk by chunk. Peak memory is one
+    chunk's float32 logits instead of the ``[B, T, V]`` logits and their float32 copy.
+
+    Args:
+        hidden: ``[B, T, H]``.
+        weight: ``[V, H]``.
+        labels: ``[B, T]``, ``ignore_index`` where no loss is taken.
+        bias: optional ``[V]``.
+        ignore_index, shift, chunk_tokens: as in :func:`token_cross_entropy`.
+
+    Returns:
+        ``([B, T'] float32 token losses, [B, T'] mask)``.
+
+    Raises:
+        ValueError: shapes that do not match.
+    """
+    if hidden.ndim != 3 or labels.shape != hidden.shape[:2] or weight.ndim != 2 or weight.shape[1] != hidden.shape[2]:
+        raise ValueError(
+            f"expected hidden [B, T, H], weight [V, H], labels [B, T]; got {tuple(hidden.shape)}, {tuple(weight.shape)},"
+            f" {tuple(labels.shape)}"
+        )
+    hidden, labels = _shifted(hidden, labels, shift)
+    flat_hidden, flat_labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    inputs = (flat_hidden, weight) if bias is None else (flat_hidden, weight, bias)
+    losses = _chunked_token_losses(
+        flat_labels.numel(), flat_labels, ignore_index, chunk_tokens, lambda a, b: F.linear(flat_hidden[a:b], weight, bias), *inputs
+    )
+    return losses.view(labels.shape), labels != ignore_index
+
+
+def document_ids_from_positions(position_ids: Tensor) -> Tensor:
+    """Document index of every token of packed rows, ``[B, T]``: a document starts where its
+    position id is 0 (the packing convention of HF's ``DataCollatorWithFlattening``)."""
+    if position_ids.ndim != 2:
+        raise ValueError(f"position_ids must be [B, T], got {tuple(position_ids.shape)}")
+    return torch.cumsum((position_ids == 0).long(), dim=1) - 1
+
+
+def reduce_token_losses(token_losses: Tensor, mask: Tensor, document_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The mean loss over each sample's valid tokens, and the number of those tokens.
+
+    A sample is a row (a sequence), or - with ``document_ids`` - each document of a packed row, in
+    row order then document order. Tokens outside ``mask`` (padding, ``ignore_index``) never count.
+    Samples without any valid token are left out (they carry no loss and no gradient).
+
+    Args:
+        token_losses: ``[B, T]`` losses, with their graph.
+        mask: ``[B, T]`` bool, the tokens that count.
+        document_ids: optional ``[B, T]`` document index of each token within its row (e.g. from
+            :func:`document_ids_from_positions`); negative values count as padding.
+
+    Returns:
+        ``([S] per-sample losses, [S] token counts)``.
+
+    Raises:
+        ValueError: shapes that do not match.
+    """
+    if token_losses.ndim != 2 or mask.shape != token_losses.shape:
+        raise ValueError(f"token losses [B, T] and mask [B, T] expected, got {tuple(token_losses.shape)} and {tuple(mask.shape)}")
+    mask = mask.bool()
+    if document_ids is None:
+        keys = torch.arange(token_losses.shape[0], device=token_losses.device).unsqueeze(1).expand_as(mask)
+    else:
+        if document_ids.shape != token_losses.shape:
+            raise ValueError(f"document_ids must be [B, T] like the token losses, got {tuple(document_ids.shape)}")
+        mask = mask & (document_ids >= 0)
+        width = int(document_ids.max().clamp(min=0)) + 1
+        keys = torch.arange(token_losses.shape[0], device=mask.device).unsqueeze(1) * width + document_ids.clamp(min=0)
+    kept_keys, kept = keys[mask], token_losses[mask]
+    samples, index = torch.unique(kept_keys, sorted=True, return_inverse=True)
+    sums = torch.zeros(samples.numel(), dtype=kept.dtype, device=kept.device).index_add(0, index, kept)
+    counts = torch.zeros(samples.numel(), dtype=torch.long, device=kept.device).index_add(0, index, torch.ones_like(index))
+    return sums / counts.to(sums.dtype), counts
+
+
+def token_shares(tokens: Tensor, ranks: Tensor, scope: TokenWeighting = "rank", num_ranks: int = 1) -> Tensor:
+    """Per-sample factors that weight sequences by their share of the batch's tokens.
+
+    With uniform weights, the weighted mean (over the global batch) of per-sequence mean losses
+    then equals a token mean:
+
+    * ``"rank"`` (Sow et al.'s trainer, ``len_norms = num_active / num_active.sum()`` on each rank,
+      and what plain ``model(**batch).loss`` under DDP optimises): each rank's token mean, averaged
+      over the ranks - ``n_i (B / R) / N_r`` for a sample of rank r, whose ``N_r`` tokens are its
+      rank's, with ``B`` samples on ``R`` ranks;
+    * ``"global"``: the token mean of the global batch, ``n_i B / N`` - independent of how sequences
+      were split over ranks (HF ``Trainer``'s ``num_items_in_batch``).
+
+    Args:
+        tokens: ``[B]`` token counts of the global batch's samples.
+        ranks: ``[B]`` the rank each came from.
+        scope: ``"rank"`` or ``"global"``.
+        num_ranks: R, the data-parallel world size.
+
+    Raises:
+        ValueError: an unknown scope.
+    """
+    if scope == "global":
+        return tokens * tokens.numel() / tokens.sum().clamp(min=1.0)
+    if scope != "rank":
+        raise ValueError(f"token_weighting must be 'rank' or 'global', got {scope!r}")
+    index = ranks.long()
+    per_rank_tokens = torch.zeros(num_ranks, dtype=tokens.dtype, device=tokens.device).index_add(0, index, tokens)
+    return tokens * (tokens.numel() / num_ranks) / per_rank_tokens[index].clamp(min=1.0)
+
+
+def sequence_loss(
+    logits: Tensor, labels: Tensor, *, ignore_index: int = -100, shift: bool = False, chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+) -> Tensor:
     """Token-level cross-entropy reduced to one value per sequence: the mean over its target tokens.
 
     For language modelling the "sample" is a sequence. Averaging over each sequence's own valid
     tokens (labels != ``ignore_index``, e.g. padding) keeps a short sequence and a long one on the
-    same scale, which is what loss-based reweighting compares.
+    same scale, which is what loss-based reweighting compares. Computed in chunks
+    (:func:`token_cross_entropy`). Return ``{"loss": token_losses, "mask": mask}`` from
+    ``training_step`` instead to have the reducer also weight sequences by their token counts.
 
     Args:
         logits: ``[B, T, V]`` unnormalised scores.
@@ -23,20 +228,16 @@ def sequence_loss(logits: Tensor, labels: Tensor, *, ignore_index: int = -100, s
         ignore_index: label value that marks tokens without a target (HF convention: -100).
         shift: ``True`` for causal LMs whose labels are the inputs (HF ``labels=input_ids``):
             position t predicts token t + 1, as inside HF's own ``ForCausalLMLoss``.
+        chunk_tokens: tokens per chunk of the cross-entropy.
 
     Returns:
         ``[B]`` losses. A sequence with no target token gets 0 (it contributes no gradient).
+
+    Raises:
+        ValueError: shapes that do not match.
     """
-    if logits.ndim != 3 or labels.ndim != 2 or logits.shape[:2] != labels.shape:
-        raise ValueError(
-            f"sequence_loss expects logits [B, T, V] and labels [B, T], got {tuple(logits.shape)} and {tuple(labels.shape)}"
-        )
-    if shift:
-        logits, labels = logits[:, :-1], labels[:, 1:]
-    token_losses = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=ignore_index, reduction="none"
-    ).view(labels.shape)
-    valid = (labels != ignore_index).to(token_losses.dtype)
+    token_losses, mask = token_cross_entropy(logits, labels, ignore_index=ignore_index, shift=shift, chunk_tokens=chunk_tokens)
+    valid = mask.to(token_losses.dtype)
     return (token_losses * valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1.0)
 
 
@@ -46,6 +247,10 @@ def check_per_sample_loss(losses: object, batch_size: int | None = None) -> Tens
     Args:
         losses: what ``training_step`` returned as its loss.
         batch_size: the number of sample ids in the batch, when known.
+
+    Raises:
+        TypeError: not a floating-point tensor.
+        ValueError: a scalar, a tensor of more dimensions, or a length other than ``batch_size``.
     """
     if not isinstance(losses, Tensor):
         raise TypeError(f"training_step must return a loss tensor, got {type(losses).__name__}")
@@ -54,14 +259,15 @@ def check_per_sample_loss(losses: object, batch_size: int | None = None) -> Tens
     if losses.ndim == 0:
         raise ValueError(
             "weightwise needs one loss per sample, but training_step returned a scalar (already reduced) loss."
-            " Return the unreduced loss, shape [B]: e.g. F.cross_entropy(logits, y, reduction='none'), or"
-            " weightwise.losses.sequence_loss(logits, labels) for token-level language-model losses."
+            " Return the unreduced loss, shape [B]: e.g. F.cross_entropy(logits, y, reduction='none'), or token"
+            " losses {'loss': token_losses, 'mask': mask} from weightwise.losses.token_cross_entropy(logits, labels)."
         )
     if losses.ndim != 1:
         raise ValueError(
             f"weightwise needs one loss per sample, shape [B], but training_step returned shape {tuple(losses.shape)}."
-            " For token-level losses use weightwise.losses.sequence_loss(logits, labels), the masked mean over each"
-            " sequence's tokens; otherwise reduce the extra dimensions per sample yourself."
+            " For token-level losses [B, T] return {'loss': token_losses, 'mask': mask} (mask: the tokens that count;"
+            " weightwise.losses.token_cross_entropy gives both), or reduce per sequence with"
+            " weightwise.losses.sequence_loss(logits, labels)."
         )
     if batch_size is not None and losses.numel() != batch_size:
         raise ValueError(
@@ -83,6 +289,9 @@ def weighted_mean(losses: Tensor, weights: Tensor, *, denominator: float | None 
         denominator: divide by this instead of ``B`` (e.g. the global batch size divided by the
             number of data-parallel ranks, so that DDP's gradient averaging yields the mean over the
             global batch even when ranks hold different numbers of samples).
+
+    Raises:
+        ValueError: shapes that differ, or weights that require grad.
     """
     if losses.shape != weights.shape:
         raise ValueError(f"losses {tuple(losses.shape)} and weights {tuple(weights.shape)} must have one shape")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import lightning.pytorch as pl
@@ -34,7 +35,14 @@ from weightwise.core.ids import sample_ids_from_batch
 from weightwise.core.store import SampleScoreStore
 from weightwise.integrations.lightning import MethodPatch, is_logging_step
 from weightwise.reporting.histograms import log_histogram
-from weightwise.weighting.losses import check_per_sample_loss, weighted_mean
+from weightwise.weighting.losses import (
+    TokenWeighting,
+    check_per_sample_loss,
+    document_ids_from_positions,
+    reduce_token_losses,
+    token_shares,
+    weighted_mean,
+)
 
 NonFinitePolicy = Literal["raise", "drop"]
 
@@ -45,15 +53,75 @@ class WeightContributor(Protocol):
 
     nonfinite: NonFinitePolicy
     sample_id_key: str
+    token_weighting: TokenWeighting
+    needs_sample_ids: bool
 
-    def sample_weights(self, losses: Tensor, sample_ids: Tensor, trainer: pl.Trainer) -> Tensor | None: ...
+    def sample_weights(self, losses: Tensor, sample_ids: Tensor | None, trainer: pl.Trainer) -> Tensor | None: ...
+
+
+@dataclass
+class StepOutput:
+    """One ``training_step`` output, read: per-sample losses and what came with them."""
+
+    losses: Tensor  # [S], with the graph
+    tokens: Tensor | None = None  # [S] valid-token counts, when the step gave token losses or counts
+    sample_ids: Tensor | None = None  # [S], when the step returned them
+    scores: dict[str, Tensor] = field(default_factory=dict)  # named per-sample signals, [S] each
+    extra: dict[str, Any] | None = None  # other keys of a dict output, passed on to Lightning
+    packed: bool = False  # samples are documents of packed rows: the batch's row ids do not name them
+
+
+def parse_step_output(output: Any) -> StepOutput:
+    """Read a ``training_step`` output (see :meth:`PerSampleLossReducer.reduce` for the forms).
+
+    Raises:
+        MisconfigurationException: a dict without ``"loss"``.
+        ValueError: token losses without a mask, or scores/token counts of another shape.
+    """
+    if not isinstance(output, Mapping):
+        return StepOutput(check_per_sample_loss(output))
+    if "loss" not in output:
+        raise MisconfigurationException("training_step returned a dict without a 'loss' key")
+    known = ("loss", "mask", "document_ids", "position_ids", "tokens", "sample_ids", "scores")
+    extra = {k: v for k, v in output.items() if k not in known}
+    losses, tokens, packed = output["loss"], output.get("tokens"), False
+    if isinstance(losses, Tensor) and losses.ndim == 2:
+        mask = output.get("mask")
+        if not isinstance(mask, Tensor):
+            raise ValueError(
+                f"training_step returned token losses {tuple(losses.shape)} without a 'mask': return"
+                " {'loss': token_losses, 'mask': labels != -100} (weightwise.losses.token_cross_entropy gives both), so"
+                " that padding and ignored tokens never count"
+            )
+        documents = output.get("document_ids")
+        if documents is None and output.get("position_ids") is not None:
+            documents = document_ids_from_positions(output["position_ids"])
+        losses, tokens = reduce_token_losses(losses, mask, documents)
+        packed = documents is not None
+    losses = check_per_sample_loss(losses)
+    if tokens is not None and (not isinstance(tokens, Tensor) or tokens.shape != losses.shape):
+        raise ValueError(f"'tokens' must be a [B] tensor of token counts like the loss {tuple(losses.shape)}")
+    scores = output.get("scores", {})
+    if not isinstance(scores, Mapping) or not all(isinstance(v, Tensor) and v.shape == losses.shape for v in scores.values()):
+        raise ValueError(
+            "training_step's 'scores' must be a dict of per-sample tensors shaped like the per-sample loss"
+            f" {tuple(losses.shape)}, e.g. {{'el2n': weightwise.losses.el2n(logits, y)}}"
+        )
+    return StepOutput(
+        losses,
+        tokens,
+        output.get("sample_ids"),
+        {name: v.detach().float().to(losses.device) for name, v in scores.items()},
+        extra,
+        packed and output.get("sample_ids") is None,
+    )
 
 
 _REDUCERS: weakref.WeakKeyDictionary[pl.LightningModule, PerSampleLossReducer] = weakref.WeakKeyDictionary()
 
 
 class PerSampleLossReducer:
-    """Reduces ``training_step``'s ``[B]`` losses with the combined weight of all weightwise callbacks.
+    """Reduces ``training_step``'s per-sample losses with the combined weight of all weightwise callbacks.
 
     Not constructed by users: the first :class:`~weightwise.weighting.callback.SampleWeightCallback`
     set up for a fit installs it (:meth:`install`), the others find it there.
@@ -70,12 +138,16 @@ class PerSampleLossReducer:
         contributors: Sequence[WeightContributor],
         nonfinite: NonFinitePolicy,
         sample_id_key: str,
+        token_weighting: TokenWeighting = "rank",
+        needs_sample_ids: bool = False,
     ) -> None:
         self.trainer = trainer
         self.module = pl_module
         self.contributors = contributors
         self.nonfinite = nonfinite
         self.sample_id_key = sample_id_key
+        self.token_weighting: TokenWeighting = token_weighting
+        self.needs_sample_ids = needs_sample_ids
         self.scores = SampleScoreStore()
         self.nonfinite_dropped = 0
         self._dropped_this_step = False
@@ -90,7 +162,7 @@ class PerSampleLossReducer:
 
         Raises:
             MisconfigurationException: manual optimisation, or contributors that disagree on
-                ``nonfinite`` or ``sample_id_key``.
+                ``nonfinite``, ``sample_id_key`` or ``token_weighting``.
         """
         existing = _REDUCERS.get(pl_module)
         if existing is not None:
@@ -101,13 +173,17 @@ class PerSampleLossReducer:
                 " optimization. With manual optimization, weight the losses yourself:"
                 " weightwise.losses.weighted_mean(losses, weightwise.losses.loss_weights(losses, strategy))."
             )
-        for option in ("nonfinite", "sample_id_key"):
+        for option in ("nonfinite", "sample_id_key", "token_weighting"):
             values = {getattr(cb, option) for cb in contributors}
             if len(values) > 1:
                 raise MisconfigurationException(
                     f"weightwise callbacks disagree on {option}={sorted(values)}; give them all the same value"
                 )
-        reducer = cls(trainer, pl_module, contributors, contributors[0].nonfinite, contributors[0].sample_id_key)
+        # Per-sample history (the score store) needs sample ids: a contributor or another callback
+        # (SampleReport) that reads it says so; weights from the batch's own losses need none.
+        needs_ids = any(getattr(cb, "needs_sample_ids", False) for cb in trainer.callbacks)
+        first = contributors[0]
+        reducer = cls(trainer, pl_module, contributors, first.nonfinite, first.sample_id_key, first.token_weighting, needs_ids)
 
         def make_training_step(original: Any) -> Any:
             def training_step(*args: Any, **kwargs: Any) -> Any:
@@ -130,72 +206,92 @@ class PerSampleLossReducer:
 
     # ------------------------------------------------------------------ the step
     def reduce(self, output: Any, batch: Any) -> Any:
-        """Turn one ``training_step`` output into the same output with a scalar, weighted loss."""
+        """Turn one ``training_step`` output into the same output with a scalar, weighted loss.
+
+        Accepted outputs (docs/architecture.md, contract 1): per-sample losses ``[B]``; or a dict with
+        ``"loss"`` (``[B]``, or token losses ``[B, T]`` with ``"mask"`` and optionally
+        ``"document_ids"`` or ``"position_ids"`` for packed rows), optional ``"tokens"`` (``[B]`` token
+        counts of per-sequence losses), ``"sample_ids"`` and ``"scores"`` (named per-sample signals);
+        other keys pass through to Lightning.
+
+        Raises:
+            MisconfigurationException: a dict without ``"loss"``.
+            ValueError: losses of the wrong shape, token losses without a mask, sample ids missing
+                where a callback keeps per-sample history (the message names the fix).
+        """
         if output is None:  # Lightning's "skip this step"
             return None
-        if isinstance(output, Mapping):
-            if "loss" not in output:
-                raise MisconfigurationException("training_step returned a dict without a 'loss' key")
-            extra = {k: v for k, v in output.items() if k not in ("loss", "sample_ids", "scores")}
-            losses, ids, signals = output["loss"], output.get("sample_ids"), output.get("scores", {})
-        else:
-            extra, losses, ids, signals = None, output, None, {}
-        if ids is None:
-            ids = sample_ids_from_batch(batch, self.sample_id_key)
-        losses = check_per_sample_loss(losses, batch_size=int(ids.numel()))
-        loss = self._weighted_loss(losses, ids.to(losses.device), self._check_signals(signals, losses))
-        return loss if extra is None else {"loss": loss, **extra}
+        step = parse_step_output(output)
+        if step.sample_ids is None and not step.packed:
+            step.sample_ids = self._ids_from_batch(batch)
+        if step.sample_ids is not None:
+            check_per_sample_loss(step.losses, batch_size=int(step.sample_ids.numel()))
+        loss = self._weighted_loss(step)
+        return loss if step.extra is None else {"loss": loss, **step.extra}
 
-    @staticmethod
-    def _check_signals(signals: Any, losses: Tensor) -> dict[str, Tensor]:
-        if not isinstance(signals, Mapping) or not all(
-            isinstance(v, Tensor) and v.shape == losses.shape for v in signals.values()
-        ):
-            raise ValueError(
-                "training_step's 'scores' must be a dict of per-sample tensors shaped like the loss"
-                f" {tuple(losses.shape)}, e.g. {{'el2n': weightwise.losses.el2n(logits, y)}}"
-            )
-        return {name: v.detach().float().to(losses.device) for name, v in signals.items()}
+    def _ids_from_batch(self, batch: Any) -> Tensor | None:
+        try:
+            return sample_ids_from_batch(batch, self.sample_id_key)
+        except ValueError:
+            if self.needs_sample_ids:
+                raise
+            return None  # a stream without ids: weights from the batch's own losses need none
 
-    def _weighted_loss(self, losses: Tensor, ids: Tensor, signals: dict[str, Tensor]) -> Tensor:
-        names = list(signals)
-        gathered, local = collectives.all_gather_variable(losses.float(), ids.long(), *signals.values())
-        global_losses, global_ids, global_signals = gathered[0], gathered[1], gathered[2:]
+    def _weighted_loss(self, step: StepOutput) -> Tensor:
+        losses, ids = step.losses, step.sample_ids
+        device = losses.device
+        rank_of = torch.full_like(losses, float(collectives.rank()), dtype=torch.float32)
+        tokens = step.tokens.float() if step.tokens is not None else torch.ones_like(rank_of)
+        columns = [losses.detach().float(), tokens.to(device), rank_of]
+        if ids is not None:
+            columns.append(ids.to(device).long())
+        names = list(step.scores)
+        gathered, local = collectives.all_gather_variable(*columns, *step.scores.values())
+        global_losses, global_tokens, global_ranks = gathered[0], gathered[1], gathered[2]
+        global_ids = gathered[3] if ids is not None else None
+        global_signals = gathered[4 if ids is not None else 3 :]
+
         finite = torch.isfinite(global_losses)
         n_finite = int(finite.sum())
         if n_finite < global_losses.numel():
-            self._handle_nonfinite(global_ids[~finite], n_finite)
-            global_losses, global_ids = global_losses[finite], global_ids[finite]
+            where = global_ids[~finite] if global_ids is not None else (~finite).nonzero().squeeze(1)
+            self._handle_nonfinite(where, n_finite, by_id=global_ids is not None)
+            global_losses, global_tokens, global_ranks = global_losses[finite], global_tokens[finite], global_ranks[finite]
+            global_ids = None if global_ids is None else global_ids[finite]
             global_signals = [values[finite] for values in global_signals]
             local_finite = finite[local]
             local = slice(int(finite[: local.start].sum()), int(finite[: local.stop].sum()))
             losses = losses[local_finite]
-        for name, values in zip(names, global_signals):
-            self.scores.record(name, global_ids, values)
+        if global_ids is not None:
+            for name, values in zip(names, global_signals):
+                self.scores.record(name, global_ids, values)
 
         weights = torch.ones_like(global_losses)
         for contributor in self.contributors:
             factor = contributor.sample_weights(global_losses, global_ids, self.trainer)
             if factor is not None:
                 weights = weights * factor.detach().to(weights)
-        self.scores.update(global_ids, global_losses, self.trainer.global_step, weights=weights)
+        if global_ids is not None:
+            self.scores.update(global_ids, global_losses, self.trainer.global_step, weights=weights)
         self._log(global_losses, weights)
+        if step.tokens is not None:
+            weights = weights * token_shares(global_tokens, global_ranks, self.token_weighting, collectives.world_size())
 
         local_weights = weights[local]
         # Each rank's share of the global mean; DDP's gradient average over R ranks completes it.
         denominator = global_losses.numel() / collectives.world_size()
         return weighted_mean(losses, local_weights, denominator=denominator)
 
-    def _handle_nonfinite(self, bad_ids: Tensor, n_finite: int) -> None:
-        shown = bad_ids[:10].tolist()
+    def _handle_nonfinite(self, bad: Tensor, n_finite: int, *, by_id: bool) -> None:
+        shown = f"sample ids {bad[:10].tolist()}" if by_id else f"positions in the global batch {bad[:10].tolist()}"
         if self.nonfinite == "raise" or n_finite == 0:
-            reason = "every sample in the global batch" if n_finite == 0 else f"{bad_ids.numel()} sample(s)"
+            reason = "every sample in the global batch" if n_finite == 0 else f"{bad.numel()} sample(s)"
             raise FloatingPointError(
-                f"non-finite per-sample loss at step {self.trainer.global_step} for {reason}, sample ids {shown}."
+                f"non-finite per-sample loss at step {self.trainer.global_step} for {reason}, {shown}."
                 " Check those samples and the learning rate; to train on and skip such samples (counted and logged"
                 " as weightwise/nonfinite_dropped), pass nonfinite='drop' to the weightwise callbacks."
             )
-        self.nonfinite_dropped += bad_ids.numel()
+        self.nonfinite_dropped += bad.numel()
         self._dropped_this_step = True
 
     def check_gradients_after_drop(self) -> None:

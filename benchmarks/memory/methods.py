@@ -1,0 +1,192 @@
+"""The fine-tuning methods the simulator compares, and the ingredients that change their memory.
+
+A method name is a base method with optional ``+ingredient`` suffixes, e.g. ``lisa_layers+bf16frozen+ckpt``.
+The layer-sampling methods (``lisa``, ``lisa_layers``, ``ist_lora``, ``badam``) run weightwise's own
+code: :func:`weightwise.layers.find_layer_stack`, a :class:`weightwise.layers.LayerPolicy`'s
+``choose`` and :func:`weightwise.layers.activate_layers` with a releasing
+:class:`weightwise.layers.OptimizerStateStash` between steps, over an optimizer built on every
+trainable parameter as a user would build it - so a library change that stops releasing state or
+freezing layers shows up as memory here. ``lisa`` also takes the per-sample loss path
+(:func:`weightwise.losses.sequence_loss` -> :func:`~weightwise.losses.loss_weights` ->
+:func:`~weightwise.losses.weighted_mean`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from benchmarks.memory.models import Shape, build
+from benchmarks.memory.tracking import FakeAccelerator
+from weightwise.layers import LayerPolicy, LossCreditLayers, OptimizerStateStash, UniformLayers, activate_layers, find_layer_stack
+from weightwise.losses import loss_weights, sequence_loss, weighted_mean
+
+BASES: dict[str, str] = {
+    "full": "full fine-tuning",
+    "lora": "LoRA r=8 on q_proj, v_proj (peft)",
+    "lisa_hand": "LISA by hand: embeddings, head, final norm and layers 0-1 trainable; AdamW over those only",
+    "lisa": "LISA via weightwise: embeddings, head, final norm + 2 sampled layers; per-sample weighted loss",
+    "lisa_layers": "LISA via weightwise, 2 sampled layers only (embeddings, head, final norm frozen)",
+    "ist_lora": "IST over LoRA: 25% of the layers' LoRA adapters train (weightwise LossCreditLayers)",
+    "badam": "BAdam-like: 1 sampled layer trains, no embeddings/head",
+}
+INGREDIENTS: dict[str, str] = {
+    "forloop": "AdamW(foreach=False): one parameter at a time (default: foreach, torch's CUDA default)",
+    "fused": "AdamW(fused=True)",
+    "ckpt": "activation checkpointing of every decoder layer (transformers, non-reentrant)",
+    "bf16frozen": "frozen parameters stored in bf16; fp32 only for trainable ones (and their AdamW state)",
+}
+# The methods and ingredient combinations a plain run simulates.
+DEFAULT_METHODS = (
+    "full",
+    "lora",
+    "lisa_hand",
+    "lisa",
+    "lisa_layers",
+    "ist_lora",
+    "badam",
+    "lisa+forloop",
+    "lisa+fused",
+    "lisa+ckpt",
+    "lisa+bf16frozen",
+    "lisa+bf16frozen+ckpt+fused",
+    "lisa_layers+bf16frozen",
+    "lisa_layers+bf16frozen+ckpt",
+    "lisa_layers+bf16frozen+ckpt+fused",
+    "lora+ckpt",
+    "lora+bf16frozen",
+    "lora+bf16frozen+ckpt",
+)
+HAND_LAYERS = (0, 1)  # the trainable layers of "lisa_hand" (with trainable embeddings, which ones does not matter)
+LISA_LAYERS = 2
+IST_FRACTION = 0.25
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A base method and its ingredients, parsed from a name such as ``lisa+fused+ckpt``."""
+
+    base: str
+    ingredients: frozenset[str] = field(default_factory=frozenset)
+
+    @classmethod
+    def parse(cls, name: str) -> Recipe:
+        base, *extra = name.split("+")
+        if base not in BASES:
+            raise ValueError(f"unknown method {base!r}; choose from {sorted(BASES)}")
+        unknown = sorted(set(extra) - set(INGREDIENTS))
+        if unknown:
+            raise ValueError(f"unknown ingredient(s) {unknown} in {name!r}; choose from {sorted(INGREDIENTS)}")
+        if {"forloop", "fused"} <= set(extra):
+            raise ValueError(f"{name!r}: 'forloop' and 'fused' are two AdamW implementations, pick one")
+        return cls(base, frozenset(extra))
+
+    def describe(self) -> str:
+        return "; ".join([BASES[self.base], *(INGREDIENTS[i] for i in sorted(self.ingredients))])
+
+
+@dataclass
+class Prepared:
+    """A model and optimizer ready to train, with what to do before each step and how to get the loss."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loss: Callable[[Tensor], Tensor]
+    schedule: list[list[int]] | None  # active layers per step (layer-sampling methods)
+    before_step: Callable[[int], None]  # freezes/thaws layers and casts parameters for the step
+
+
+def layer_schedule(policy: LayerPolicy, steps: int) -> list[list[int]]:
+    """The layers active in each simulated step: the policy's draw for period 0, then its draws of the
+    following periods that include layer 0.
+
+    The lowest active layer sets how deep backward goes, and so how many layers' activations are kept
+    when nothing below it trains; every long run meets a period that includes layer 0, so this is the
+    peak a run reaches, not the luck of the first draws.
+    """
+    schedule, period = [policy.choose(0)], 1
+    while len(schedule) < steps:
+        chosen = policy.choose(period)
+        if 0 in chosen:
+            schedule.append(chosen)
+        period += 1
+    return schedule
+
+
+def adamw(params: list[nn.Parameter], ingredients: frozenset[str]) -> torch.optim.Optimizer:
+    """AdamW as the method's ingredients ask; foreach by default, as torch picks on CUDA."""
+    if "fused" in ingredients:
+        return torch.optim.AdamW(params, lr=1e-5, fused=True)
+    return torch.optim.AdamW(params, lr=1e-5, foreach="forloop" not in ingredients)
+
+
+def cast_frozen_to_bf16(model: nn.Module) -> None:
+    """Store every frozen parameter in bf16 and every trainable one in fp32 (the layer that thaws gets
+    an fp32 master back; a real implementation would keep it elsewhere rather than round it)."""
+    for param in model.parameters():
+        dtype = torch.float32 if param.requires_grad else torch.bfloat16
+        if param.dtype != dtype:
+            param.data = param.data.to(dtype)
+
+
+def prepare(recipe: Recipe, shape: Shape, accelerator: FakeAccelerator, steps: int) -> Prepared:
+    """Build the fake model and optimizer of a method (inside ``accelerator``'s fake mode)."""
+    model = build(shape, accelerator, lora=recipe.base in ("lora", "ist_lora"))
+    if "ckpt" in recipe.ingredients:
+        model.activation_checkpointing_enable()
+    _, stack = find_layer_stack(model)
+    in_stack = {p for p in stack.parameters()}
+    policy: LayerPolicy | None = None
+    if recipe.base == "lisa_hand":
+        for i, layer in enumerate(stack):
+            layer.requires_grad_(i in HAND_LAYERS)
+    elif recipe.base in ("lisa_layers", "badam"):
+        for p in model.parameters():
+            if p not in in_stack:
+                p.requires_grad_(False)
+    if recipe.base in ("lisa", "lisa_layers"):
+        policy = UniformLayers(len(stack), LISA_LAYERS, seed=0)
+    elif recipe.base == "badam":
+        policy = UniformLayers(len(stack), 1, seed=0)
+    elif recipe.base == "ist_lora":
+        policy = LossCreditLayers(len(stack), max(1, round(IST_FRACTION * len(stack))), seed=0)
+
+    # As a user builds it: over everything trainable now; layer sampling then freezes what it must.
+    optimizer = adamw([p for p in model.parameters() if p.requires_grad], recipe.ingredients)
+    # What LayerwiseSampling samples: each layer's parameters that were trainable at the start.
+    layer_params = [[p for p in layer.parameters() if p.requires_grad] for layer in stack]
+    stash = OptimizerStateStash("release")
+    schedule = None
+    if policy is not None:
+        with accelerator.real():  # the policy draws on the host, as in a real run
+            schedule = layer_schedule(policy, steps)
+
+    def before_step(step: int) -> None:
+        if schedule is not None:
+            activate_layers(layer_params, schedule[step], optimizer, stash)
+        if "bf16frozen" in recipe.ingredients:
+            cast_frozen_to_bf16(model)
+
+    def loss(ids: Tensor) -> Tensor:
+        if recipe.base == "lisa":
+            return weightwise_loss(model, ids, accelerator)
+        return model(input_ids=ids, labels=ids).loss
+
+    return Prepared(model, optimizer, loss, schedule, before_step)
+
+
+def weightwise_loss(model: nn.Module, ids: Tensor, accelerator: FakeAccelerator) -> Tensor:
+    """The per-sample reduction of weightwise: per-sequence losses, Sow et al.'s ``linupper`` weights,
+    the weighted mean.
+
+    ``loss_weights`` cannot run on fake tensors (it checks ``torch.isfinite(losses).all()`` in Python,
+    which reads a value), so it runs on real stand-in losses of the batch's size; the weights are
+    ``[B]`` floats, so their memory is nil either way.
+    """
+    logits = model(input_ids=ids).logits
+    losses = sequence_loss(logits, ids, shift=True)
+    weights = accelerator.from_real(lambda: loss_weights(torch.linspace(1.0, 3.0, ids.shape[0]), "linupper"))
+    return weighted_mean(losses, weights)

@@ -1,0 +1,125 @@
+"""One simulated run: a method trains a fake model for two AdamW steps; peak memory by kind per phase."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+import weightwise
+from benchmarks.memory.methods import Recipe, prepare
+from benchmarks.memory.models import SHAPES
+from benchmarks.memory.tracking import FakeAccelerator, tracking
+from weightwise.layers import find_layer_stack, optimizer_state_bytes
+from weightwise.losses import loss_weights
+
+STEPS = 2  # the second step is the one that shows released or leaked optimizer state
+
+
+@dataclass
+class Simulation:
+    """What one simulated run measured. Bytes throughout; ``phase_peaks`` maps a phase
+    (``"step 2 optimizer"``, ``"step 1 forward/backward"``, ...) to its peak's bytes by kind."""
+
+    model: str
+    method: str
+    description: str
+    parameters: int
+    trainable: list[int]  # trainable parameters in each step
+    active_layers: list[list[int]] | None  # layer-sampling methods: the layers of each step
+    optimizer_state: list[int]  # weightwise.layers.optimizer_state_bytes after each step
+    largest_unit_bytes: int  # the largest decoder layer or non-layer parameter (ZeRO-3's gathered unit)
+    phase_peaks: dict[str, dict[str, int]]
+    seconds: float
+
+    @property
+    def peak_phase(self) -> str:
+        """The phase of the peak; on a tie the later one (step 2's, where optimizer state is steady)."""
+        return max(reversed(list(self.phase_peaks)), key=lambda phase: sum(self.phase_peaks[phase].values()))
+
+    @property
+    def peak(self) -> dict[str, int]:
+        """Bytes by kind at the run's peak."""
+        return self.phase_peaks[self.peak_phase]
+
+    @property
+    def total(self) -> int:
+        return sum(self.peak.values())
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "peak_phase": self.peak_phase, "peak": self.peak, "total": self.total}
+
+
+def simulate(model: str, method: str) -> Simulation:
+    """Simulate ``method`` (a name as in :mod:`benchmarks.memory.methods`) on the model ``model``
+    (a key of :data:`benchmarks.memory.models.SHAPES`): bf16 autocast, fp32 parameters, AdamW,
+    two steps, batch and sequence length of the shape."""
+    start = time.perf_counter()
+    recipe = Recipe.parse(method)
+    shape = SHAPES[model]
+    trainable, state = [], []
+    with FakeAccelerator() as accelerator:
+        run = prepare(recipe, shape, accelerator, STEPS)
+        with tracking(run.model, run.optimizer) as tracker:
+            for step in range(STEPS):
+                tracker.step = f"step {step + 1}"
+                run.before_step(step)
+                tracker.track_external(run.model)  # parameters cast by before_step are parameters again
+                ids = torch.randint(0, shape.vocab_size, (shape.batch, shape.seq))
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    loss = run.loss(ids)
+                loss.backward()
+                run.optimizer.step()
+                run.optimizer.zero_grad(set_to_none=True)
+                tracker.reset_mod_stats()  # MemTracker refuses a second forward of a module it has stats for
+                trainable.append(sum(p.numel() for p in run.model.parameters() if p.requires_grad))
+                state.append(optimizer_state_bytes(run.optimizer))
+        _, stack = find_layer_stack(run.model)
+        in_stack = set(stack.parameters())
+        outside = [p.numel() * p.element_size() for p in run.model.parameters() if p not in in_stack]
+        largest = max(sum(p.numel() * p.element_size() for p in stack[0].parameters()), *outside)
+        parameters = sum(p.numel() for p in run.model.parameters())
+    return Simulation(
+        model=model,
+        method=method,
+        description=recipe.describe(),
+        parameters=parameters,
+        trainable=trainable,
+        active_layers=run.schedule,
+        optimizer_state=state,
+        largest_unit_bytes=largest,
+        phase_peaks=tracker.phase_peaks,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def fake_tensor_support() -> dict[str, str]:
+    """Which of weightwise's per-sample functions run on fake tensors: ``"yes"`` or the error.
+
+    Code that reads a tensor's value in Python (``int(t)``, ``if t.all():``) cannot run on fake tensors,
+    and on an accelerator it is a host-device synchronisation each step.
+    """
+    out = {}
+    checks = {
+        "weightwise.losses.loss_weights": lambda: loss_weights(torch.linspace(1.0, 3.0, 4), "linupper"),
+        "weightwise.SampleScoreStore.update": lambda: weightwise.SampleScoreStore().update(torch.arange(4), torch.ones(4), step=0),
+    }
+    for name, check in checks.items():
+        with FakeAccelerator():
+            try:
+                check()
+                out[name] = "yes"
+            except Exception as error:  # report any failure, whatever its type
+                out[name] = f"no: {type(error).__name__}: {str(error).splitlines()[0][:120]}"
+    return out
+
+
+def score_store_bytes(num_samples: int, batch: int) -> int:
+    """Accelerator bytes of a :class:`weightwise.SampleScoreStore` of ``num_samples`` samples after one
+    update of ``batch`` of them (measured on real tensors; the store follows its losses' device)."""
+    store = weightwise.SampleScoreStore(num_samples)
+    store.update(torch.arange(batch), torch.rand(batch), step=0, weights=torch.ones(batch))
+    fields = (store.loss, store.ema, store.weight, store.count, store.last_step)
+    return sum(t.untyped_storage().nbytes() for t in fields)
