@@ -8,7 +8,6 @@ import torch
 
 from weightwise.selection.base import EpochPlan, EpochSampler
 
-
 Rescale = Literal["realised", "nominal"]
 
 MAX_PRUNE_RATIO = 0.9
