@@ -1,4 +1,4 @@
-"""Quality of LISA and IST against full fine-tuning and LoRA at an equal number of steps.
+"""Quality of layer sampling (LISA, IST, BAdam) against full fine-tuning and LoRA at an equal number of steps.
 
 Two real fine-tuning tasks, each method trained with a real Lightning ``Trainer`` from the same
 starting weights and seed:
@@ -17,14 +17,18 @@ Methods:
   encoder) at LoRA's usual 5x learning rate;
 * ``lora_all`` (``lm`` only): LoRA on every projection plus embeddings and head trained fully (as
   LISA trains them), all at the 5x rate;
-* ``lisa`` and ``ist``: ``LayerwiseSampling``, 2 layers per period; embeddings, head and final norm
-  always train, as in LISA.
+* ``lisa``, ``loss_credit``: ``LayerwiseSampling``, 2 layers per period of ``--interval`` steps;
+  embeddings, head and final norm always train, as in LISA;
+* ``ist``: a quarter of the layers re-drawn every step from scores learned by suppression probes
+  every 10 steps (the reference's defaults; embeddings, head and norm train);
+* ``badam``: one layer at a time in descending order, ``--interval`` steps each, embeddings and
+  head frozen (BAdam's defaults).
 
-Run:
-    .venv/bin/python benchmarks/layerwise_quality.py --task bbc --seeds 0,1
-    .venv/bin/python benchmarks/layerwise_quality.py --task lm --seeds 0,1
-    .venv/bin/python benchmarks/layerwise_quality.py --task lm --seeds 0 --methods none
-    .venv/bin/python benchmarks/layerwise_quality.py --task lm --seeds 0,1 --methods lora_all
+Run (from the repository root):
+    .venv/bin/python -m benchmarks.layerwise_quality --task bbc --seeds 0,1
+    .venv/bin/python -m benchmarks.layerwise_quality --task lm --seeds 0,1
+    .venv/bin/python -m benchmarks.layerwise_quality --task lm --seeds 0 --methods none
+    .venv/bin/python -m benchmarks.layerwise_quality --task lm --seeds 0,1 --methods lora_all
 """
 
 from __future__ import annotations
@@ -47,7 +51,10 @@ from examples.bbc_news import BBCNewsDataModule, MiniLMClassifier, load_bbc_news
 from examples.language_modeling import CausalLM, Windows, stdlib_bytes
 from weightwise.callbacks import LayerwiseSampling
 
-METHODS = ("full", "lora", "lisa", "ist")
+METHODS = ("full", "lora", "lisa", "ist", "badam", "loss_credit")
+"""Layer-sampling methods run with LayerwiseSampling at their reference defaults except where noted:
+"lisa" 2 layers / ``--interval``; "ist" a quarter of the layers re-drawn every step, probes every 10
+steps; "badam" one layer, descending, ``--interval``; "loss_credit" (weightwise 0.1's "ist") as "lisa"."""
 LORA_LR_FACTOR = 5.0
 
 
@@ -65,8 +72,12 @@ def trainer(callbacks: list, **limits) -> pl.Trainer:
 
 
 def layerwise(method: str, args: argparse.Namespace) -> list:
-    if method in ("lisa", "ist"):
+    if method in ("lisa", "loss_credit"):
         return [LayerwiseSampling(method, n_layers=2, interval=args.interval, seed=args.seed)]
+    if method == "ist":
+        return [LayerwiseSampling("ist", seed=args.seed)]
+    if method == "badam":
+        return [LayerwiseSampling("badam", interval=args.interval, seed=args.seed)]
     return []
 
 

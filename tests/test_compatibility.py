@@ -50,19 +50,24 @@ def test_reweighting_and_mid_epoch_pruning_resume_as_the_uninterrupted_run():
         assert torch.equal(getattr(resumed_pruning.reducer.scores, field), getattr(straight_pruning.reducer.scores, field)), field
 
 
-@pytest.mark.parametrize("policy", ["lisa", "ist"])
-def test_layerwise_schedule_and_parked_moments_resume_as_the_uninterrupted_run(policy):
-    def run(ckpt_path=None):
+@pytest.mark.parametrize("fixture, policy", [("lisa", "lisa"), ("ist", "loss_credit")])
+def test_layerwise_schedule_and_parked_moments_resume_as_the_uninterrupted_run(fixture, policy):
+    """0.1's "ist" is today's "loss_credit" (today's "ist" follows the IST paper)."""
+
+    def run(ckpt_path=None, name=policy):
         seed_everything(0)
-        sampling = LayerwiseSampling(policy, n_layers=1, interval=3, optimizer_state="offload", seed=1)
+        sampling = LayerwiseSampling(name, n_layers=1, interval=3, optimizer_state="offload", seed=1)
         module = TinyLlama(layers=3)
         trainer(max_epochs=4, callbacks=[sampling]).fit(module, token_batches(), ckpt_path=ckpt_path)
         return module, sampling
 
     straight, straight_sampling = run()
-    resumed, resumed_sampling = run(FIXTURES / f"layerwise_{policy}.ckpt")
+    resumed, resumed_sampling = run(FIXTURES / f"layerwise_{fixture}.ckpt")
     assert resumed_sampling.history == straight_sampling.history
     torch.testing.assert_close(flat_params(resumed), flat_params(straight))
+    if fixture == "ist":
+        with pytest.raises(ValueError, match="now called 'loss_credit'"):
+            run(FIXTURES / "layerwise_ist.ckpt", name="ist")
 
 
 @pytest.mark.parametrize("checkpoint", ["upcycling_before", "upcycling_after"])

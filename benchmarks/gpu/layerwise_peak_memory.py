@@ -67,7 +67,7 @@ def measure(method: str, args: argparse.Namespace, accelerator: str) -> dict:
     batches = torch.randint(0, shape["vocab_size"], (args.steps * args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     callbacks = [Peak()]
     if method in ("lisa", "ist"):
-        callbacks.append(LayerwiseSampling(method, n_layers=2, interval=2))
+        callbacks.append(LayerwiseSampling(method, n_layers=2, interval=2, optimizer_state="release"))
     module = Decoder(shape, method)
     gpu = accelerator == "gpu"
     if gpu:

@@ -87,15 +87,15 @@ def test_bbc_config_switches_to_deepspeed_zero2_on_two_processes(tmp_path):
 
 @pytest.mark.slow
 def test_layerwise_config_switches_to_deepspeed_zero2_on_two_processes(tmp_path):
-    """The LISA config with IST's policy (LISA itself is compared with DDP in tests/test_deepspeed.py)."""
+    """The LISA config with the loss-credit policy (LISA itself is compared with DDP in tests/distributed/test_deepspeed.py)."""
     checkpoint = run_on_two_deepspeed_processes(
         tmp_path, "lm_lisa.yaml", *SMALL_LM, "--trainer.callbacks.init_args.interval", "2",
-        "--trainer.callbacks.init_args.policy", "ist",
+        "--trainer.callbacks.init_args.policy", "loss_credit",
     )
     states = torch.load(checkpoint / "checkpoint" / "mp_rank_00_model_states.pt", weights_only=False)
     layerwise = states["callbacks"]["LayerwiseSampling"]
     assert len(layerwise["history"]) == 3  # 6 steps, a new draw every 2
-    assert layerwise["policy"]["scores"].abs().sum() > 0  # IST learned from the loss changes of its periods
+    assert layerwise["policy"]["scores"].abs().sum() > 0  # it learned from the loss changes of its periods
     optim = torch.load(next((checkpoint / "checkpoint").glob("*optim_states.pt")), weights_only=False)["optimizer_state_dict"]
     # ZeRO holds the split groups of the last period: 2 of 8 layers, plus embeddings/head/norm.
     layers = {group["weightwise_group"][1] for group in optim["base_optimizer_state"]["param_groups"]}

@@ -42,15 +42,52 @@ def test_optimizer_state_is_released_or_offloaded():
     assert layer[0] not in optimizer.state  # moments start from zero when the layer returns
 
 
-def test_ist_learns_importance_and_run_is_deterministic():
+def test_loss_credit_learns_importance_and_run_is_deterministic():
     def run():
-        sampling = LayerwiseSampling("ist", n_layers=2, interval=1, seed=3)
+        sampling = LayerwiseSampling("loss_credit", n_layers=2, interval=1, seed=3)
         trainer(max_epochs=2, callbacks=[sampling]).fit(TinyLlama(), token_batches())
         return sampling
 
     first, second = run(), run()
     assert first.history == second.history
     assert first.importance.abs().sum() > 0  # rewards reached the scores
+
+
+def test_ist_probes_learn_scores_and_redraw_a_quarter_of_the_layers_every_step():
+    def run(seed):
+        sampling = LayerwiseSampling("ist", probe_every=2, seed=seed)
+        trainer(max_epochs=2, callbacks=[sampling]).fit(TinyLlama(layers=8), token_batches())
+        return sampling
+
+    first, second, other = run(0), run(0), run(5)
+    assert len(first.history) == 8 and all(len(active) == 2 for active in first.history)  # 8 // 4 layers, every step
+    assert first.history == second.history and torch.equal(first.importance, second.importance)
+    assert first.importance.abs().sum() > 0  # probes at steps 2, 4, 6 moved the scores
+    assert other.history != first.history  # the seed matters
+    assert first.stash.mode == "keep"  # the reference keeps the optimizer state of undrawn layers
+
+
+def test_badam_cycles_one_block_with_embeddings_and_head_frozen():
+    module = TinyLlama(layers=3)
+    outside = {n: p.detach().clone() for n, p in module.named_parameters() if ".layers." not in n}
+    sampling, snapshot = LayerwiseSampling("badam", interval=1), Snapshot()
+    trainer(max_epochs=2, callbacks=[sampling, snapshot]).fit(module, token_batches())
+    assert sampling.history == [[2], [1], [0], [2], [1], [0], [2], [1]]  # descending, every layer once per cycle
+    for name, param in module.named_parameters():
+        if name in outside:
+            assert torch.equal(param, outside[name]), name  # embeddings, head, final norm never train
+    for step in range(len(snapshot.params) - 1):
+        moved = [i for i in range(3) if not torch.equal(snapshot.params[step][i], snapshot.params[step + 1][i])]
+        assert moved == sampling.history[step]
+
+
+def test_pinned_layers_train_in_every_period_and_lisa_can_leave_embeddings_frozen():
+    module = TinyLlama()
+    embeddings = module.model.model.embed_tokens.weight.detach().clone()
+    sampling = LayerwiseSampling("lisa", n_layers=1, interval=2, always_active=[5], train_outside_stack=False)
+    trainer(max_epochs=2, callbacks=[sampling]).fit(module, token_batches())
+    assert all(5 in active and len(active) == 2 for active in sampling.history)
+    assert torch.equal(module.model.model.embed_tokens.weight, embeddings)
 
 
 def test_bad_settings():

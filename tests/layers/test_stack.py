@@ -31,3 +31,24 @@ def test_explicit_path_and_errors():
         find_layer_stack(model)
     with pytest.raises(ValueError, match="not a ModuleList"):
         find_layer_stack(model, "0")
+
+
+class ExpertsAsModuleList(torch.nn.Module):
+    """A transformers-4.x-style MoE block: its experts in a ModuleList (longer than the layer stack)."""
+
+    def __init__(self, experts: int = 8):
+        super().__init__()
+        self.gate = torch.nn.Linear(4, experts)
+        self.experts = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(experts))
+
+
+class MoEDecoder(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, 4)
+        self.layers = torch.nn.ModuleList(torch.nn.ModuleDict({"mlp": ExpertsAsModuleList()}) for _ in range(3))
+
+
+def test_an_moe_blocks_expert_list_is_never_the_stack():
+    name, stack = find_layer_stack(MoEDecoder())
+    assert name == "layers" and len(stack) == 3  # not layers.0.mlp.experts (8 long)

@@ -1,22 +1,26 @@
 """Layers: which transformer layers train now, and freezing that frees memory for real.
 
 Functional core: :mod:`~weightwise.layers.stack` (finding a model's layer stack),
-:mod:`~weightwise.layers.policies` (which layers train each period: LISA and relatives),
-:mod:`~weightwise.layers.freezing` (freezing that also releases optimizer state). Lightning side:
-:mod:`~weightwise.layers.callback` (``LayerwiseSampling``); DeepSpeed's ZeRO rebuild is in
-:mod:`weightwise.integrations.deepspeed`.
+:mod:`~weightwise.layers.policies` (which layers train each period: LISA, IST, BAdam's cycles),
+:mod:`~weightwise.layers.probes` (IST's suppression probes), :mod:`~weightwise.layers.freezing`
+(freezing that also releases optimizer state). Lightning side: :mod:`~weightwise.layers.callback`
+(``LayerwiseSampling``); DeepSpeed's ZeRO rebuild is in :mod:`weightwise.integrations.deepspeed`.
 """
 
 from weightwise.layers.freezing import OptimizerStateStash, activate_layers, optimizer_state_bytes
-from weightwise.layers.policies import LayerPolicy, LossCreditLayers, UniformLayers
+from weightwise.layers.policies import ISTLayers, LayerPolicy, LossCreditLayers, OrderedBlocks, UniformLayers
+from weightwise.layers.probes import suppressed
 from weightwise.layers.stack import find_layer_stack
 
 __all__ = [
+    "ISTLayers",
     "LayerPolicy",
     "LossCreditLayers",
     "OptimizerStateStash",
+    "OrderedBlocks",
     "UniformLayers",
     "activate_layers",
     "find_layer_stack",
     "optimizer_state_bytes",
+    "suppressed",
 ]

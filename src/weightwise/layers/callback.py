@@ -1,7 +1,9 @@
-"""``LayerwiseSampling``: train a few transformer layers at a time (LISA and relatives)."""
+"""``LayerwiseSampling``: train a few transformer layers at a time (LISA, IST, BAdam's cycles)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,37 +24,67 @@ from weightwise.integrations.lightning import (
     rewrap_ddp,
 )
 from weightwise.layers.freezing import OptimizerStateStash, StateMode, activate_layers, optimizer_state_bytes
-from weightwise.layers.policies import LayerPolicy, LossCreditLayers, UniformLayers
+from weightwise.layers.policies import ISTLayers, LayerPolicy, LossCreditLayers, Order, OrderedBlocks, UniformLayers
+from weightwise.layers.probes import ProbeLoss, model_loss, probe
 from weightwise.layers.stack import find_layer_stack
 
-Policy = Literal["lisa", "ist"]
-POLICIES: dict[str, type[LayerPolicy]] = {"lisa": UniformLayers, "ist": LossCreditLayers}
+Policy = Literal["lisa", "ist", "badam", "loss_credit"]
+
+
+@dataclass(frozen=True)
+class PolicyDefaults:
+    """What each policy's reference runs with, where the callback's argument is left at ``None``."""
+
+    policy: type[LayerPolicy]
+    n_layers: int | None  # None: a quarter of the stack (IST's budget)
+    interval: int
+    train_outside_stack: bool
+    optimizer_state: StateMode
+
+
+POLICIES: dict[str, PolicyDefaults] = {
+    # LISA (LMFlow): 2 layers every 20 steps, embeddings/head/norm always train. LMFlow keeps frozen
+    # layers' Adam state; weightwise releases it - the memory LISA's claim rests on.
+    "lisa": PolicyDefaults(UniformLayers, 2, 20, True, "release"),
+    # IST: 25% of the layers, re-drawn every step; the reference (HF Trainer) keeps optimizer state.
+    "ist": PolicyDefaults(ISTLayers, None, 1, True, "keep"),
+    # BAdam: one block, switch_block_every=50, embeddings and head off, state cleared at each switch.
+    "badam": PolicyDefaults(OrderedBlocks, 1, 50, False, "release"),
+    "loss_credit": PolicyDefaults(LossCreditLayers, 2, 20, True, "release"),
+}
 
 
 class LayerwiseSampling(Callback):
     """Every ``interval`` steps, choose ``n_layers`` layers of the stack to train; freeze the others.
 
-    * ``"lisa"`` - LISA (Pan et al., "LISA: Layerwise Importance Sampling for Memory-Efficient Large
-      Language Model Fine-Tuning", 2024): the active layers are drawn uniformly; everything outside
-      the layer stack (embeddings, head, final norm) always trains.
-    * ``"ist"`` - importance-aware sampling in the spirit of IST ("Importance-aware Sparse Tuning",
-      2024): each layer has an importance score; a period's reward is the decrease of the mean
-      training loss from the previous period, averaged over every rank's steps,
-      ``s_l <- (1 - beta) s_l + beta * reward`` for the layers that were active, and layers are drawn
-      without replacement with probability ``softmax(s / temperature)``
-      (:class:`weightwise.layers.policies.LossCreditLayers`).
+    Policies (:mod:`weightwise.layers.policies`; defaults are the reference's, see :data:`POLICIES`):
 
-    The choice itself lives in :mod:`weightwise.layers.policies`; this callback applies it. Only
-    parameters that were trainable when ``fit`` started are sampled, so with PEFT adapters (e.g.
-    ``peft`` LoRA) the chosen layers' adapters train and base weights stay frozen.
+    * ``"lisa"`` - LISA (Pan et al., 2024; LMFlow's ``DynamicLayerActivationCallback``): 2 layers drawn
+      uniformly every 20 steps; everything outside the layer stack (embeddings, head, final norm)
+      always trains.
+    * ``"ist"`` - IST (Yao et al., EMNLP 2024 Findings; ``antgroup/importance-aware-sparse-tuning-IST-paper``):
+      a quarter of the layers re-drawn every step by a score learned from suppression probes - every
+      10 steps, 3 forward passes each with a random half of the layers responding at 25%, scored by
+      ``exp(-loss)`` against their mean (REINFORCE); probe losses are averaged over every rank.
+    * ``"badam"`` - BAdam's block cycles (``Ledzy/BAdam``): one layer at a time in descending,
+      ascending or random order (``order``), every layer once per cycle, switching every 50 steps,
+      embeddings and head frozen.
+    * ``"loss_credit"`` - the policy weightwise 0.1 called ``"ist"``: a period's loss decrease is
+      credited to its active layers.
+
+    Options beside the policy: ``train_outside_stack=False`` freezes embeddings, head and final
+    norm for the whole run (at 8B they are most of what LISA trains); ``always_active`` pins layers
+    that train in every period on top of the drawn ones. Only parameters that were trainable when
+    ``fit`` started are sampled, so with PEFT adapters (e.g. ``peft`` LoRA) the chosen layers'
+    adapters train and base weights stay frozen.
 
     Frozen layers get ``requires_grad=False`` and ``grad=None`` (so AdamW's momentum and weight
-    decay leave them bit-identical) and their optimizer state is released or offloaded to CPU
-    (:mod:`weightwise.layers.freezing`); parked state is saved in checkpoints. The choice of each
-    period is a function of the seed, the period and statistics reduced over every rank, so it is
-    identical on every rank and after resuming. Logged at every period:
-    ``weightwise/layer_active/NN`` (1 for the layers that train, 0 otherwise - a layer x step map),
-    ``weightwise/layer_importance/NN`` (policies with scores) and ``weightwise/optimizer_state_mib``.
+    decay leave them bit-identical) and their optimizer state is released, offloaded to CPU or kept
+    (:mod:`weightwise.layers.freezing`); parked state is saved in checkpoints. Every choice is a
+    function of the seed, the period and statistics reduced over every rank, so it is identical on
+    every rank and after resuming. Logged at every period: ``weightwise/layer_active/NN`` (1 for the
+    layers that train, 0 otherwise - a layer x step map), ``weightwise/layer_importance/NN``
+    (policies with scores) and ``weightwise/optimizer_state_mib``.
 
     Single device, DDP and DeepSpeed ZeRO-1/2/3. DDP only synchronises parameters that required
     gradients when the model was wrapped, so after every change of the active layers the module is
@@ -64,20 +96,27 @@ class LayerwiseSampling(Callback):
     (:mod:`weightwise.integrations.deepspeed`): the run equals DDP's, and the master weights, moments
     and gradient buffers are those of the active layers only. The engine starts with period 0's
     layers already frozen, and resuming from a sharded checkpoint rebuilds the optimizer with the
-    checkpoint's layout before DeepSpeed loads it. ZeRO-Offload, fp16 and
-    ``optimizer_state="offload"`` are refused under DeepSpeed.
+    checkpoint's layout before DeepSpeed loads it. ZeRO-Offload, fp16 and optimizer states other
+    than ``"release"`` are refused under DeepSpeed.
 
     Args:
-        policy: ``"lisa"`` or ``"ist"``.
-        n_layers: gamma, layers trained per period (LISA's default 2).
-        interval: K, steps per period (LISA samples every K = 20-50 steps).
+        policy: ``"lisa"``, ``"ist"``, ``"badam"`` or ``"loss_credit"``.
+        n_layers: layers drawn per period (``None``: the policy's default - LISA 2, IST a quarter, BAdam 1).
+        interval: steps per period (``None``: LISA 20, IST 1, BAdam 50).
         layers: dotted path of the layer ``ModuleList`` (default: found, see :func:`find_layer_stack`).
-        optimizer_state: ``"release"`` or ``"offload"`` for frozen layers' optimizer state.
-        seed: base seed of the layer draws.
-        beta, temperature: IST's score smoothing and sampling temperature.
+        train_outside_stack: whether parameters outside the stack train (``None``: False for BAdam).
+        always_active: layer indices that train in every period.
+        optimizer_state: ``"release"``, ``"offload"`` or ``"keep"`` for frozen layers' optimizer state
+            (``None``: ``"keep"`` for IST, ``"release"`` otherwise).
+        seed: base seed of the draws.
+        order: BAdam's block order.
+        beta, temperature: ``"loss_credit"``'s score smoothing and sampling temperature.
+        probe_every, probes, suppression, ist_learning_rate: IST's 10, 3, 0.25 and 10.
+        probe_loss: ``(module, batch) -> scalar`` for IST's probes (default: the loss of the
+            transformers model inside the module on the batch's ``input_ids``/``labels``).
 
     Raises:
-        ValueError: an unknown policy or a non-positive ``n_layers``/``interval``.
+        ValueError: an unknown policy or a non-positive setting.
 
     Example::
 
@@ -91,41 +130,65 @@ class LayerwiseSampling(Callback):
     def __init__(
         self,
         policy: Policy = "lisa",
-        n_layers: int = 2,
-        interval: int = 20,
+        n_layers: int | None = None,
+        interval: int | None = None,
         *,
         layers: str | None = None,
-        optimizer_state: StateMode = "release",
+        train_outside_stack: bool | None = None,
+        always_active: Sequence[int] = (),
+        optimizer_state: StateMode | None = None,
         seed: int = 0,
+        order: Order = "descending",
         beta: float = 0.5,
         temperature: float = 1.0,
+        probe_every: int = 10,
+        probes: int = 3,
+        suppression: float = 0.25,
+        ist_learning_rate: float = 10.0,
+        probe_loss: ProbeLoss | None = None,
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {sorted(POLICIES)}, got {policy!r}")
-        if n_layers < 1 or interval < 1:
-            raise ValueError(f"n_layers and interval must be >= 1, got {n_layers}, {interval}")
-        if policy == "ist" and (not 0.0 < beta <= 1.0 or temperature <= 0):
-            raise ValueError(f"beta must be in (0, 1] and temperature positive, got beta={beta}, temperature={temperature}")
+        defaults = POLICIES[policy]
         self.policy = policy
         self.n_layers = n_layers
-        self.interval = interval
+        self.interval = defaults.interval if interval is None else interval
+        if (n_layers is not None and n_layers < 1) or self.interval < 1:
+            raise ValueError(f"n_layers and interval must be >= 1, got {n_layers}, {self.interval}")
+        if not 0.0 <= suppression < 1.0:
+            raise ValueError(f"suppression must be in [0, 1), got {suppression}")
         self.layers_path = layers
-        self.stash = OptimizerStateStash(optimizer_state)
+        self.train_outside_stack = defaults.train_outside_stack if train_outside_stack is None else train_outside_stack
+        self.always_active = sorted(set(always_active))
+        self.stash = OptimizerStateStash(defaults.optimizer_state if optimizer_state is None else optimizer_state)
         self.seed = seed
-        self.beta = beta
-        self.temperature = temperature
+        self.policy_options: dict[str, Any] = {
+            "badam": {"order": order},
+            "loss_credit": {"beta": beta, "temperature": temperature},
+            "ist": {"probe_every": probe_every, "probes": probes, "learning_rate": ist_learning_rate},
+        }.get(policy, {})
+        self.suppression = suppression
+        self.probe_loss: ProbeLoss = probe_loss or model_loss
+        if policy == "loss_credit":  # validate now, not when fit starts
+            LossCreditLayers(2, 1, beta=beta, temperature=temperature)
+        if policy == "ist":
+            ISTLayers(4, 1, probe_every=probe_every, probes=probes, learning_rate=ist_learning_rate)
+        if policy == "badam":
+            OrderedBlocks(2, 1, order=order)
         self.chooser: LayerPolicy | None = None
         self.active: list[int] = []
         self.history: list[list[int]] = []
         self._period_loss = torch.zeros(2, dtype=torch.float64)  # this rank's (sum, count) in the current period
         self._period: int | None = None
         self._applied = False
+        self._outside: list[torch.nn.Parameter] = []
         self._param_names: dict[torch.nn.Parameter, str] = {}
         self._parked_to_load: dict[str, dict[str, Any]] | None = None
         self._chooser_state: dict[str, Any] | None = None
         self._zero: Any = None  # a weightwise.integrations.deepspeed.ZeroLayerOptimizer under DeepSpeed
         self._patches: list[MethodPatch] = []
         self._discovered = False
+        self._probed: int | None = None  # the step whose probes ran (a resumed step does not probe twice)
 
     @property
     def importance(self) -> Tensor | None:
@@ -158,7 +221,10 @@ class LayerwiseSampling(Callback):
         deepspeed.check_version()
         problems = deepspeed.unsupported_settings(strategy.config or {})
         if self.stash.mode != "release":
-            problems.append("optimizer_state='offload': use 'release' (ZeRO keeps state per rank partition)")
+            problems.append(
+                f"optimizer_state={self.stash.mode!r}: use 'release' (ZeRO rebuilds its optimizer for each period's layers,"
+                " and keeps state per rank partition)"
+            )
         if problems:
             raise MisconfigurationException("LayerwiseSampling under DeepSpeed does not support " + "; ".join(problems))
 
@@ -169,6 +235,8 @@ class LayerwiseSampling(Callback):
                 if len(optimizers) != 1:
                     raise MisconfigurationException(f"DeepSpeed takes one optimizer; configure_optimizers returned {len(optimizers)}")
                 self._discover(pl_module)
+                for p in self._outside if not self.train_outside_stack else ():
+                    p.requires_grad_(False)  # never in the engine
                 layer_of: dict[torch.nn.Parameter, int | None] = {p: i for i, params in enumerate(self.trainable) for p in params}
                 layer_of.update({p: None for p in pl_module.parameters() if p.requires_grad and p not in layer_of})
                 self._zero = deepspeed.ZeroLayerOptimizer(optimizers[0], layer_of)
@@ -214,8 +282,8 @@ class LayerwiseSampling(Callback):
         # Only what the user made trainable is sampled: with PEFT (LoRA) that is each layer's
         # adapters, and the frozen base weights must stay frozen when their layer is chosen.
         self.trainable = [[p for p in layer.parameters() if p.requires_grad] for layer in self.stack]
-        if self.n_layers > len(self.stack):
-            raise MisconfigurationException(f"n_layers={self.n_layers} but the layer stack has {len(self.stack)} layers")
+        in_stack = {p for params in self.trainable for p in params}
+        self._outside = [p for p in pl_module.parameters() if p.requires_grad and p not in in_stack]
         if self.chooser is None:
             self.chooser = self._make_policy(len(self.stack))
             if self._chooser_state is not None:
@@ -224,9 +292,12 @@ class LayerwiseSampling(Callback):
         self._discovered = True
 
     def _make_policy(self, num_layers: int) -> LayerPolicy:
-        if self.policy == "ist":
-            return LossCreditLayers(num_layers, self.n_layers, self.seed, beta=self.beta, temperature=self.temperature)
-        return POLICIES[self.policy](num_layers, self.n_layers, self.seed)
+        defaults = POLICIES[self.policy]
+        n_layers = self.n_layers if self.n_layers is not None else defaults.n_layers or max(1, num_layers // 4)
+        try:
+            return defaults.policy(num_layers, n_layers, self.seed, self.always_active, **self.policy_options)
+        except ValueError as error:
+            raise MisconfigurationException(str(error)) from error
 
     def _set_trainable(self, chosen: list[int]) -> None:
         for i, params in enumerate(self.trainable):
@@ -248,6 +319,8 @@ class LayerwiseSampling(Callback):
             deepspeed.check_engine(trainer.strategy.deepspeed_engine)  # type: ignore[attr-defined]
             self._rebuild_zero(trainer.strategy)
         self._discover(pl_module)
+        if not self.train_outside_stack and self._zero is None:  # embeddings, head, norms: frozen for the run
+            self.stash.freeze(self._outside, trainer.optimizers[0] if trainer.optimizers else None)
         self._param_names = {p: name for name, p in pl_module.named_parameters()}
         if self._parked_to_load is not None:  # resumed "offload" run: the parked moments come back too
             self.stash.load_state_dict(self._parked_to_load, dict(pl_module.named_parameters()))
@@ -257,7 +330,10 @@ class LayerwiseSampling(Callback):
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         assert self.chooser is not None
-        period = trainer.global_step // self.interval
+        step = trainer.global_step
+        if self.chooser.wants_probes(step) and self._probed != step:
+            self._probe(pl_module, batch, step)
+        period = step // self.interval
         if period != self._period:
             if self._period_loss[1] > 0 and self.active:
                 self._end_period()  # a collective: every rank has losses of the same period here
@@ -266,6 +342,17 @@ class LayerwiseSampling(Callback):
             self.history.append(self.active)
         elif not self._applied:  # resumed mid-period: the fresh module has every layer trainable
             self._apply(trainer, self.active)
+
+    def _probe(self, pl_module: pl.LightningModule, batch: Any, step: int) -> None:
+        """IST's suppression probes on this step's batch, their losses averaged over every rank."""
+        assert isinstance(self.chooser, ISTLayers)
+        sets = self.chooser.probe_sets(step)
+        local = torch.stack(
+            [probe(pl_module, batch, [self.stack[i] for i in layers], self.suppression, self.probe_loss).cpu() for layers in sets]
+        ).double()
+        losses = (collectives.all_reduce_sum(local) / collectives.world_size()).tolist()
+        self.chooser.learn(sets, losses)
+        self._probed = step
 
     def _end_period(self) -> None:
         # The period's mean loss over every rank's steps: each rank trained on other data, and a
@@ -304,7 +391,7 @@ class LayerwiseSampling(Callback):
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.importance is not None and isinstance(outputs, dict) and "loss" in outputs:
+        if self.chooser is not None and self.chooser.needs_period_loss and isinstance(outputs, dict) and "loss" in outputs:
             self._period_loss += torch.tensor([float(outputs["loss"]), 1.0], dtype=torch.float64)
 
     # ------------------------------------------------------------------ checkpoints
@@ -318,6 +405,7 @@ class LayerwiseSampling(Callback):
                 "period": self._period,
                 "active": list(self.active),
                 "period_loss": self._period_loss.clone(),
+                "probed": self._probed,
                 "parked": self.stash.state_dict(self._param_names),
                 "optimizer_hyperparameters": None if self._zero is None else self._zero.hyperparameters(),
             },
@@ -327,6 +415,11 @@ class LayerwiseSampling(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_version(state_dict, "LayerwiseSampling", self.STATE_VERSION) == 0:
+            if self.policy == "ist":
+                raise ValueError(
+                    "this checkpoint was written by weightwise 0.1, whose 'ist' policy is now called 'loss_credit' (the"
+                    " 'ist' policy follows the IST paper now): resume it with LayerwiseSampling('loss_credit', ...)"
+                )
             state_dict = _migrate_unversioned(state_dict)
         self._chooser_state = state_dict["policy"]
         if self.chooser is not None and self._chooser_state is not None:
@@ -336,6 +429,7 @@ class LayerwiseSampling(Callback):
         self._period = state_dict["period"]
         self.active = list(state_dict["active"])
         self._period_loss = state_dict["period_loss"].clone()
+        self._probed = state_dict.get("probed")
         self._parked_to_load = state_dict.get("parked") or None
         hyperparameters = state_dict.get("optimizer_hyperparameters")
         if self._zero is not None and hyperparameters is not None:
@@ -348,7 +442,7 @@ def _migrate_unversioned(state: dict[str, Any]) -> dict[str, Any]:
     """The layout of weightwise 0.1 (policy state inline, period losses as a list) as version 1."""
     losses = list(state["period_losses"])
     policy = None
-    if state.get("importance") is not None:
+    if state.get("importance") is not None:  # the loss-credit policy's scores (zeros under LISA, which ignores them)
         policy = {"version": 1, "scores": state["importance"], "previous_mean": state["previous_mean"], "active": list(state["active"])}
     return {
         **state,

@@ -7,8 +7,9 @@ Flipping ``requires_grad`` is not enough (docs/architecture.md, "Memory is real"
   ``requires_grad=False`` *and* ``grad=None``: the parameter is then bit-identical until thawed;
 * Adam keeps two moment buffers per parameter forever once created. Freezing either drops them
   (``"release"``: memory freed, moments start from zero when the layer returns - what LISA's memory
-  claim assumes) or moves them to CPU (``"offload"``: accelerator memory freed, moments restored
-  when the layer returns).
+  claim assumes), moves them to CPU (``"offload"``: accelerator memory freed, moments restored
+  when the layer returns), or leaves them where they are (``"keep"``: what LMFlow's LISA and IST's
+  reference do; cheap for adapters, and right when layers change every step).
 """
 
 from __future__ import annotations
@@ -19,15 +20,19 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-StateMode = Literal["release", "offload"]
+StateMode = Literal["release", "offload", "keep"]
 
 
 class OptimizerStateStash:
-    """Frozen parameters' optimizer state, released or parked on CPU."""
+    """Frozen parameters' optimizer state, released, parked on CPU or kept.
+
+    Raises:
+        ValueError: an unknown mode.
+    """
 
     def __init__(self, mode: StateMode = "release") -> None:
-        if mode not in ("release", "offload"):
-            raise ValueError(f"optimizer state mode must be 'release' or 'offload', got {mode!r}")
+        if mode not in ("release", "offload", "keep"):
+            raise ValueError(f"optimizer state mode must be 'release', 'offload' or 'keep', got {mode!r}")
         self.mode = mode
         self.parked: dict[nn.Parameter, dict[str, object]] = {}
 
@@ -35,6 +40,8 @@ class OptimizerStateStash:
         for p in params:
             p.requires_grad_(False)
             p.grad = None
+            if self.mode == "keep":
+                continue
             state = optimizer.state.pop(p, None) if optimizer is not None else None
             if state and self.mode == "offload":
                 self.parked[p] = {k: v.to("cpu", copy=True) if isinstance(v, Tensor) else v for k, v in state.items()}

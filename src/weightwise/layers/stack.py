@@ -8,10 +8,12 @@ from torch import nn
 def find_layer_stack(model: nn.Module, path: str | None = None) -> tuple[str, nn.ModuleList]:
     """The model's repeated layer stack: ``(dotted name, ModuleList)``.
 
-    With ``path`` (e.g. ``"model.layers"``), that module. Otherwise the longest ``nn.ModuleList``
-    whose children all have one class - which is the decoder/encoder stack of every transformers
-    model (``model.layers`` for Llama, Qwen2/3, Mistral, Mixtral, OLMoE; ``transformer.h`` for GPT-2;
-    ``encoder.layer`` for BERT/MiniLM) and of most hand-written ones.
+    With ``path`` (e.g. ``"model.layers"``), that module. Otherwise the longest *outermost*
+    ``nn.ModuleList`` whose children all have one class - the decoder/encoder stack of every
+    transformers model (``model.layers`` for Llama, Qwen2/3, Mistral, Mixtral, OLMoE;
+    ``transformer.h`` for GPT-2; ``encoder.layer`` for BERT/MiniLM) and of most hand-written ones.
+    Lists inside a layer are never the stack: a Mixture-of-Experts block of transformers 4.x keeps
+    its experts in a ``ModuleList`` that can be longer than the stack itself.
 
     Raises:
         ValueError: no such stack (or ``path`` is not a ModuleList); the message names the fix.
@@ -21,13 +23,18 @@ def find_layer_stack(model: nn.Module, path: str | None = None) -> tuple[str, nn
         if not isinstance(module, nn.ModuleList) or len(module) < 2:
             raise ValueError(f"{path!r} is a {type(module).__name__}, not a ModuleList of at least 2 layers")
         return path, module
-    best: tuple[str, nn.ModuleList] | None = None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) >= 2 and len({type(m) for m in module}) == 1:
-            if best is None or len(module) > len(best[1]):
-                best = (name, module)
-    if best is None:
+    candidates = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and len(module) >= 2 and len({type(m) for m in module}) == 1
+    ]
+    outermost = [
+        (name, module)
+        for name, module in candidates
+        if not any(other is not module and name.startswith(f"{other_name}.") for other_name, other in candidates if other_name)
+    ]
+    if not outermost:
         raise ValueError(
             f"found no stack of repeated layers in {type(model).__name__}; pass layers='dotted.path.to.ModuleList'"
         )
-    return best
+    return max(outermost, key=lambda item: len(item[1]))
