@@ -74,7 +74,9 @@ def test_layerwise_schedule_and_parked_moments_resume_as_the_uninterrupted_run(f
 def test_upcycling_resumes_before_and_after_the_surgery(checkpoint):
     def run(ckpt_path=None):
         seed_everything(0)
-        callback = ExpertUpcycling(at_step=3, selection="utility", utility_window=2)
+        callback = ExpertUpcycling(  # weightwise 0.1's utility and allocation
+            at_step=3, selection="utility", utility_window=2, utility_metric="taylor", utility_projection="both", allocation="proportional"
+        )
         module = TinyMoELM()
         trainer(max_epochs=3, limit_train_batches=2, callbacks=[callback]).fit(module, moe_loader(), ckpt_path=ckpt_path)
         return module, callback

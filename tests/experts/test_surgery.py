@@ -141,3 +141,45 @@ def test_bad_requests_fail_clearly():
         upcycle_experts(torch.nn.Linear(3, 3))
     with pytest.raises(ValueError, match="divisible"):
         upcycle_experts(tiny_moe("mixtral"), factor=3, method="granular")
+
+
+def test_reset_drops_the_upcycled_tensors_optimizer_state():
+    model = tiny_moe("mixtral", top_k=1, norm_topk_prob=True).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(input_ids=INPUT, labels=INPUT).loss.backward()
+    optimizer.step()
+    upcycle_experts(model, factor=2, optimizer=optimizer, optimizer_state="reset")
+    for block in find_moe_blocks(model).values():
+        assert all(p not in optimizer.state for p in (*block.expert_parameters().values(), block.router_weight))
+    assert model.model.embed_tokens.weight in optimizer.state  # the rest keeps its state
+    model(input_ids=INPUT, labels=INPUT).loss.backward()
+    optimizer.step()  # and training goes on
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_unscaled_copies_as_the_reference_change_a_non_renormalising_router():
+    preserved, reference = tiny_moe("olmoe", top_k=1), tiny_moe("olmoe", top_k=1)
+    before = logits(preserved, INPUT)
+    assert upcycle_experts(preserved, factor=2).exact
+    assert (logits(preserved, INPUT) - before).abs().max() <= 1e-5
+    report = upcycle_experts(reference, factor=2, preserve_function=False)
+    assert not report.exact and (logits(reference, INPUT) - before).abs().max() > 1e-3
+
+
+def test_router_bias_follows_the_copies_and_takes_the_references_noise():
+    model = tiny_moe("mixtral", top_k=1, norm_topk_prob=True)
+    with pytest.raises(ValueError, match="has no bias"):
+        upcycle_experts(model, factor=2, router_noise=0.01, noise_target="bias")
+    for block in find_moe_blocks(model).values():  # routers with a bias (as gpt-oss')
+        block.block.gate.bias = torch.nn.Parameter(torch.tensor([0.5, -1.0, 2.0, 0.0]))
+    gate = next(iter(find_moe_blocks(model).values())).block.gate
+    weight = gate.weight.detach().clone()
+    report = upcycle_experts(model, factor=2, router_noise=0.01, noise_target="bias", generator=torch.Generator().manual_seed(0))
+    sources = next(iter(report.sources.values()))
+    bias = gate.bias.detach()
+    first = torch.ones(8, dtype=torch.bool)
+    first[1:] = sources[1:] != sources[:-1]
+    assert torch.equal(bias[first], torch.tensor([0.5, -1.0, 2.0, 0.0]))  # each source's first instance exact
+    noise = bias[~first] - torch.tensor([0.5, -1.0, 2.0, 0.0])
+    assert (noise != 0).all() and noise.abs().max() < 0.1  # ~0.01 x std of the copied biases (1.3)
+    assert torch.equal(gate.weight.detach(), weight[sources])  # router rows copied exactly

@@ -16,7 +16,7 @@ from weightwise.experts.adapters import (
     find_moe_blocks,
 )
 from weightwise.experts.surgery import UpcycleReport, upcycle_experts
-from weightwise.experts.utility import ExpertUtility, allocate_copies
+from weightwise.experts.utility import ExpertUtility, allocate_copies, expert_utility
 
 __all__ = [
     "ExpertUtility",
@@ -24,6 +24,7 @@ __all__ = [
     "FusedExpertsAdapter",
     "UpcycleReport",
     "allocate_copies",
+    "expert_utility",
     "find_moe_blocks",
     "upcycle_experts",
 ]

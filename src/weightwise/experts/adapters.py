@@ -49,6 +49,11 @@ class ExpertsAdapter(ABC):
     def router_weight(self) -> nn.Parameter:
         """``[E, H]``: router logits are ``hidden @ router_weight.T``."""
 
+    @property
+    def router_bias(self) -> nn.Parameter | None:
+        """``[E]`` router bias, where the router has one (added to the logits); ``None`` otherwise."""
+        return None
+
     @abstractmethod
     def expert_parameters(self) -> dict[str, nn.Parameter]:
         """The experts' parameters by name, each with the expert index on dim 0."""
@@ -105,6 +110,11 @@ class FusedExpertsAdapter(ExpertsAdapter):
     @property
     def router_weight(self) -> nn.Parameter:
         return self.block.gate.weight
+
+    @property
+    def router_bias(self) -> nn.Parameter | None:
+        bias = getattr(self.block.gate, "bias", None)
+        return bias if isinstance(bias, nn.Parameter) else None
 
     def expert_parameters(self) -> dict[str, nn.Parameter]:
         return {"gate_up_proj": self.block.experts.gate_up_proj, "down_proj": self.block.experts.down_proj}

@@ -14,8 +14,8 @@ from typing_extensions import override
 
 from weightwise.core.checkpoints import state_version, with_version
 from weightwise.experts.adapters import find_moe_blocks
-from weightwise.experts.surgery import Method, Selection, UpcycleReport, upcycle_experts
-from weightwise.experts.utility import ExpertUtility
+from weightwise.experts.surgery import Method, NoiseTarget, Selection, StateHandling, UpcycleReport, upcycle_experts
+from weightwise.experts.utility import METRICS, PROJECTIONS, Allocation, ExpertUtility, Metric, Projection
 from weightwise.integrations.lightning import (
     MethodPatch,
     check_trainer,
@@ -28,8 +28,12 @@ from weightwise.reporting.histograms import log_histogram
 class ExpertUpcycling(Callback):
     """At optimizer step ``at_step``, upcycle every MoE block of the model (see :mod:`weightwise.experts`).
 
-    * With ``selection="utility"``, expert utilities ``|theta * grad|`` are accumulated over the
-      ``utility_window`` steps before ``at_step`` and turned into per-expert copy counts.
+    * With ``selection="utility"``, expert utilities (``||grad||^2`` of each expert's gate/up
+      projection by default, the reference's) are averaged over the ``utility_window`` optimizer
+      steps before ``at_step`` - measured on the gradients the optimizer applies, so accumulated and
+      averaged over ranks, the same on every rank - and turned into per-expert copy counts by the
+      reference's greedy allocation (:mod:`weightwise.experts.utility`). The reference scores the
+      single step before the surgery (``utility_window=1``).
     * The surgery is in place: parameters keep their identity, the optimizer's Adam moments are
       remapped to the copies and the LR schedule simply continues. Under DDP the model is wrapped
       anew so gradient buckets match the new shapes; every rank does the same surgery (the
@@ -43,8 +47,10 @@ class ExpertUpcycling(Callback):
 
     Args:
         at_step: global step at which to grow the experts.
-        factor, method, selection, router_noise: see :func:`weightwise.experts.upcycle_experts`.
-        utility_window: steps before ``at_step`` over which utility is measured.
+        factor, method, selection, router_noise, noise_target, preserve_function, optimizer_state, allocation,
+            cap: see :func:`weightwise.experts.upcycle_experts`.
+        utility_window: optimizer steps before ``at_step`` over which utility is averaged.
+        utility_metric, utility_projection: see :class:`weightwise.experts.ExpertUtility`.
         seed: seed of the router noise (identical on every rank).
 
     Raises:
@@ -67,7 +73,14 @@ class ExpertUpcycling(Callback):
         method: Method = "duplicate",
         selection: Selection = "uniform",
         router_noise: float = 1e-2,
+        noise_target: NoiseTarget = "weight",
         utility_window: int = 20,
+        utility_metric: Metric = "gradient_squared",
+        utility_projection: Projection = "gate_up",
+        allocation: Allocation = "greedy",
+        cap: int = 3,
+        preserve_function: bool = True,
+        optimizer_state: StateHandling = "copy",
         seed: int = 0,
     ) -> None:
         if at_step < 1:
@@ -84,12 +97,30 @@ class ExpertUpcycling(Callback):
             raise ValueError(f"selection='utility' needs 1 <= utility_window <= at_step, got {utility_window} and {at_step}")
         if router_noise < 0:
             raise ValueError(f"router_noise must be >= 0, got {router_noise}")
+        if utility_metric not in METRICS:
+            raise ValueError(f"utility_metric must be one of {METRICS}, got {utility_metric!r}")
+        if utility_projection not in PROJECTIONS:
+            raise ValueError(f"utility_projection must be one of {sorted(PROJECTIONS)}, got {utility_projection!r}")
+        if allocation not in ("greedy", "proportional") or cap < 1:
+            raise ValueError(f"allocation must be 'greedy' or 'proportional' and cap >= 1, got {allocation!r}, {cap}")
+        if noise_target not in ("weight", "bias") or optimizer_state not in ("copy", "reset"):
+            raise ValueError(
+                f"noise_target must be 'weight' or 'bias' and optimizer_state 'copy' or 'reset', got {noise_target!r},"
+                f" {optimizer_state!r}"
+            )
         self.at_step = at_step
         self.factor = factor
         self.method: Method = method
         self.selection: Selection = selection
         self.router_noise = router_noise
+        self.noise_target: NoiseTarget = noise_target
         self.utility_window = utility_window
+        self.utility_metric: Metric = utility_metric
+        self.utility_projection: Projection = utility_projection
+        self.allocation: Allocation = allocation
+        self.cap = cap
+        self.preserve_function = preserve_function
+        self.optimizer_state: StateHandling = optimizer_state
         self.seed = seed
         self.done = False
         self.report: UpcycleReport | None = None
@@ -112,7 +143,7 @@ class ExpertUpcycling(Callback):
             def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
                 state = checkpoint.get("callbacks", {}).get(self.state_key) or {}
                 if state.get("done") and not self.done:
-                    upcycle_experts(pl_module, self.factor, method=self.method)
+                    upcycle_experts(pl_module, self.factor, method=self.method)  # the shapes; the values are loaded next
                 original(checkpoint)
 
             return on_load_checkpoint
@@ -137,7 +168,7 @@ class ExpertUpcycling(Callback):
         if len(trainer.optimizers) > 1:
             raise MisconfigurationException("ExpertUpcycling supports one optimizer")
         if not self.done:
-            self.utility = ExpertUtility(find_moe_blocks(pl_module))
+            self.utility = ExpertUtility(find_moe_blocks(pl_module), self.utility_metric, self.utility_projection)
             if self._pending_utility is not None:
                 self.utility.load_state_dict(self._pending_utility)
 
@@ -148,7 +179,7 @@ class ExpertUpcycling(Callback):
         # utility and makes the same copies. (After each backward they are one rank's micro-batch.)
         in_window = self.at_step - self.utility_window <= trainer.global_step < self.at_step
         if self.selection == "utility" and not self.done and in_window and self.utility is not None:
-            self.utility.accumulate()
+            self.utility.accumulate(optimizer)
 
     # ------------------------------------------------------------------ surgery
     @override
@@ -157,15 +188,20 @@ class ExpertUpcycling(Callback):
             return
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         before = self._measure(pl_module, batch)
-        utility = self.utility.totals if self.selection == "utility" and self.utility is not None else None
+        utility = self.utility.averages if self.selection == "utility" and self.utility is not None else None
         self.report = upcycle_experts(
             pl_module,
             self.factor,
             method=self.method,
             selection=self.selection,
             utility=utility,
+            allocation=self.allocation,
+            cap=self.cap,
             router_noise=self.router_noise,
+            noise_target=self.noise_target,
+            preserve_function=self.preserve_function,
             optimizer=optimizer,
+            optimizer_state=self.optimizer_state,
             generator=torch.Generator().manual_seed(self.seed),
         )
         rewrap_ddp(trainer)  # DDP's gradient buckets were laid out for the old shapes
