@@ -5,16 +5,17 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from lightning.pytorch import seed_everything
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from tests.support.models import Classifier, indexed_loader
+from tests.support.models import Classifier, blobs, indexed_loader
 from tests.support.training import flat_params, trainer
 from weightwise.callbacks import DataPruning, LossReweighting
-from weightwise.losses import loss_weights
+from weightwise.losses import el2n, grand, loss_weights
 from weightwise.samplers import (
     ImportanceSampler,
     InfoBatchSampler,
@@ -193,3 +194,29 @@ def test_step_sized_schedule_max_steps_and_mid_epoch_validation_follow_pruned_ep
     assert recorder.validations == 2 * 7 + 1  # twice per 4-batch epoch, once in the last partial epoch
     # With max_steps set, estimated_stepping_batches is max_steps: the schedule ends exactly with the run.
     assert fit.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_data_diet_scores_the_training_set_by_a_forward_only_pass_in_eval_mode():
+    model = Classifier(el2n=True, lr=0.0)  # frozen: the pass' scores must equal el2n of the model in eval mode
+    model.net.insert(1, torch.nn.Dropout(0.5))  # eval mode or not shows in the scores
+    sampler = ScorePruningSampler(64, 0.5, score="el2n", warmup_epochs=1, rescore_every=2)
+    pruning, recorder = DataPruning(), Recorder()
+    trainer(max_epochs=5, callbacks=[pruning, recorder]).fit(model, indexed_loader(64, 8, sampler=sampler))
+    assert [len(recorder.ids[e]) for e in range(5)] == [64, 32, 32, 32, 32]  # the passes are not training epochs
+    assert pruning.ledger["samples_scored"] == 2 * 64  # before epochs 1 and 3
+    x, y = blobs(64).tensors
+    model.eval()
+    expected = el2n(model.net(x), y)
+    # the subset is the top half by the eval-mode EL2N of the pass (the training steps' dropout scores differ)
+    assert sorted(sampler.plan.indices.tolist()) == sorted(torch.argsort(expected, descending=True)[:32].tolist())
+
+
+def test_grand_scores_through_a_score_function():
+    def grand_scores(module, batch):
+        x, y = batch[0], batch[1]
+        return {"grand": grand(module.net, lambda call, xi, yi: F.cross_entropy(call(xi), yi), x, y)}
+
+    sampler = ScorePruningSampler(32, 0.25, score="grand", warmup_epochs=1)
+    pruning = DataPruning(score_fn=grand_scores)
+    trainer(max_epochs=2, callbacks=[pruning]).fit(Classifier(), indexed_loader(32, 8, sampler=sampler))
+    assert torch.isfinite(pruning.reducer.scores.signal("grand")).all() and len(sampler.plan.indices) == 8

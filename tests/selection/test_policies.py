@@ -203,12 +203,28 @@ def test_score_pruning_skip_hardest_offset():
     assert sorted(sampler) == [5, 6, 7]
 
 
-def test_score_pruning_dynamic_rescoring_epochs_are_full_and_reselect():
+def test_score_pruning_rescoring_is_a_pass_not_an_epoch_and_reselects():
     store = store_with(torch.arange(10.0), name="el2n")
     sampler = ScorePruningSampler(10, keep_fraction=0.2, score="el2n", warmup_epochs=1, rescore_every=3)
     sampler.attach_scores(store)
-    full = [e for e in range(10) if sampler.is_full_epoch(e)]
-    assert full == [0, 4, 7]
+    assert [e for e in range(10) if sampler.is_full_epoch(e)] == [0]
+    assert [e for e in range(10) if sampler.needs_scoring(e)] == [1, 4, 7]  # NLU on Data Diets' cycles
+    sampler.set_epoch(1)
+    assert sorted(sampler) == [8, 9]
+    sampler.record_scores(torch.arange(10), {"el2n": torch.arange(10.0).flip(0)})  # the pass before epoch 4
+    sampler.set_epoch(3)
+    sampler.refresh()
+    assert sorted(sampler) == [8, 9]  # the selection made after the pass of epoch 1
+    sampler.set_epoch(4)
+    assert sorted(sampler) == [0, 1]
+
+
+def test_score_pruning_from_training_steps_has_full_rescoring_epochs():
+    store = store_with(torch.arange(10.0), name="el2n")
+    sampler = ScorePruningSampler(10, keep_fraction=0.2, score="el2n", warmup_epochs=1, rescore_every=3, scoring="training")
+    sampler.attach_scores(store)
+    assert [e for e in range(10) if sampler.is_full_epoch(e)] == [0, 4, 7]
+    assert not any(sampler.needs_scoring(e) for e in range(10))
     sampler.set_epoch(1)
     assert sorted(sampler) == [8, 9]
     store.record("el2n", torch.arange(10), torch.arange(10.0).flip(0))  # the rescoring epoch changes the ranking
@@ -216,6 +232,28 @@ def test_score_pruning_dynamic_rescoring_epochs_are_full_and_reselect():
     assert sorted(sampler) == [8, 9]  # same selection until the next full pass
     sampler.set_epoch(5)
     assert sorted(sampler) == [0, 1]
+
+
+@pytest.mark.parametrize(
+    "mode, expected",
+    [
+        ("latest", [5.0, 1.0]),
+        ("ema", [0.8 * 5.0 + 0.2 * (0.8 * 3.0 + 0.2 * 1.0), 1.0]),  # s <- 0.8 x + 0.2 s; id 1 first seen in pass 3
+        ("last_k", [(1.0 + 3.0 + 5.0) / 3, 1.0]),
+    ],
+)
+def test_passes_combine_as_nlu_on_data_diets(mode, expected):
+    from weightwise.selection.scoring import ScoreAverager
+
+    store, averager = SampleScoreStore(), ScoreAverager(mode, alpha=0.8, k=3)
+    averager.record(store, torch.tensor([0]), {"el2n": torch.tensor([1.0])})
+    averager.record(store, torch.tensor([0]), {"el2n": torch.tensor([3.0])})
+    store.record("el2n", torch.tensor([0]), torch.tensor([100.0]))  # a training step in between does not leak in
+    averager.record(store, torch.tensor([0, 1]), {"el2n": torch.tensor([5.0, 1.0])})
+    torch.testing.assert_close(store.signal("el2n"), torch.tensor(expected))
+    restored = ScoreAverager(mode, alpha=0.8, k=3)
+    restored.load_state_dict(averager.state_dict())
+    assert restored.passes == 3
 
 
 def test_score_pruning_selection_survives_state_dict():
@@ -238,8 +276,11 @@ def test_score_pruning_selection_survives_state_dict():
         lambda: InfoBatchSampler(10, rescale="exact"),
         lambda: RandomSubsetSampler(10, fraction=0.0),
         lambda: ImportanceSampler(10, uniform_mix=0.0),
-        lambda: ScorePruningSampler(10, warmup_epochs=0),
-        lambda: ScorePruningSampler(10, rescore_every=1),
+        lambda: ScorePruningSampler(10, warmup_epochs=0, scoring="training"),
+        lambda: ScorePruningSampler(10, rescore_every=1, scoring="training"),
+        lambda: ScorePruningSampler(10, rescore_every=0),
+        lambda: ScorePruningSampler(10, scoring="epochs"),
+        lambda: ScorePruningSampler(10, averaging="median"),
     ],
 )
 def test_bad_arguments(factory):

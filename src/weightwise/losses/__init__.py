@@ -8,10 +8,10 @@
 * :func:`sequence_loss` - token-level LM loss reduced to one value per sequence.
 * :func:`loss_weights` - the loss-based reweighting strategies of Sow et al. (ICLR 2025).
 * :func:`weighted_mean` - the weighted reduction to the scalar that is backpropagated.
-* :func:`el2n`, :func:`grand_last_layer` - per-sample difficulty scores (Data Diet).
+* :func:`el2n`, :func:`grand`, :func:`grand_last_layer` - per-sample difficulty scores (Data Diet).
 """
 
-from weightwise.selection.scores import el2n, grand_last_layer
+from weightwise.selection.scores import el2n, grand, grand_last_layer
 from weightwise.weighting.losses import (
     check_per_sample_loss,
     document_ids_from_positions,
@@ -30,6 +30,7 @@ __all__ = [
     "check_per_sample_loss",
     "document_ids_from_positions",
     "el2n",
+    "grand",
     "grand_last_layer",
     "linear_cross_entropy",
     "loss_weights",

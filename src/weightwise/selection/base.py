@@ -96,6 +96,16 @@ class EpochSampler(Sampler[int]):
         """The plan for ``epoch``; draw all randomness from ``generator`` (seeded ``seed + epoch``)."""
         raise NotImplementedError
 
+    def needs_scoring(self, epoch: int) -> bool:
+        """Whether ``DataPruning`` must run a scoring pass over the whole training set before
+        ``epoch`` (:mod:`weightwise.selection.scoring`); the policies that learn from training steps
+        never do."""
+        return False
+
+    def record_scores(self, ids: Tensor, scores: dict[str, Tensor]) -> None:
+        """Take a scoring pass' scores (every rank's) into the attached store."""
+        raise NotImplementedError(f"{type(self).__name__} does not use scoring passes")
+
     def subset_size(self, fraction: float) -> int:
         """``fraction * N`` rounded to a positive multiple of the world size (so shards stay equal)."""
         replicas = self.num_replicas

@@ -17,6 +17,7 @@ from weightwise.core.ids import SAMPLE_ID_KEY, sample_ids_from_batch
 from weightwise.integrations.lightning import set_epoch_length
 from weightwise.selection.base import EpochPlan, EpochSampler
 from weightwise.selection.infobatch import InfoBatchSampler
+from weightwise.selection.scoring import ScoreFn, gather_scores, score_dataset, training_step_scores
 from weightwise.weighting.callback import SampleWeightCallback
 from weightwise.weighting.losses import TokenWeighting
 from weightwise.weighting.reducer import NonFinitePolicy
@@ -39,10 +40,15 @@ class DataPruning(SampleWeightCallback):
       combined loss weight (docs/architecture.md, contract 3), so it composes with ``LossReweighting``;
     * tells Lightning each epoch's true length, so the progress bar, ``val_check_interval`` and the
       epoch end follow the pruned epoch;
+    * runs the scoring passes samplers ask for (Data Diet and NLU on Data Diets score the whole
+      training set with the model in eval mode, no gradients; ``score_fn(module, batch)`` gives the
+      scores, by default the module's own ``training_step``'s ``"scores"`` and per-sample ``"loss"``)
+      - each rank its share, gathered, so every rank plans the same;
     * logs a ledger every epoch: ``weightwise/epoch_samples`` (visited, all ranks),
       ``weightwise/epoch_fraction_skipped``, ``weightwise/samples_skipped_total`` (forward and
       backward passes saved against full-data epochs), ``weightwise/fraction_skipped_total`` and
-      ``weightwise/epoch_seconds``;
+      ``weightwise/epoch_seconds``; ``DataPruning.ledger`` also counts the forward-only
+      ``samples_scored`` and their ``scoring_seconds``;
     * checkpoints the sampler's state and the ledger (docs/architecture.md, contract 4); a checkpoint written mid-epoch
       (``ModelCheckpoint(every_n_train_steps=...)``) also holds the epoch's plan and how many of
       this rank's samples already trained, so a resumed run trains exactly the rest of the epoch
@@ -50,17 +56,46 @@ class DataPruning(SampleWeightCallback):
 
     Learning-rate schedules: size them in steps. ``trainer.estimated_stepping_batches`` is computed
     from the first (full) epoch, so with pruning it is an upper bound on the steps the run takes.
+
+    Args:
+        score_fn: ``(module, batch) -> {name: [B] scores}`` for scoring passes (default: the
+            module's ``training_step``, see above).
+        nonfinite, sample_id_key, token_weighting: see :class:`SampleWeightCallback`.
+
+    Raises:
+        MisconfigurationException: at fit start, a loader without a weightwise sampler, or one that
+            Lightning wrapped in a second ``DistributedSampler`` (the message names the fix).
+
+    Example::
+
+        >>> import lightning.pytorch as pl
+        >>> from weightwise.callbacks import DataPruning
+        >>> trainer = pl.Trainer(callbacks=[DataPruning()], use_distributed_sampler=False, logger=False)
     """
 
     STATE_VERSION = 1
     needs_sample_ids = True  # plans come from per-sample history
 
     def __init__(
-        self, *, nonfinite: NonFinitePolicy = "raise", sample_id_key: str = SAMPLE_ID_KEY, token_weighting: TokenWeighting = "rank"
+        self,
+        *,
+        score_fn: ScoreFn | None = None,
+        nonfinite: NonFinitePolicy = "raise",
+        sample_id_key: str = SAMPLE_ID_KEY,
+        token_weighting: TokenWeighting = "rank",
     ) -> None:
         super().__init__(nonfinite=nonfinite, sample_id_key=sample_id_key, token_weighting=token_weighting)
+        self.score_fn: ScoreFn = score_fn or training_step_scores
         self.sampler: EpochSampler | None = None
-        self.ledger: dict[str, float] = {"epochs": 0, "samples_visited": 0, "samples_full": 0, "seconds": 0.0}
+        self.ledger: dict[str, float] = {
+            "epochs": 0,
+            "samples_visited": 0,
+            "samples_full": 0,
+            "seconds": 0.0,
+            "samples_scored": 0,
+            "scoring_seconds": 0.0,
+        }
+        self._scored_epoch: int | None = None
         self._pending_sampler_state: dict[str, Any] | None = None
         self._pending_mid_epoch: dict[str, Any] | None = None
         self._epoch_start = 0.0
@@ -123,10 +158,39 @@ class DataPruning(SampleWeightCallback):
 
     def _start_epoch(self, trainer: pl.Trainer) -> None:
         assert self.sampler is not None
+        epoch = trainer.current_epoch
+        if self.sampler.needs_scoring(epoch) and self._scored_epoch != epoch:
+            self._score(trainer, epoch)
         self.sampler.refresh()  # plan this epoch from the scores as they are now
         self._set_epoch_length(trainer)
         self._epoch_start = time.perf_counter()
         self._consumed = 0
+
+    def _score(self, trainer: pl.Trainer, epoch: int) -> None:
+        """The sampler's scoring pass: each rank scores its share of the training set (forward only,
+        eval mode), every rank gets all the scores (docs/architecture.md, contract 5)."""
+        assert self.sampler is not None
+        start = time.perf_counter()
+        loader = trainer.train_dataloader
+        n, ranks, rank = self.sampler.num_samples, self.sampler.num_replicas, self.sampler.rank
+        share = list(range(n))
+        share += share[: (-n) % ranks]  # equal shares: ZeRO-3 gathers parameters in every forward
+        shard = DataLoader(
+            loader.dataset, batch_size=loader.batch_size or 1, sampler=share[rank::ranks], collate_fn=loader.collate_fn,
+            num_workers=loader.num_workers,
+        )
+        ids, scores = score_dataset(
+            trainer.lightning_module,
+            shard,
+            lambda batch: sample_ids_from_batch(batch, self.sample_id_key),
+            self.score_fn,
+            lambda batch: trainer.strategy.batch_to_device(batch),
+        )
+        ids, scores = gather_scores(ids, scores)
+        self.sampler.record_scores(ids, scores)
+        self._scored_epoch = epoch
+        self.ledger["samples_scored"] += n
+        self.ledger["scoring_seconds"] += time.perf_counter() - start
 
     @staticmethod
     def _set_epoch_length(trainer: pl.Trainer) -> None:
@@ -185,11 +249,13 @@ class DataPruning(SampleWeightCallback):
                 "weights": plan.weights,
                 "seconds": time.perf_counter() - self._epoch_start,
             }
-        return with_version({"ledger": dict(self.ledger), "sampler": sampler_state, "mid_epoch": mid_epoch}, self.STATE_VERSION)
+        state = {"ledger": dict(self.ledger), "sampler": sampler_state, "mid_epoch": mid_epoch, "scored_epoch": self._scored_epoch}
+        return with_version(state, self.STATE_VERSION)
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_version(state_dict, "DataPruning", self.STATE_VERSION)
-        self.ledger = dict(state_dict["ledger"])
+        self.ledger = {**self.ledger, **state_dict["ledger"]}
+        self._scored_epoch = state_dict.get("scored_epoch")
         self._pending_sampler_state = state_dict["sampler"]
         self._pending_mid_epoch = state_dict.get("mid_epoch")

@@ -16,14 +16,19 @@ POLICIES: dict[str, tuple[type[EpochSampler], dict[str, Any]]] = {
     "importance": (ImportanceSampler, {}),
     "el2n": (ScorePruningSampler, {"score": "el2n"}),
     "grand": (ScorePruningSampler, {"score": "grand"}),
+    "grand_last_layer": (ScorePruningSampler, {"score": "grand_last_layer"}),
 }
 
 
 def make_sampler(policy: str, num_samples: int, **kwargs: Any) -> EpochSampler:
     """``make_sampler("infobatch", len(ds), prune_ratio=0.5)``; ``kwargs`` go to the sampler class.
 
-    Policies: ``infobatch``, ``rs2``, ``importance``, ``el2n`` and ``grand`` (Data Diet pruning by
-    that recorded score; ``rescore_every=n`` for the dynamic variant).
+    Policies: ``infobatch``, ``rs2``, ``importance``, ``el2n``, ``grand`` and ``grand_last_layer``
+    (Data Diet pruning by that score - GraNd's per-sample gradient norm needs a ``score_fn`` with
+    :func:`weightwise.losses.grand` in ``DataPruning``; ``rescore_every=n`` for the dynamic variant).
+
+    Raises:
+        ValueError: an unknown policy.
     """
     if policy not in POLICIES:
         raise ValueError(f"unknown pruning policy {policy!r}; choose one of {sorted(POLICIES)}")

@@ -1,41 +1,60 @@
-"""Score-based pruning: Data Diet (EL2N / GraNd) and its periodic-rescoring variant."""
+"""Score-based pruning: Data Diet (EL2N / GraNd) and NLU on Data Diets' periodic rescoring."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from weightwise.selection.base import EpochPlan, EpochSampler, check_fraction
 from weightwise.selection.ranking import rank_range
+from weightwise.selection.scoring import Averaging, ScoreAverager
+
+
+Scoring = Literal["pass", "training"]
 
 
 class ScorePruningSampler(EpochSampler):
-    """Train on the highest-scored fraction of the data, chosen after a full-data warm-up.
+    """Train on the highest-scored fraction of the data, chosen by scores of the whole training set.
 
-    * Static (Paul et al., "Deep Learning on a Data Diet", NeurIPS 2021): train ``warmup_epochs``
-      on all data while the training step records a score (EL2N ``||softmax(z) - onehot(y)||``
-      or the GraNd bound, :mod:`weightwise.selection.scores`); then keep the ``keep_fraction`` of
-      samples with the highest score for the rest of training. ``skip_hardest`` first drops that
-      fraction of the very highest scores (Data Diet's offset: with label noise the top scores
-      are mostly mislabelled).
-    * Dynamic (Attendu & Corbeil, "NLU on Data Diets", 2023): with ``rescore_every=n`` every n-th
-      epoch after the warm-up is again a full-data epoch that refreshes every sample's score, and
-      the subset is chosen anew after it. Here the rescoring pass is a training epoch on all
-      data rather than a separate no-grad pass: the scores come free with the step, and the
-      ledger counts the epoch as full.
+    * Static (Paul et al., "Deep Learning on a Data Diet", NeurIPS 2021; ``mansheej/data_diet``):
+      train ``warmup_epochs`` on all data, then score every sample (EL2N
+      ``||softmax(z) - onehot(y)||``, GraNd or the loss; :mod:`weightwise.selection.scores`) and
+      keep the ``keep_fraction`` with the highest score for the rest of training. ``skip_hardest``
+      first drops that fraction of the very highest scores (with label noise the top scores are
+      mostly mislabelled). Data Diet's own ``offset`` counts from the *lowest* score
+      (``scores.argsort()[offset : offset + size]``, ``data_diet/data.py``): ``skip_hardest = s`` is
+      their ``offset = N - size - s N``, and NLU on Data Diets' ``prune_offset = s``.
+    * Dynamic (Attendu & Corbeil, "NLU on Data Diets", 2023; ``jpcorbeil-nuance/nlu_data_diets``):
+      with ``rescore_every=n`` the whole training set is scored again every n epochs after the
+      warm-up and the subset chosen anew.
 
-    The selection is fixed between rescorings and saved in checkpoints. Kept samples are not
-    reweighted (the pruned subset is a different, chosen objective, as in the papers).
+    Scoring (``scoring="pass"``, both papers): a forward-only pass over the whole training set in
+    eval mode without gradients, run by ``DataPruning`` before the epoch that needs it
+    (:meth:`needs_scoring`; :mod:`weightwise.selection.scoring`) - it costs a forward pass, not a
+    training epoch. Passes are combined by ``averaging`` (NLU on Data Diets: the latest, an EMA or
+    the last k; Data Diet averages independent runs, which one run cannot). ``scoring="training"``
+    is weightwise 0.1's departure: scores recorded by the training steps, rescoring epochs being
+    full training epochs (no extra pass, but a full epoch instead of a forward pass).
+
+    Within one run the selected subset continues training the warmed-up model (Data Diet retrains a
+    fresh model on the subset). Kept samples are not reweighted (the pruned subset is a different,
+    chosen objective, as in the papers). The selection is fixed between scorings and checkpointed.
 
     Args:
         num_samples: dataset size.
         keep_fraction: fraction of samples kept after scoring (rounded to a multiple of the world size).
-        score: store signal to rank by (``"el2n"``, ``"grand"``, or ``"loss"``/``"ema"``).
-        warmup_epochs: full-data epochs before the first selection (Data Diet scores early, ~10%).
-        rescore_every: ``None`` for static pruning, else the period of full-data rescoring epochs.
+        score: store signal to rank by (``"el2n"``, ``"grand"``, ``"grand_last_layer"``, ``"eval_loss"`` from a
+            pass; ``"loss"``/``"ema"`` from training steps).
+        warmup_epochs: full-data training epochs before the first scoring.
+        rescore_every: ``None`` for static pruning, else the period of rescoring in epochs.
         skip_hardest: fraction of the highest-scored samples excluded before keeping.
+        scoring: ``"pass"`` (the papers') or ``"training"`` (see above).
+        averaging, ema_alpha, last_k: how passes combine (:class:`weightwise.selection.scoring.ScoreAverager`).
         seed, num_replicas, rank: see :class:`EpochSampler`.
+
+    Raises:
+        ValueError: a bad setting (the message names it).
     """
 
     def __init__(
@@ -47,15 +66,21 @@ class ScorePruningSampler(EpochSampler):
         warmup_epochs: int = 1,
         rescore_every: int | None = None,
         skip_hardest: float = 0.0,
+        scoring: Scoring = "pass",
+        averaging: Averaging = "latest",
+        ema_alpha: float = 0.8,
+        last_k: int = 3,
         seed: int = 0,
         num_replicas: int | None = None,
         rank: int | None = None,
     ) -> None:
         super().__init__(num_samples, seed=seed, num_replicas=num_replicas, rank=rank)
-        if warmup_epochs < 1:
-            raise ValueError("warmup_epochs must be >= 1: scores come from at least one full pass")
-        if rescore_every is not None and rescore_every < 2:
-            raise ValueError("rescore_every must be >= 2 (1 would mean every epoch is a full pass)")
+        if scoring not in ("pass", "training"):
+            raise ValueError(f"scoring must be 'pass' or 'training', got {scoring!r}")
+        if warmup_epochs < (1 if scoring == "training" else 0):
+            raise ValueError("warmup_epochs must be >= 1 with scoring='training': scores come from a full training epoch")
+        if rescore_every is not None and rescore_every < (2 if scoring == "training" else 1):
+            raise ValueError("rescore_every must be >= 1 (>= 2 with scoring='training', where 1 would make every epoch full)")
         self.keep_fraction = check_fraction("keep_fraction", keep_fraction)
         if not 0.0 <= skip_hardest < 1.0 - keep_fraction + 1e-9:
             raise ValueError(f"skip_hardest must be in [0, 1 - keep_fraction], got {skip_hardest}")
@@ -63,29 +88,51 @@ class ScorePruningSampler(EpochSampler):
         self.warmup_epochs = warmup_epochs
         self.rescore_every = rescore_every
         self.skip_hardest = skip_hardest
+        self.scoring: Scoring = scoring
+        self.averager = ScoreAverager(averaging, alpha=ema_alpha, k=last_k)
         self._selection: torch.Tensor | None = None
         self._selected_after: int | None = None
 
     def is_full_epoch(self, epoch: int) -> bool:
-        """Warm-up and rescoring epochs visit every sample."""
+        """Warm-up epochs visit every sample, and (``scoring="training"``) the rescoring epochs."""
         if epoch < self.warmup_epochs:
             return True
         since = epoch - self.warmup_epochs
-        return self.rescore_every is not None and since > 0 and since % self.rescore_every == 0
+        return self.scoring == "training" and self.rescore_every is not None and since > 0 and since % self.rescore_every == 0
 
-    def _last_full_epoch(self, epoch: int) -> int:
+    def needs_scoring(self, epoch: int) -> bool:
+        if self.scoring != "pass" or epoch < self.warmup_epochs:
+            return False
+        since = epoch - self.warmup_epochs
+        return since == 0 or (self.rescore_every is not None and since % self.rescore_every == 0)
+
+    def record_scores(self, ids: torch.Tensor, scores: dict[str, torch.Tensor]) -> None:
+        if self.scores is None:
+            raise RuntimeError("no score store attached: DataPruning attaches the run's store before scoring")
+        self.averager.record(self.scores, ids, scores)
+        self._plan = None
+
+    def _scored_before(self, epoch: int) -> int:
+        """The epoch whose scores the selection of ``epoch`` uses (scoring pass or full epoch)."""
+        if self.scoring == "pass":
+            return max(e for e in range(epoch + 1) if self.needs_scoring(e))
         return max(e for e in range(epoch) if self.is_full_epoch(e))
 
     def plan_epoch(self, epoch: int, generator: torch.Generator) -> EpochPlan:
         if self.is_full_epoch(epoch):
             return self.full_epoch(generator)
-        scored_after = self._last_full_epoch(epoch)
-        if self._selection is None or self._selected_after != scored_after:
+        scored = self._scored_before(epoch)
+        if self._selection is None or self._selected_after != scored:
             scores = self.signal(self.score)
             if not torch.isfinite(scores).any():
-                return self.full_epoch(generator)  # no store attached yet: nothing to rank by
+                if self.scoring == "pass" and self.averager.passes > 0:
+                    raise RuntimeError(
+                        f"ScorePruningSampler found no {self.score!r} scores after the scoring pass: the score function"
+                        f" must return {{{self.score!r}: [B] scores}} (DataPruning(score_fn=...) or training_step's 'scores')"
+                    )
+                return self.full_epoch(generator)  # nothing scored yet (no store, or before the pass)
             self._selection = self.select(scores)
-            self._selected_after = scored_after
+            self._selected_after = scored
         order = torch.randperm(self._selection.numel(), generator=generator)
         return EpochPlan(self._selection[order])
 
@@ -99,9 +146,12 @@ class ScorePruningSampler(EpochSampler):
         state = super().state_dict()
         state["selection"] = None if self._selection is None else self._selection.clone()
         state["selected_after"] = self._selected_after
+        state["averager"] = self.averager.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self._selection = state["selection"]
         self._selected_after = state["selected_after"]
+        if state.get("averager") is not None:
+            self.averager.load_state_dict(state["averager"])
