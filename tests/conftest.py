@@ -9,6 +9,10 @@ import torch
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_SILENT", "true")
+# One thread per process: the tests' tensors are tiny, and the 2-process runs would otherwise put
+# four threads on two cores - each op then waits for a core (measured: 25x slower fits).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):

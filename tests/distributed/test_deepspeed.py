@@ -189,8 +189,8 @@ def test_layerwise_sampling_resumes_from_a_sharded_checkpoint_mid_period(tmp_pat
         assert rank["lrs"] == expected["lrs"][2:]
 
 
-def test_ist_over_lora_adapters_under_zero2_equals_ddp(tmp_path):
-    """peft LoRA on q/v: only the chosen layers' adapters train, IST learns from 4 periods, and the
+def test_layer_sampling_over_lora_adapters_under_zero2_equals_ddp(tmp_path):
+    """peft LoRA on q/v: only the chosen layers' adapters train, the loss-credit policy learns from 4 periods, and the
     norms-only param group, which has nothing trainable under LoRA, is left out of DeepSpeed."""
     ddp = fit_layerwise(tmp_path / "ddp", "ddplora", 5)
     zero2 = fit_layerwise(tmp_path / "zero2", "zero2lora", 5)

@@ -55,7 +55,7 @@ if __name__ == "__main__":
         use_distributed_sampler=False,  # the pruning sampler shards itself
     )
     model = Classifier(lr=0.05, optimizer="adamw")
-    sampler = InfoBatchSampler(N_SAMPLES, prune_ratio=0.5)
+    sampler = InfoBatchSampler(N_SAMPLES, prune_ratio=0.5, anneal=1.0)  # 2 epochs: epoch 1 prunes too
     fit.fit(model, indexed_loader(N_SAMPLES, LOCAL_BATCH, sampler=sampler), ckpt_path=resume_from)
     torch.save(
         {

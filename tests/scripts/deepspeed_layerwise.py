@@ -102,7 +102,7 @@ if __name__ == "__main__":
     # ZeRO-3: partition every parameter (none kept whole), so layers are gathered by module hooks.
     strategy = "ddp" if stage == 0 else CPUDeepSpeedStrategy(stage=stage, param_persistence_threshold=0 if stage == 3 else None)
     # With LoRA adapters (peft) IST chooses which layers' adapters train; the base weights never do.
-    sampling = LayerwiseSampling("ist" if lora else "lisa", n_layers=2, interval=3, optimizer_state="release")
+    sampling = LayerwiseSampling("loss_credit" if lora else "lisa", n_layers=2, interval=3)
     snapshot, recorder = GatheredSnapshot(), Recorder()
     fit = trainer(
         devices=2,
