@@ -1,92 +1,88 @@
-"""Real 2-process runs on CPU with the gloo backend."""
-
-from pathlib import Path
+"""Real 2-process DDP runs on CPU (gloo); the jobs are listed in ``tests/distributed/conftest.py``."""
 
 import pytest
 import torch
 from lightning.pytorch import seed_everything
 from torch.utils.data import DataLoader, DistributedSampler
 
+from tests.scripts import ddp_jobs
+from tests.support.contracts import CASES
 from tests.support.models import Classifier, blobs
-from tests.support.processes import free_port, run_script
 from tests.support.training import flat_params, trainer
 from weightwise import IndexedDataset
 from weightwise.callbacks import LossReweighting
 
-
-def test_all_gather_variable_with_unequal_lengths(tmp_path):
-    run_script("gather", str(tmp_path), str(free_port()))
-    expected_ids = [0, 1, 2, 100, 101, 102, 103, 104]
-    for rank, local in ((0, (0, 3)), (1, (3, 8))):
-        out = torch.load(tmp_path / f"rank{rank}.pt")
-        assert out["ids"].tolist() == expected_ids
-        assert out["losses"].tolist() == [0.0, 1.0, 2.0, 10.0, 11.0, 12.0, 13.0, 14.0]
-        assert out["local"] == local
+pytestmark = pytest.mark.slow
 
 
-def ddp_fit_run(out_dir: Path, strategy: str, *extra: str) -> list[dict]:
-    run_script("ddp_fit", str(out_dir), strategy, *extra)
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+def test_all_gather_variable_with_unequal_lengths(ddp_runs):
+    for rank, local in zip(ddp_runs("gather"), ((0, 3), (3, 8))):
+        assert rank["ids"].tolist() == [0, 1, 2, 100, 101, 102, 103, 104]
+        assert rank["losses"].tolist() == [0.0, 1.0, 2.0, 10.0, 11.0, 12.0, 13.0, 14.0]
+        assert rank["local"] == local
 
 
-@pytest.fixture(scope="module")
-def linupper_ddp_run(tmp_path_factory) -> list[dict]:
-    return ddp_fit_run(tmp_path_factory.mktemp("ddp_linupper"), "linupper")
+def single_process_reweighting(strategy: str, batches: list[list[int]], n_samples: int) -> tuple[torch.Tensor, LossReweighting]:
+    """One process fed each step's *global* batch, for comparison with the 2-process run."""
+    seed_everything(0)
+    single, callback = Classifier(lr=0.5), LossReweighting(strategy, warmup_steps=0)
+    trainer(max_epochs=1, callbacks=[callback]).fit(single, DataLoader(IndexedDataset(blobs(n_samples)), batch_sampler=batches))
+    return flat_params(single), callback
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["linupper", "quadratic"])
-def test_ddp_weights_use_the_global_batch_and_match_single_process(tmp_path, strategy, request):
-    from tests.scripts import (
-        ddp_fit,  # the script's constants, so both runs see the same setup
-    )
-
-    ranks = request.getfixturevalue("linupper_ddp_run") if strategy == "linupper" else ddp_fit_run(tmp_path, strategy)
-
+def test_weights_use_the_global_batch_and_match_single_process(ddp_runs, strategy):
+    ranks = ddp_runs(f"reweighting_{strategy}")
+    n, batch = ddp_jobs.REWEIGHTING_SAMPLES, ddp_jobs.REWEIGHTING_BATCH
     # Every rank's score store holds every sample, seen once per epoch, with identical values.
     for field in ("loss", "ema", "weight", "count", "last_step"):
         assert torch.equal(ranks[0]["scores"][field], ranks[1]["scores"][field]), field
-    assert ranks[0]["scores"]["count"].tolist() == [ddp_fit.EPOCHS] * ddp_fit.N_SAMPLES
-
-    # One process fed each step's *global* batch (both ranks' samples, in the DistributedSampler's
-    # order) takes the same steps: the weights were computed over the global batch.
-    dataset = IndexedDataset(blobs(ddp_fit.N_SAMPLES))
+    assert ranks[0]["scores"]["count"].tolist() == [ddp_jobs.REWEIGHTING_EPOCHS] * n
+    # One process fed each step's global batch (both ranks' samples, in the DistributedSampler's order)
+    # takes the same steps: the weights were computed over the global batch.
+    dataset = IndexedDataset(blobs(n))
     global_batches = []
-    for epoch in range(ddp_fit.EPOCHS):
+    for epoch in range(ddp_jobs.REWEIGHTING_EPOCHS):
         shards = []
         for rank in (0, 1):
             sampler = DistributedSampler(dataset, num_replicas=2, rank=rank, shuffle=True, seed=0)
             sampler.set_epoch(epoch)
             shards.append(list(sampler))
-        for start in range(0, len(shards[0]), ddp_fit.LOCAL_BATCH):
-            global_batches.append([i for shard in shards for i in shard[start : start + ddp_fit.LOCAL_BATCH]])
-    seed_everything(0)
-    single = Classifier(lr=0.5)
-    callback = LossReweighting(strategy, warmup_steps=0)
-    trainer(max_epochs=1, callbacks=[callback]).fit(single, DataLoader(dataset, batch_sampler=global_batches))
-    assert torch.allclose(ranks[0]["params"], flat_params(single), atol=1e-5)
+        for start in range(0, len(shards[0]), batch):
+            global_batches.append([i for shard in shards for i in shard[start : start + batch]])
+    params, callback = single_process_reweighting(strategy, global_batches, n)
+    assert torch.allclose(ranks[0]["params"], params, atol=1e-5)
     assert torch.allclose(ranks[0]["scores"]["weight"], callback.reducer.scores.weight, atol=1e-5)
 
 
-@pytest.mark.slow
-def test_ddp_checkpoint_resume_continues_the_same_run(tmp_path, linupper_ddp_run):
-    from tests.scripts import ddp_fit
+def test_unequal_batches_per_rank_are_reduced_over_the_global_batch(ddp_runs):
+    """Rank 0 trains 3 samples a step, rank 1 five: the update is the global batch's weighted mean."""
+    ranks = ddp_runs("unequal_batches")
+    params, callback = single_process_reweighting("linupper", [ddp_jobs.global_batch(step) for step in range(4)], 32)
+    for rank in ranks:
+        torch.testing.assert_close(rank["params"], params, rtol=0, atol=1e-6)
+        torch.testing.assert_close(rank["weights"], callback.reducer.scores.weight, rtol=0, atol=1e-6)
 
-    ddp_fit_run(tmp_path, "linupper", "1")  # first epoch, then stop
-    assert torch.load(tmp_path / "last.ckpt", weights_only=False)["weightwise"]["scores"]["count"].sum() == 48
-    resumed = ddp_fit_run(tmp_path, "linupper", str(ddp_fit.EPOCHS), str(tmp_path / "last.ckpt"))
-    straight = linupper_ddp_run
+
+def test_checkpoint_resume_continues_the_same_run(ddp_runs):
+    resumed, straight = ddp_runs("reweighting_resumed"), ddp_runs("reweighting_linupper")
     assert torch.allclose(resumed[0]["params"], straight[0]["params"], atol=1e-6)
     for field in ("loss", "ema", "weight", "count", "last_step"):
         assert torch.allclose(resumed[1]["scores"][field].double(), straight[1]["scores"][field].double()), field
 
 
-@pytest.mark.slow
-def test_ddp_pruning_shards_one_plan_disjointly_on_every_rank(tmp_path):
-    from tests.scripts import ddp_pruning
+def test_uniform_with_gradient_accumulation_trains_like_plain_ddp(ddp_runs):
+    for rank in ddp_runs("accumulation"):
+        assert torch.equal(rank["uniform"], rank["plain"])
 
-    run_script("ddp_pruning", str(tmp_path))
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+
+def test_token_losses_under_ddp_train_like_the_plain_language_model_loss(ddp_runs):
+    for rank in ddp_runs("tokens"):
+        torch.testing.assert_close(rank["tokens"], rank["plain"])
+
+
+def test_pruning_shards_one_plan_disjointly_on_every_rank(ddp_runs):
+    ranks = ddp_runs("pruning")
     assert ranks[0]["plans"] == ranks[1]["plans"]  # identical decisions on every rank
     assert ranks[0]["ledger"]["samples_visited"] == ranks[1]["ledger"]["samples_visited"]
     pruned_epochs = 0
@@ -95,26 +91,22 @@ def test_ddp_pruning_shards_one_plan_disjointly_on_every_rank(tmp_path):
         assert not set(shard0) & set(shard1), epoch  # disjoint
         assert sorted(shard0 + shard1) == sorted(plan), epoch  # together exactly the plan, no repeats
         assert len(set(plan)) == len(plan)
-        pruned_epochs += len(plan) < ddp_pruning.N_SAMPLES
+        pruned_epochs += len(plan) < ddp_jobs.PRUNING_SAMPLES
     assert pruned_epochs >= 2
     for field in ("loss", "count", "weight"):
         assert torch.equal(ranks[0]["scores"][field].nan_to_num(-1), ranks[1]["scores"][field].nan_to_num(-1))
 
 
-@pytest.mark.slow
-def test_ddp_upcycling_mid_fit_keeps_ranks_identical(tmp_path):
-    run_script("ddp_upcycling", str(tmp_path))
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+def test_upcycling_mid_fit_keeps_ranks_identical(ddp_runs):
+    ranks = ddp_runs("upcycling")
     assert ranks[0]["num_experts"] == ranks[1]["num_experts"] == 8
     assert ranks[0]["steps"] == 9  # 3 epochs of 3 steps (6 batches over 2 ranks), surgery at step 2
     # DDP was re-wrapped for the new shapes: gradients still averaged, so parameters stay in lock-step.
     assert torch.equal(ranks[0]["params"], ranks[1]["params"])
 
 
-@pytest.mark.slow
-def test_ddp_layerwise_sampling_trains_only_active_layers_in_lock_step(tmp_path):
-    run_script("ddp_layerwise", str(tmp_path))
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+def test_layerwise_sampling_trains_only_active_layers_in_lock_step(ddp_runs):
+    ranks = ddp_runs("layerwise")
     assert ranks[0]["history"] == ranks[1]["history"] and len(set(map(tuple, ranks[0]["history"]))) > 1
     snapshots = ranks[0]["snapshots"]
     for step in range(len(snapshots) - 1):
@@ -126,16 +118,24 @@ def test_ddp_layerwise_sampling_trains_only_active_layers_in_lock_step(tmp_path)
             assert torch.equal(snapshots[step + 1][layer], ranks[1]["snapshots"][step + 1][layer])
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("mode", ["ist", "upcycling"])
-def test_ranks_with_different_data_take_the_same_decisions(tmp_path, mode):
-    run_script("ddp_agreement", str(tmp_path), mode)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
-    if mode == "ist":
-        assert len(ranks[0]["history"]) == 20
-        assert ranks[0]["history"] == ranks[1]["history"]  # the same layers in every period
-        assert torch.equal(ranks[0]["importance"], ranks[1]["importance"])
+def assert_equal_decisions(first, second, path=""):
+    if isinstance(first, torch.Tensor):
+        assert isinstance(second, torch.Tensor) and torch.equal(first.nan_to_num(-1), second.nan_to_num(-1)), path
+    elif isinstance(first, dict):
+        assert first.keys() == second.keys(), path
+        for key in first:
+            assert_equal_decisions(first[key], second[key], f"{path}.{key}")
     else:
-        for name, utility in ranks[0]["utility"].items():
-            assert torch.equal(utility, ranks[1]["utility"][name]) and utility.sum() > 0, name
-            assert torch.equal(ranks[0]["copies"][name], ranks[1]["copies"][name]), name
+        assert first == second, path
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
+def test_ranks_with_different_data_take_the_same_decisions(ddp_runs, case):
+    """docs/architecture.md, contract 5: every decision is a function of values all ranks share."""
+    rank0, rank1 = ddp_runs(f"agreement/ddp/{case.name}")
+    assert rank0, "the case recorded no decision"
+    assert_equal_decisions(rank0, rank1)
+    if "layers" in rank0:
+        assert len({tuple(layers) for layers in rank0["layers"]}) > 1  # decisions that changed: the test has teeth
+    if "copies" in rank0:
+        assert rank0["copies"] is not None  # the surgery happened

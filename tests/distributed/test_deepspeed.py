@@ -1,20 +1,22 @@
 """Lightning's DeepSpeedStrategy, ZeRO-1/2/3, real 2-process runs on CPU (gloo).
 
-The strategy is Lightning's own with its CUDA-only device plumbing bridged (``helpers.CPUDeepSpeedStrategy``):
-DeepSpeed's engine, ZeRO partitioning and sharded checkpoints are the real ones. The data runs
-(``scripts/deepspeed_fit.py``) combine LossReweighting (scores gathered over ranks) with DataPruning (a
-self-sharding InfoBatch sampler); the layer runs (``scripts/deepspeed_layerwise.py``) train a tiny Llama
-with LayerwiseSampling, whose ZeRO optimizer is rebuilt every period. Both are compared with DDP.
+The strategy is Lightning's own with its CUDA-only device plumbing bridged
+(``tests.support.strategies.CPUDeepSpeedStrategy``): DeepSpeed's engine, ZeRO partitioning and
+sharded checkpoints are the real ones. The data jobs (``tests.scripts.deepspeed_jobs.fit``) combine
+LossReweighting (scores gathered over ranks) with DataPruning (a self-sharding InfoBatch sampler);
+the layer jobs (``deepspeed_jobs.layerwise``) train a tiny Llama with LayerwiseSampling, whose ZeRO
+optimizer is rebuilt every period. Both are compared with DDP. The jobs are listed in
+``tests/distributed/conftest.py`` and run in one launch.
 """
-
-from pathlib import Path
 
 import pytest
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from tests.support.models import Classifier, TinyLlama
-from tests.support.processes import run_script
+from tests.distributed.conftest import ZERO3_AGREEMENT
+from tests.distributed.test_ddp import assert_equal_decisions
+from tests.support.contracts import CASES
+from tests.support.models import Classifier, TinyLlama, logits
 from tests.support.strategies import CPUDeepSpeedStrategy
 from tests.support.training import trainer
 from weightwise.callbacks import ExpertUpcycling, LayerwiseSampling
@@ -22,22 +24,6 @@ from weightwise.integrations.deepspeed import read_client_state
 
 pytestmark = pytest.mark.slow
 EPOCHS = 2
-
-
-def run_ranks(script: str, out_dir: Path, *args: object) -> list[dict]:
-    """Run a 2-process script from tests/scripts; what each rank saved."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    run_script(script.removesuffix(".py"), str(out_dir), *map(str, args))
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
-
-
-def fit(out_dir: Path, strategy: str, epochs: int, resume_from: Path | None = None, stop_at_step: int | None = None) -> list[dict]:
-    return run_ranks("deepspeed_fit.py", out_dir, strategy, epochs, resume_from or "-", *([stop_at_step] if stop_at_step else []))
-
-
-@pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory) -> list[dict]:
-    return fit(tmp_path_factory.mktemp("ddp"), "ddp", EPOCHS)
 
 
 def assert_same_training(ranks: list[dict], reference: list[dict], epochs: range) -> None:
@@ -50,8 +36,8 @@ def assert_same_training(ranks: list[dict], reference: list[dict], epochs: range
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_zero_stage_trains_exactly_like_ddp(tmp_path, ddp_run, stage):
-    ranks = fit(tmp_path, f"zero{stage}", EPOCHS)
+def test_zero_stage_trains_exactly_like_ddp(deepspeed_runs, stage):
+    ranks, ddp_run = deepspeed_runs(f"fit/zero{stage}"), deepspeed_runs("fit/ddp")
     assert_same_training(ranks, ddp_run, range(EPOCHS))
     # The sampler sharded itself: the ranks' samples are disjoint in every epoch, and pruned.
     for epoch in range(EPOCHS):
@@ -61,13 +47,12 @@ def test_zero_stage_trains_exactly_like_ddp(tmp_path, ddp_run, stage):
     assert ranks[0]["scores"]["count"].sum() == ranks[0]["ledger"]["samples_visited"]
     # SampleReport reads that store: the same rows as under DDP, written once (rank 0) as CSV.
     assert ranks[0]["report"] == ranks[1]["report"] == ddp_run[0]["report"] and len(ranks[0]["report"]) == 6
-    assert (tmp_path / "weightwise_samples.csv").exists()
+    assert (deepspeed_runs.root / f"fit/zero{stage}" / "weightwise_samples.csv").exists()
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_sharded_checkpoint_carries_callback_state_and_resumes_exactly(tmp_path, ddp_run, stage):
-    fit(tmp_path / "first", f"zero{stage}", 1)
-    checkpoint = tmp_path / "first" / "last.ckpt"
+def test_sharded_checkpoint_carries_callback_state_and_resumes_exactly(deepspeed_runs, stage):
+    checkpoint = deepspeed_runs.root / f"sharded/zero{stage}/first" / "last.ckpt"
     assert checkpoint.is_dir()  # DeepSpeed's sharded layout: one optimizer shard per rank
     shards = sorted(p.name for p in (checkpoint / "checkpoint").iterdir())
     assert [s for s in shards if "optim_states" in s] == [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)]
@@ -75,19 +60,19 @@ def test_sharded_checkpoint_carries_callback_state_and_resumes_exactly(tmp_path,
     assert {"LossReweighting", "DataPruning"} <= set(states["callbacks"])
     assert states["weightwise"]["scores"]["count"].sum() > 0  # the score store travels with the shards
 
-    resumed = fit(tmp_path / "resumed", f"zero{stage}", EPOCHS, resume_from=checkpoint)
-    assert_same_training(resumed, ddp_run, range(1, EPOCHS))
+    resumed = deepspeed_runs(f"sharded/zero{stage}/resumed")
+    assert_same_training(resumed, deepspeed_runs("fit/ddp"), range(1, EPOCHS))
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "zero2"])
-def test_mid_epoch_checkpoint_resumes_the_pruned_epoch_where_it_stopped(tmp_path, ddp_run, strategy):
+def test_mid_epoch_checkpoint_resumes_the_pruned_epoch_where_it_stopped(deepspeed_runs, strategy):
     """Saved after step 5 = the first of epoch 1's pruned steps (epoch 0: 40 samples, 2 ranks x 5 a
     step). A plain DataLoader restarts from its first batch; DataPruning's checkpoint holds the
     epoch's plan and how many samples each rank trained, so the resumed run trains exactly the rest."""
-    first = fit(tmp_path / "first", strategy, EPOCHS, stop_at_step=5)
+    first = deepspeed_runs(f"mid_epoch/{strategy}/first")
     assert [len(first[0]["ids"][e]) for e in sorted(first[0]["ids"])] == [20, 5]  # it did stop mid-epoch
-    resumed = fit(tmp_path / "resumed", strategy, EPOCHS, resume_from=tmp_path / "first" / "last.ckpt")
-    for rank, expected in zip(resumed, ddp_run):
+    resumed = deepspeed_runs(f"mid_epoch/{strategy}/resumed")
+    for rank, expected in zip(resumed, deepspeed_runs("fit/ddp")):
         assert torch.allclose(rank["params"], expected["params"], atol=1e-6)
         assert sorted(rank["ids"]) == [1] and rank["ids"][1] == expected["ids"][1][5:]  # the rest of epoch 1 only
         assert rank["ledger"]["samples_visited"] == expected["ledger"]["samples_visited"]
@@ -118,34 +103,12 @@ def test_layerwise_sampling_refuses_what_it_cannot_rebuild_under_deepspeed(strat
         callback.setup(run, Classifier(), "fit")
 
 
-def fit_layerwise(out_dir: Path, strategy: str, epochs: int, resume_from: Path | None = None) -> list[dict]:
-    return run_ranks("deepspeed_layerwise.py", out_dir, strategy, epochs, *([resume_from] if resume_from else []))
-
-
 LAYERWISE_EPOCHS = 3  # 2 steps an epoch, periods of 3 steps: layer 5 stays active across the change, 2 leaves, 1 joins
 
 
-@pytest.fixture(scope="module")
-def layerwise_run(tmp_path_factory):
-    """The uninterrupted runs by strategy name, each fitted once for the module."""
-    runs: dict[str, list[dict]] = {}
-
-    def run(name: str) -> list[dict]:
-        if name not in runs:
-            runs[name] = fit_layerwise(tmp_path_factory.mktemp(name), name, LAYERWISE_EPOCHS)
-        return runs[name]
-
-    return run
-
-
-@pytest.fixture(scope="module")
-def ddp_layerwise(layerwise_run) -> list[dict]:
-    return layerwise_run("ddp")
-
-
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_layerwise_sampling_under_zero_trains_like_ddp_holding_only_active_layers(layerwise_run, ddp_layerwise, stage):
-    ranks = layerwise_run(f"zero{stage}")
+def test_layerwise_sampling_under_zero_trains_like_ddp_holding_only_active_layers(deepspeed_runs, stage):
+    ranks, ddp_layerwise = deepspeed_runs(f"layerwise/zero{stage}"), deepspeed_runs("layerwise/ddp")
     history = ddp_layerwise[0]["history"]
     assert history == [[2, 5], [1, 5]] and all(rank["history"] == history for rank in ranks)
     for rank, expected in zip(ranks, ddp_layerwise):
@@ -175,25 +138,23 @@ def test_layerwise_sampling_under_zero_trains_like_ddp_holding_only_active_layer
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_layerwise_sampling_resumes_from_a_sharded_checkpoint_mid_period(tmp_path, layerwise_run, stage):
+def test_layerwise_sampling_resumes_from_a_sharded_checkpoint_mid_period(deepspeed_runs, stage):
     """The checkpoint is written after step 2 (period 0 runs steps 0-2): resuming rebuilds ZeRO with
     the checkpoint's layers before DeepSpeed loads its shards, and the lr the scheduler had left.
     The resumed run equals the uninterrupted one exactly (ZeRO-2: which equals DDP's)."""
-    fit_layerwise(tmp_path / "first", f"zero{stage}", 1)
-    saved = read_client_state(tmp_path / "first" / "last.ckpt")["callbacks"]["LayerwiseSampling"]
+    saved = read_client_state(deepspeed_runs.root / f"layerwise_resume/zero{stage}/first" / "last.ckpt")["callbacks"]["LayerwiseSampling"]
     assert saved["active"] == [2, 5] and [g["lr"] for g in saved["optimizer_hyperparameters"]] == pytest.approx([0.01 / 3] * 2)
-    resumed = fit_layerwise(tmp_path / "resumed", f"zero{stage}", LAYERWISE_EPOCHS, resume_from=tmp_path / "first" / "last.ckpt")
-    uninterrupted = layerwise_run("ddp" if stage == 2 else "zero3")
+    resumed = deepspeed_runs(f"layerwise_resume/zero{stage}/resumed")
+    uninterrupted = deepspeed_runs("layerwise/ddp" if stage == 2 else "layerwise/zero3")
     for rank, expected in zip(resumed, uninterrupted):
         assert torch.equal(rank["params"], expected["params"])
         assert rank["lrs"] == expected["lrs"][2:]
 
 
-def test_layer_sampling_over_lora_adapters_under_zero2_equals_ddp(tmp_path):
+def test_layer_sampling_over_lora_adapters_under_zero2_equals_ddp(deepspeed_runs):
     """peft LoRA on q/v: only the chosen layers' adapters train, the loss-credit policy learns from 4 periods, and the
     norms-only param group, which has nothing trainable under LoRA, is left out of DeepSpeed."""
-    ddp = fit_layerwise(tmp_path / "ddp", "ddplora", 5)
-    zero2 = fit_layerwise(tmp_path / "zero2", "zero2lora", 5)
+    ddp, zero2 = deepspeed_runs("layerwise/ddplora"), deepspeed_runs("layerwise/zero2lora")
     for rank, expected in zip(zero2, ddp):
         assert rank["history"] == expected["history"] and len(rank["history"]) == 4
         assert torch.equal(rank["importance"], expected["importance"]) and rank["importance"].abs().sum() > 0
@@ -207,51 +168,27 @@ def test_layer_sampling_over_lora_adapters_under_zero2_equals_ddp(tmp_path):
         assert all(memory["master"] == adapters_of_two_layers / 2 * 4 for memory in rank["memory"])  # half per rank
 
 
-def test_upcycling_under_deepspeed_goes_through_the_saved_model(tmp_path):
+def test_upcycling_under_deepspeed_goes_through_the_saved_model(deepspeed_runs):
     """The way out that ExpertUpcycling's error names, end to end under ZeRO-3 (sharded parameters):
     train, consolidate the shards, save_pretrained, `weightwise upcycle`, train the grown model."""
-    import subprocess
-    import sys
-
-    from lightning.pytorch.utilities.deepspeed import (
-        convert_zero_checkpoint_to_fp32_state_dict,
-    )
     from transformers import AutoModelForCausalLM
 
-    from tests.support.models import logits, tiny_moe
-
-    tiny_moe("mixtral", num_experts=4, top_k=2).save_pretrained(tmp_path / "E")
-    run_script("deepspeed_moe", str(tmp_path / "phase1"), "3", str(tmp_path / "E"), "3")
-
-    convert_zero_checkpoint_to_fp32_state_dict(tmp_path / "phase1" / "last.ckpt", tmp_path / "phase1.pt")
-    state = torch.load(tmp_path / "phase1.pt", weights_only=False)["state_dict"]
-    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "E")
-    before = logits(trained, torch.arange(12).view(1, 12))
-    trained.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
-    assert not torch.allclose(logits(trained, torch.arange(12).view(1, 12)), before)  # phase 1 did train
-    trained.save_pretrained(tmp_path / "E_trained")
-
-    done = subprocess.run(
-        [sys.executable, "-m", "weightwise.cli", "upcycle", str(tmp_path / "E_trained"), str(tmp_path / "2E"),
-         "--factor", "2", "--method", "granular"], capture_output=True, text=True, timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    grown = AutoModelForCausalLM.from_pretrained(tmp_path / "2E")
-    assert grown.config.num_local_experts == 8
+    moe = deepspeed_runs.root / "moe"
     ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(1))
+    source, trained, grown = (AutoModelForCausalLM.from_pretrained(moe / name) for name in ("E", "E_trained", "2E"))
+    assert not torch.allclose(logits(trained, ids), logits(source, ids))  # phase 1 did train
+    assert grown.config.num_local_experts == 8
     assert torch.allclose(logits(grown, ids), logits(trained, ids), atol=1e-5)  # granular upcycling is exact
-
-    run_script("deepspeed_moe", str(tmp_path / "phase2"), "3", str(tmp_path / "2E"), "2")
-    losses = torch.load(tmp_path / "phase2" / "losses.pt")
+    losses = torch.load(moe / "phase2" / "losses.pt")
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_layerwise_sampling_under_zero_bf16_carries_the_fp32_master_of_layers_that_stay(tmp_path, stage):
+def test_layerwise_sampling_under_zero_bf16_carries_the_fp32_master_of_layers_that_stay(deepspeed_runs, stage):
     """bf16 weights with fp32 master partitions: at the period change (step 3) the groups that stay
     active (layer 5, embeddings/head/norm) keep masters finer than bf16; layer 1's is built anew from
     its bf16 weights - which also shows the check can tell the two apart."""
-    ranks = fit_layerwise(tmp_path, f"zero{stage}bf16", LAYERWISE_EPOCHS)
+    ranks = deepspeed_runs(f"layerwise/zero{stage}bf16")
     for rank in ranks:
         assert rank["history"] == [[2, 5], [1, 5]]
         at_change = rank["fp32_detail"][3]
@@ -265,3 +202,14 @@ def test_layerwise_sampling_names_every_deepspeed_setting_it_cannot_rebuild():
     run = trainer(devices=1, strategy=CPUDeepSpeedStrategy(stage=0, offload_optimizer=True), max_steps=1, callbacks=[callback])
     with pytest.raises(MisconfigurationException, match="ZeRO stage 0.*; ZeRO-Offload.*; optimizer_state='offload'"):
         callback.setup(run, Classifier(), "fit")
+
+
+@pytest.mark.parametrize(
+    "strategy, case",
+    [("zero2", case.name) for case in CASES if case.zero] + [("zero3", name) for name in ZERO3_AGREEMENT],
+    ids=lambda value: value,
+)
+def test_ranks_with_different_data_take_the_same_decisions_under_zero(deepspeed_runs, strategy, case):
+    rank0, rank1 = deepspeed_runs(f"agreement/{strategy}/{case}")
+    assert rank0, "the case recorded no decision"
+    assert_equal_decisions(rank0, rank1)

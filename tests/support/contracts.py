@@ -186,7 +186,7 @@ CASES: list[Case] = [
         module=lambda: TinyMoELM(top_k=2),
         loader=moe_loader,
         callbacks=lambda: [ExpertUpcycling(at_step=8, selection="utility", utility_window=4)],  # window: steps 4-7
-        epochs=2,
+        epochs=4,  # 6 steps an epoch on one process, 3 on each of two
         trainer_kwargs={"accumulate_grad_batches": 2},
         zero=False,
     ),

@@ -1,0 +1,18 @@
+"""Every contract case (``tests/support/contracts.py``) on 2 processes with data that differs per
+rank; each rank saves the decisions it took. Run by ``tests.scripts.suite``."""
+
+from pathlib import Path
+
+import torch
+
+from tests.support.contracts import CASES_BY_NAME, fit_case
+from tests.support.strategies import CPUDeepSpeedStrategy
+
+
+def decide(out_dir: str, case: str, strategy: str = "ddp") -> None:
+    """Fit ``case`` on 2 processes under ``strategy`` (``"ddp"``, ``"zero2"``, ``"zero3"``)."""
+    chosen = CASES_BY_NAME[case]
+    engine = "ddp" if strategy == "ddp" else CPUDeepSpeedStrategy(stage=int(strategy.removeprefix("zero")))
+    _, callbacks, recorder, run = fit_case(chosen, Path(out_dir), devices=2, strategy=engine)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    torch.save(chosen.decisions(callbacks, recorder), Path(out_dir) / f"rank{run.global_rank}.pt")

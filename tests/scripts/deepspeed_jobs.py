@@ -1,0 +1,230 @@
+"""2-process jobs under DDP and Lightning's DeepSpeedStrategy ZeRO-1/2/3 (CPU, gloo), run by
+``tests.scripts.suite``. The strategy is Lightning's own with its CUDA-only device plumbing bridged
+(``tests.support.strategies.CPUDeepSpeedStrategy``): DeepSpeed's engine, ZeRO partitioning and
+sharded checkpoints are the real ones.
+
+* :func:`fit` - LossReweighting + DataPruning (InfoBatch) + SampleReport + checkpointing; each rank
+  saves the full parameters, its score store, the sample ids it trained on, the ledger and the
+  report rows. With ``stop_at_step`` the run checkpoints after every step and stops there.
+* :func:`layerwise` - LayerwiseSampling on a tiny Llama with two AdamW param groups and a per-step
+  LR schedule; per step the layers, learning rates and optimizer memory; run names ``ddp``,
+  ``zero1|2|3``, optionally followed by ``bf16`` (bf16-mixed) and/or ``lora`` (peft LoRA adapters).
+* :func:`moe_phase` - a saved transformers MoE trained a few steps under ZeRO (the way out that
+  ExpertUpcycling's DeepSpeed error names: train, consolidate, upcycle the saved model, train on).
+"""
+
+import gc
+import weakref
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch import seed_everything
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.strategies import DeepSpeedStrategy
+from torch.utils.data import DataLoader
+
+from tests.support.models import Classifier, TinyLlama, indexed_loader, token_batches
+from tests.support.strategies import CPUDeepSpeedStrategy
+from tests.support.training import full_parameters, gathered, trainer
+from weightwise.callbacks import DataPruning, LayerwiseSampling, LossReweighting, SampleReport
+from weightwise.integrations.deepspeed import GROUP_KEY, flat_buffers, master_partition_bytes, master_partitions
+from weightwise.layers import find_layer_stack
+from weightwise.layers.freezing import optimizer_state_bytes
+from weightwise.samplers import InfoBatchSampler
+
+N_SAMPLES, LOCAL_BATCH = 40, 5
+
+
+def strategy_for(name: str, **options):
+    """``"ddp"`` or ``CPUDeepSpeedStrategy`` for ``"zero1"``, ``"zero2"``, ``"zero3"``."""
+    return "ddp" if name == "ddp" else CPUDeepSpeedStrategy(stage=int(name.removeprefix("zero")), **options)
+
+
+class SampleIds(Callback):
+    def __init__(self) -> None:
+        self.ids: dict[int, list[int]] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.ids.setdefault(trainer.current_epoch, []).extend(batch.sample_id.tolist())
+
+
+def fit(out_dir: str, name: str, epochs: int, resume_from: str | None = None, stop_at_step: int = -1) -> None:
+    out_dir = Path(out_dir)
+    seed_everything(0)
+    reweighting, pruning, ids, report = LossReweighting("linupper", warmup_steps=0), DataPruning(), SampleIds(), SampleReport(k=3)
+    run = trainer(
+        devices=2,
+        strategy=strategy_for(name),
+        max_epochs=epochs,
+        callbacks=[reweighting, pruning, ids, report,
+                   ModelCheckpoint(dirpath=out_dir, save_last=True, every_n_train_steps=1 if stop_at_step > 0 else None)],
+        max_steps=stop_at_step,
+        default_root_dir=out_dir,
+        enable_checkpointing=True,
+        use_distributed_sampler=False,  # the pruning sampler shards itself
+    )
+    model = Classifier(lr=0.05, optimizer="adamw")
+    sampler = InfoBatchSampler(N_SAMPLES, prune_ratio=0.5, anneal=1.0)  # 2 epochs: epoch 1 prunes too
+    run.fit(model, indexed_loader(N_SAMPLES, LOCAL_BATCH, sampler=sampler), ckpt_path=resume_from)
+    torch.save(
+        {
+            "params": full_parameters(model),
+            "scores": pruning.reducer.scores.state_dict(),
+            "ids": ids.ids,
+            "ledger": pruning.ledger,
+            "report": report.rows,
+        },
+        out_dir / f"rank{run.global_rank}.pt",
+    )
+
+
+class GatheredSnapshot(pl.Callback):
+    """Every layer's parameters before each step; under ZeRO-3 each rank holds shards, so gather first."""
+
+    def __init__(self) -> None:
+        self.params = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        _, stack = find_layer_stack(pl_module)
+        with gathered(pl_module):
+            self.params.append([torch.cat([p.detach().flatten() for p in layer.parameters()]).clone() for layer in stack])
+
+
+class ScheduledTinyLlama(TinyLlama):
+    def configure_optimizers(self):
+        matrices = [p for p in self.parameters() if p.dim() >= 2]
+        vectors = [p for p in self.parameters() if p.dim() < 2]
+        optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": 0.1}, {"params": vectors, "weight_decay": 0.0}], lr=1e-2)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 / (1 + step))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+class Recorder(pl.Callback):
+    """The learning rates each step used, the optimizer's memory after it, and (ZeRO) whether the
+    flat parameter buffers of earlier periods' optimizers were freed."""
+
+    def __init__(self) -> None:
+        self.lrs, self.memory, self.buffers, self.fp32_detail = [], [], [], []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        # Runs after LayerwiseSampling's hook (which rebuilds ZeRO at a new period): per split group,
+        # does its fp32 master hold more than the bf16 parameters do (carried) or not (built anew)?
+        optimizer = trainer.optimizers[0]
+        if isinstance(trainer.strategy, DeepSpeedStrategy):
+            self.fp32_detail.append({
+                group.get(GROUP_KEY): bool((master != master.bfloat16().float()).any())
+                for group, master in zip(optimizer.param_groups, master_partitions(optimizer))
+            })
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.lrs.append(sorted({(group["weight_decay"], group["lr"]) for group in optimizer.param_groups}))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        optimizer = trainer.optimizers[0]
+        deepspeed = isinstance(trainer.strategy, DeepSpeedStrategy)
+        self.memory.append({"state": optimizer_state_bytes(optimizer), "master": master_partition_bytes(optimizer) if deepspeed else 0})
+        if deepspeed:
+            self.buffers.append(weakref.ref(flat_buffers(optimizer)[0]))
+
+    def buffer_counts(self) -> tuple[int, int]:
+        """(flat buffers seen, flat buffers still alive); weakref.ref returns one object per referent."""
+        gc.collect()
+        distinct = {id(ref): ref for ref in self.buffers}.values()
+        return len(distinct), sum(ref() is not None for ref in distinct)
+
+
+def layerwise(out_dir: str, name: str, epochs: int, resume_from: str | None = None) -> None:
+    out_dir = Path(out_dir)
+    seed_everything(0)
+    lora, bf16 = name.endswith("lora"), name.removesuffix("lora").endswith("bf16")
+    base = name.removesuffix("lora").removesuffix("bf16")
+    # ZeRO-3: partition every parameter (none kept whole), so layers are gathered by module hooks.
+    strategy = strategy_for(base, **({"param_persistence_threshold": 0} if base == "zero3" else {}))
+    # With LoRA adapters (peft) the loss-credit policy chooses which layers' adapters train; the base weights never do.
+    sampling = LayerwiseSampling("loss_credit" if lora else "lisa", n_layers=2, interval=3)
+    snapshot, recorder = GatheredSnapshot(), Recorder()
+    run = trainer(
+        devices=2,
+        strategy=strategy,
+        max_epochs=epochs,
+        callbacks=[sampling, snapshot, recorder, ModelCheckpoint(dirpath=out_dir, save_last=True)],
+        default_root_dir=out_dir,
+        enable_checkpointing=True,
+        precision="bf16-mixed" if bf16 else "32-true",
+    )
+    module = ScheduledTinyLlama()
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        module.model = get_peft_model(module.model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    run.fit(module, token_batches(), ckpt_path=resume_from)
+    torch.save(
+        {
+            "params": full_parameters(module),
+            "snapshots": snapshot.params,
+            "history": sampling.history,
+            "lrs": recorder.lrs,
+            "memory": recorder.memory,
+            "n_params": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in module.parameters()),
+            "layer_params": [sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in layer.parameters()) for layer in sampling.stack],
+            "importance": sampling.importance,
+            "flat_buffers": recorder.buffer_counts(),
+            "fp32_detail": recorder.fp32_detail,
+            "partitioned": sum(p.ds_tensor.numel() < p.ds_numel for p in module.parameters() if hasattr(p, "ds_tensor")),
+        },
+        out_dir / f"rank{run.global_rank}.pt",
+    )
+
+
+class PretrainedLM(pl.LightningModule):
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(path)
+        self.losses: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        loss = self.model(input_ids=batch, labels=batch).loss
+        self.losses.append(float(loss))
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+def moe_phase(out_dir: str, stage: int, model_dir: str, steps: int) -> None:
+    """Writes the sharded checkpoint ``OUT_DIR/last.ckpt`` and ``OUT_DIR/losses.pt`` (rank 0)."""
+    out_dir = Path(out_dir)
+    pl.seed_everything(0)
+    module = PretrainedLM(model_dir)
+    tokens = torch.randint(0, module.model.config.vocab_size, (8 * steps, 12), generator=torch.Generator().manual_seed(0))
+    run = trainer(
+        devices=2, strategy=CPUDeepSpeedStrategy(stage=stage), max_steps=steps, enable_checkpointing=True,
+        callbacks=[ModelCheckpoint(dirpath=out_dir, save_last=True)],
+    )
+    run.fit(module, DataLoader(tokens, batch_size=4))
+    if run.global_rank == 0:
+        torch.save(module.losses, out_dir / "losses.pt")
+
+
+def moe_upcycle_saved(phase1_dir: str, source_dir: str, trained_dir: str, grown_dir: str) -> None:
+    """Between the phases, on rank 0: consolidate the ZeRO shards, load them into the saved model,
+    save it, and grow it with the ``weightwise upcycle`` command (granular, exact); the other rank waits."""
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0:
+        from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+        from transformers import AutoModelForCausalLM
+
+        from weightwise.cli import main
+
+        consolidated = Path(phase1_dir) / "consolidated.pt"
+        convert_zero_checkpoint_to_fp32_state_dict(Path(phase1_dir) / "last.ckpt", consolidated)
+        state = torch.load(consolidated, weights_only=False)["state_dict"]
+        model = AutoModelForCausalLM.from_pretrained(source_dir)
+        model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
+        model.save_pretrained(trained_dir)
+        main(["upcycle", trained_dir, grown_dir, "--factor", "2", "--method", "granular"])
+    dist.barrier()
