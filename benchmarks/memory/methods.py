@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from benchmarks.memory.models import Shape, build
 from benchmarks.memory.tracking import FakeAccelerator
 from weightwise.layers import LayerPolicy, LossCreditLayers, OptimizerStateStash, UniformLayers, activate_layers, find_layer_stack
-from weightwise.losses import loss_weights, sequence_loss, weighted_mean
+from weightwise.losses import linear_cross_entropy, loss_weights, sequence_loss, weighted_mean
 
 BASES: dict[str, str] = {
     "full": "full fine-tuning",
@@ -38,6 +38,7 @@ INGREDIENTS: dict[str, str] = {
     "fused": "AdamW(fused=True)",
     "ckpt": "activation checkpointing of every decoder layer (transformers, non-reentrant)",
     "bf16frozen": "frozen parameters stored in bf16; fp32 only for trainable ones (and their AdamW state)",
+    "linearce": "weightwise per-sample loss from the last hidden states (losses.linear_cross_entropy): no [B, T, V] logits",
 }
 # The methods and ingredient combinations a plain run simulates.
 DEFAULT_METHODS = (
@@ -48,17 +49,24 @@ DEFAULT_METHODS = (
     "lisa_layers",
     "ist_lora",
     "badam",
+    "full+fused",
     "lisa+forloop",
     "lisa+fused",
     "lisa+ckpt",
+    "lisa+ckpt+fused",
     "lisa+bf16frozen",
+    "lisa+bf16frozen+ckpt",
     "lisa+bf16frozen+ckpt+fused",
+    "lisa_layers+ckpt",
     "lisa_layers+bf16frozen",
     "lisa_layers+bf16frozen+ckpt",
     "lisa_layers+bf16frozen+ckpt+fused",
     "lora+ckpt",
     "lora+bf16frozen",
     "lora+bf16frozen+ckpt",
+    "lisa+bf16frozen+ckpt+fused+linearce",
+    "lisa_layers+bf16frozen+ckpt+fused+linearce",
+    "lora+bf16frozen+ckpt+linearce",
 )
 HAND_LAYERS = (0, 1)  # the trainable layers of "lisa_hand" (with trainable embeddings, which ones does not matter)
 LISA_LAYERS = 2
@@ -99,21 +107,33 @@ class Prepared:
     before_step: Callable[[int], None]  # freezes/thaws layers and casts parameters for the step
 
 
-def layer_schedule(policy: LayerPolicy, steps: int) -> list[list[int]]:
-    """The layers active in each simulated step: the policy's draw for period 0, then its draws of the
-    following periods that include layer 0.
+def layer_schedule(policy: LayerPolicy) -> list[list[int]]:
+    """The layers active in the three simulated steps: the policy's draws for periods ``p - 1``, ``p``
+    and ``p`` again, where ``p`` is the first period whose draw includes layer 0 and differs from the
+    draw before it.
 
-    The lowest active layer sets how deep backward goes, and so how many layers' activations are kept
-    when nothing below it trains; every long run meets a period that includes layer 0, so this is the
-    peak a run reaches, not the luck of the first draws.
+    So the layer set changes before step 2 (whose peak shows whether step 1's state was released),
+    and step 3 is the steady state of the new period, with the new layers' optimizer state already
+    there during forward and backward - the step a run repeats ``interval - 1`` times per period. The
+    new set includes layer 0 because the lowest active layer sets how deep backward goes, and so how
+    many layers' activations are kept when nothing below it trains; every long run meets such a
+    period, so this is the peak a run reaches, not the luck of its first draws.
     """
-    schedule, period = [policy.choose(0)], 1
-    while len(schedule) < steps:
-        chosen = policy.choose(period)
-        if 0 in chosen:
-            schedule.append(chosen)
+    period = 1
+    while 0 not in policy.choose(period) or policy.choose(period) == policy.choose(period - 1):
         period += 1
-    return schedule
+    return [policy.choose(period - 1), policy.choose(period), policy.choose(period)]
+
+
+def make_policy(base: str, num_layers: int) -> LayerPolicy | None:
+    """The weightwise layer policy of a layer-sampling method (``None`` for the others)."""
+    if base in ("lisa", "lisa_layers"):
+        return UniformLayers(num_layers, LISA_LAYERS, seed=0)
+    if base == "badam":
+        return UniformLayers(num_layers, 1, seed=0)
+    if base == "ist_lora":
+        return LossCreditLayers(num_layers, max(1, round(IST_FRACTION * num_layers)), seed=0)
+    return None
 
 
 def adamw(params: list[nn.Parameter], ingredients: frozenset[str]) -> torch.optim.Optimizer:
@@ -124,22 +144,26 @@ def adamw(params: list[nn.Parameter], ingredients: frozenset[str]) -> torch.opti
 
 
 def cast_frozen_to_bf16(model: nn.Module) -> None:
-    """Store every frozen parameter in bf16 and every trainable one in fp32 (the layer that thaws gets
-    an fp32 master back; a real implementation would keep it elsewhere rather than round it)."""
+    """Store every frozen parameter in bf16 and every trainable one in fp32.
+
+    Memory only: a thawing layer's fp32 weights here are its bf16 values upcast, which would erase the
+    updates of its earlier periods that are smaller than bf16's resolution (2^-8 relative; a period of
+    lr 1e-5 moves weights by far less). A real implementation parks the fp32 master off the
+    accelerator (host memory) while the layer is frozen - the same accelerator bytes as simulated.
+    """
     for param in model.parameters():
         dtype = torch.float32 if param.requires_grad else torch.bfloat16
         if param.dtype != dtype:
             param.data = param.data.to(dtype)
 
 
-def prepare(recipe: Recipe, shape: Shape, accelerator: FakeAccelerator, steps: int) -> Prepared:
+def prepare(recipe: Recipe, shape: Shape, accelerator: FakeAccelerator) -> Prepared:
     """Build the fake model and optimizer of a method (inside ``accelerator``'s fake mode)."""
     model = build(shape, accelerator, lora=recipe.base in ("lora", "ist_lora"))
     if "ckpt" in recipe.ingredients:
         model.activation_checkpointing_enable()
     _, stack = find_layer_stack(model)
-    in_stack = {p for p in stack.parameters()}
-    policy: LayerPolicy | None = None
+    in_stack = set(stack.parameters())
     if recipe.base == "lisa_hand":
         for i, layer in enumerate(stack):
             layer.requires_grad_(i in HAND_LAYERS)
@@ -147,22 +171,15 @@ def prepare(recipe: Recipe, shape: Shape, accelerator: FakeAccelerator, steps: i
         for p in model.parameters():
             if p not in in_stack:
                 p.requires_grad_(False)
-    if recipe.base in ("lisa", "lisa_layers"):
-        policy = UniformLayers(len(stack), LISA_LAYERS, seed=0)
-    elif recipe.base == "badam":
-        policy = UniformLayers(len(stack), 1, seed=0)
-    elif recipe.base == "ist_lora":
-        policy = LossCreditLayers(len(stack), max(1, round(IST_FRACTION * len(stack))), seed=0)
 
     # As a user builds it: over everything trainable now; layer sampling then freezes what it must.
     optimizer = adamw([p for p in model.parameters() if p.requires_grad], recipe.ingredients)
     # What LayerwiseSampling samples: each layer's parameters that were trainable at the start.
     layer_params = [[p for p in layer.parameters() if p.requires_grad] for layer in stack]
     stash = OptimizerStateStash("release")
-    schedule = None
-    if policy is not None:
-        with accelerator.real():  # the policy draws on the host, as in a real run
-            schedule = layer_schedule(policy, steps)
+    with accelerator.real():  # policies keep and draw host tensors, as in a real run
+        policy = make_policy(recipe.base, len(stack))
+        schedule = None if policy is None else layer_schedule(policy)
 
     def before_step(step: int) -> None:
         if schedule is not None:
@@ -171,22 +188,32 @@ def prepare(recipe: Recipe, shape: Shape, accelerator: FakeAccelerator, steps: i
             cast_frozen_to_bf16(model)
 
     def loss(ids: Tensor) -> Tensor:
-        if recipe.base == "lisa":
-            return weightwise_loss(model, ids, accelerator)
+        if "linearce" in recipe.ingredients or recipe.base == "lisa":
+            return weightwise_loss(model, ids, accelerator, from_hidden="linearce" in recipe.ingredients)
         return model(input_ids=ids, labels=ids).loss
 
     return Prepared(model, optimizer, loss, schedule, before_step)
 
 
-def weightwise_loss(model: nn.Module, ids: Tensor, accelerator: FakeAccelerator) -> Tensor:
+def weightwise_loss(model: nn.Module, ids: Tensor, accelerator: FakeAccelerator, *, from_hidden: bool) -> Tensor:
     """The per-sample reduction of weightwise: per-sequence losses, Sow et al.'s ``linupper`` weights,
     the weighted mean.
 
-    ``loss_weights`` cannot run on fake tensors (it checks ``torch.isfinite(losses).all()`` in Python,
-    which reads a value), so it runs on real stand-in losses of the batch's size; the weights are
-    ``[B]`` floats, so their memory is nil either way.
+    The per-sequence losses come from the logits (:func:`weightwise.losses.sequence_loss`) or, with
+    ``from_hidden``, from the last hidden states and the output embedding
+    (:func:`weightwise.losses.linear_cross_entropy`) reduced per sequence as ``sequence_loss`` does
+    (``reduce_token_losses`` selects tokens by a boolean mask, whose data-dependent shape fake
+    tensors cannot have). ``loss_weights`` cannot run on fake tensors either (it checks
+    ``torch.isfinite(losses).all()`` in Python, which reads a value), so it runs on real stand-in
+    losses of the batch's size; the weights are ``[B]`` floats, so their memory is nil either way.
     """
-    logits = model(input_ids=ids).logits
-    losses = sequence_loss(logits, ids, shift=True)
+    if from_hidden:
+        causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model's LlamaForCausalLM
+        hidden = causal_lm.model(input_ids=ids).last_hidden_state
+        token_losses, mask = linear_cross_entropy(hidden, causal_lm.lm_head.weight, ids, shift=True)
+        valid = mask.to(token_losses.dtype)
+        losses = (token_losses * valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1.0)
+    else:
+        losses = sequence_loss(model(input_ids=ids).logits, ids, shift=True)
     weights = accelerator.from_real(lambda: loss_weights(torch.linspace(1.0, 3.0, ids.shape[0]), "linupper"))
     return weighted_mean(losses, weights)

@@ -109,22 +109,26 @@ class KindTracker(MemTracker):
     * gradient hooks go only on parameters that require grad: ``MemTracker`` registers them on every
       parameter, which torch refuses for frozen ones. Parameters thawed later get theirs when their
       module runs again after :meth:`reset_mod_stats` (which must be called between iterations anyway);
-    * allocations inside ``optimizer.step`` that do not end up as optimizer state are reported as
-      optimizer temporaries, not as optimizer state;
-    * the peak is kept per phase (``"step 2 optimizer"``, ``"step 1 forward/backward"``, ...; the caller
-      names the step in :attr:`step`), and the per-module statistics of ``MemTracker`` - a scan of
-      every module after every op, 70% of the run time - are not collected.
+    * allocations inside ``optimizer.step`` are optimizer temporaries unless they are in the state of
+      an optimizer given to :func:`tracking` when a peak is recorded (``MemTracker`` files everything
+      allocated in the step as optimizer state, so foreach AdamW's parameter-sized workspace would
+      count as state);
+    * the peak is kept per phase, ``f"{step} {stage}"`` with both names set by the caller (``MemTracker``'s
+      own flag for the optimizer step is not used: it drops before the ``record_function`` exit that
+      closes ``optimizer.step``, which would put that moment into the next phase); the per-module
+      statistics of ``MemTracker`` - a scan of every module after every op, 70% of the run time - are
+      not collected.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
         super().__init__()
+        self.optimizers = optimizers
         self.step = "setup"
+        self.stage = "forward/backward"
         self.phase_peaks: dict[str, dict[str, int]] = {}
 
     def _track(self, reftype: _RefType, t: Tensor) -> None:
-        # Everything made during the step starts as a temporary; MemTracker's post-step hook
-        # re-tags the tensors the optimizer keeps in ``optimizer.state`` as optimizer state.
-        super()._track(_OPTIMIZER_TEMPORARY if reftype == _MemRefType.OPT else reftype, t)
+        super()._track(_OPTIMIZER_TEMPORARY if reftype is _MemRefType.OPT else reftype, t)
 
     def _track_module_params_and_buffers(self, module: nn.Module, install_grad_hooks: bool = True) -> tuple[int, int]:
         memory = super()._track_module_params_and_buffers(module, install_grad_hooks=False)
@@ -141,10 +145,13 @@ class KindTracker(MemTracker):
         self._update_and_maybe_create_winfos(grad, _MemRefType.GRAD)
 
     def _update_peak_stats(self, peak_state: Any) -> None:
-        phase = f"{self.step} {'optimizer' if self._in_opt else 'forward/backward'}"
-        now = self.current()
-        if sum(now.values()) > sum(self.phase_peaks.get(phase, {"": -1}).values()):
-            self.phase_peaks[phase] = now
+        phase = f"{self.step} {self.stage}"
+        total = sum(snapshot[_TOTAL_KEY] for snapshot in self._curr_mem_snap.values())
+        if total > sum(self.phase_peaks.get(phase, {"": -1}).values()):
+            if self._in_opt:
+                for optimizer in self.optimizers:
+                    self._track_optimizer_states(_MemRefType.OPT, optimizer)
+            self.phase_peaks[phase] = self.current()
 
     def current(self) -> dict[str, int]:
         """Live bytes by kind (summed over devices; there is one)."""
@@ -157,9 +164,10 @@ class KindTracker(MemTracker):
 
 
 @contextmanager
-def tracking(*external: nn.Module | torch.optim.Optimizer) -> Iterator[KindTracker]:
-    """A :class:`KindTracker` that already accounts the given modules and optimizers, entered."""
-    tracker = KindTracker()
-    tracker.track_external(*external)
+def tracking(model: nn.Module, optimizer: torch.optim.Optimizer) -> Iterator[KindTracker]:
+    """A :class:`KindTracker` that already accounts the model's parameters and buffers and the
+    optimizer's state, entered."""
+    tracker = KindTracker([optimizer])
+    tracker.track_external(model, optimizer)
     with tracker:
         yield tracker

@@ -7,6 +7,7 @@ callback, which feeds them the score store and applies their loss corrections.
 """
 
 from weightwise.selection.base import EpochPlan, EpochSampler
+from weightwise.selection.dsir import DSIRSampler
 from weightwise.selection.importance import ImportanceSampler
 from weightwise.selection.infobatch import InfoBatchSampler
 from weightwise.selection.policies import POLICIES, make_sampler
@@ -14,6 +15,7 @@ from weightwise.selection.random_subsets import RandomSubsetSampler
 from weightwise.selection.score_pruning import ScorePruningSampler
 
 __all__ = [
+    "DSIRSampler",
     "EpochPlan",
     "EpochSampler",
     "ImportanceSampler",

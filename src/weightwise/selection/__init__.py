@@ -4,7 +4,8 @@ Functional core: per-epoch plans (:mod:`~weightwise.selection.base`: ``EpochPlan
 self-sharding ``EpochSampler``) and the policies - InfoBatch (:mod:`~weightwise.selection.infobatch`),
 RS2 (:mod:`~weightwise.selection.random_subsets`), importance sampling
 (:mod:`~weightwise.selection.importance`), Data Diet pruning (:mod:`~weightwise.selection.score_pruning`,
-ranking in :mod:`~weightwise.selection.ranking`) - and per-sample difficulty scores
-(:mod:`~weightwise.selection.scores`). Lightning side: :mod:`~weightwise.selection.callback`
+ranking in :mod:`~weightwise.selection.ranking`), DSIR (:mod:`~weightwise.selection.dsir`: hashed n-gram
+importance toward a target set) - per-sample difficulty scores (:mod:`~weightwise.selection.scores`)
+and forward-only scoring passes (:mod:`~weightwise.selection.scoring`). Lightning side: :mod:`~weightwise.selection.callback`
 (``DataPruning``). Public face: :mod:`weightwise.samplers`.
 """

@@ -24,19 +24,23 @@ authors' code is ``p-lambda/dsir`` (PyPI ``data-selection`` 1.0.3:
 
 Departures from the reference, each a named option or a documented choice:
 
-* **Hash of multi-token n-grams** (``ngram_hash="fold"``, the default). The reference hashes every
-  n-gram string with ``int(sha256(s).hexdigest(), 16) % num_buckets``, one Python sha256 call
-  per n-gram: ~10^4 documents a minute. Here every *distinct token* is hashed once with sha256
-  (cached), so unigrams land in exactly the reference's buckets; a multi-token n-gram's bucket
-  comes from folding its tokens' 64-bit keys (the first 8 bytes of each token's sha256 digest,
-  big-endian) with ``g <- fmix64(g * 0x9E3779B97F4A7C15 + key)`` (``fmix64``: the 64-bit
-  finaliser of MurmurHash3), in numpy over whole batches, then ``g % num_buckets``. It is a
-  fixed function of the token strings - no process salt, no vocabulary order - so every rank
-  and process computes the same buckets. The bigrams' bucket *assignment* differs from the
-  reference's (a different but equally uniform hash), so weights and selections agree with the
-  reference statistically, not bit for bit (``benchmarks/dsir.py`` measures how closely).
-  ``ngram_hash="sha256"`` hashes every n-gram string like the reference (exact buckets, slower:
-  one sha256 per distinct n-gram, a Python step per n-gram).
+* **The hash** (``ngram_hash="fold"``, the default). The reference hashes every n-gram string
+  with ``int(sha256(s).hexdigest(), 16) % num_buckets``, a Python sha256 call per n-gram (its
+  featuriser weighs ~10^5 short documents a minute on one core, ``benchmarks/dsir.py``). Here
+  tokens are found and hashed in numpy over a whole batch's characters - a polynomial hash of
+  each token's code points, mixed by MurmurHash3's ``fmix64``, and n-grams by folding their
+  tokens' keys (exact formulas in :class:`NgramHasher`) - so no Python step runs per token. It
+  is a fixed function of the text - no process salt, no vocabulary order - so every rank and
+  process computes the same buckets. Every n-gram's bucket differs from the reference's (one
+  uniform hash for another), so weights and selections agree with the reference statistically,
+  not document for document; ``benchmarks/dsir.py`` measures how closely, and how much two
+  sha256 hashings with different bucket counts differ from each other. ``ngram_hash="sha256"``
+  hashes every n-gram string as the reference does: the reference's buckets and log weights
+  (to float rounding), 2-3x slower.
+* **Tokens** are Python ``re``'s ``\\w``/``\\s`` classes. nltk 3.10 (which pip installs with
+  ``data-selection`` 1.0.3) compiles the pattern with the third-party ``regex`` engine, whose
+  ``\\w`` also covers combining marks and excludes some numerals (``²``, ``½``); the two agree on
+  text without such characters (on all 2,225 BBC News articles, token for token).
 * **Lengths** are counted as tokens of the document. The reference derives the same number from
   its n-gram counts (``(sum(counts) + n(n-1)/2) // n``), which equals the token count for every
   document of at least ``ngrams - 1`` tokens.
@@ -45,9 +49,11 @@ Departures from the reference, each a named option or a documented choice:
   selection on every rank and in every run.
 
 Length filter inside a sampler: :class:`DSIRSampler` keeps the reference's ``min_length=100``
-tokens by default. The filter is part of DSIR's recipe for web-scale pools (short documents are
-mostly boilerplate) and the defaults should reproduce the paper; but when the samples are short
-by construction (sentences, fixed windows) it excludes most of them, and the sampler then stops
+tokens by default, so that the defaults reproduce the reference's selection. The filter also
+counters a bias of the weights: a document pays ~``log(1e-8)`` for every n-gram the target never
+shows, so without it the top weights go to short documents (in ``tests/selection/test_dsir.py``'s
+pool the top 10% averaged ~37 tokens against a pool mean of ~123). When the samples are short by
+construction (sentences, fixed windows), the filter excludes most of them: the sampler then stops
 with an error that names ``min_length=0`` as the fix rather than train on a silently emptied set.
 
 Beyond the paper, :class:`DSIRSampler` offers the weights as loss factors (``mode="weight"``):
@@ -60,12 +66,9 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
-from itertools import chain, islice
-from multiprocessing import get_context
+from itertools import chain
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
@@ -86,7 +89,9 @@ LOG_EPSILON = 1e-8
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _FMIX = (np.uint64(0xFF51AFD7ED558CCD), np.uint64(0xC4CEB93FE5A5DB53))
 _SHIFT = np.uint64(33)
-_CACHE_LIMIT = 1 << 21  # distinct tokens (or n-grams) kept in a hasher's cache before it starts afresh
+_PRIME = np.uint64(0x100000001B3)  # FNV-64's prime; odd, so invertible mod 2^64
+_INVERSE_PRIME = np.uint64(pow(0x100000001B3, -1, 1 << 64))
+_CACHE_LIMIT = 1 << 21  # distinct n-grams in the sha256 cache before it starts afresh
 _SELECTION_SEED_OFFSET = 1 << 32  # DSIRSampler's selection seed, apart from the epochs' seed + epoch
 
 
@@ -192,19 +197,6 @@ class HashedNgrams:
         )
 
 
-class _Vocabulary(dict):
-    """token -> id; a new token gets the next id and is queued for hashing."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.new: list[str] = []
-
-    def __missing__(self, token: str) -> int:
-        index = self[token] = len(self)
-        self.new.append(token)
-        return index
-
-
 class _NgramBuckets(dict):
     """n-gram string -> its reference (sha256) bucket, computed on first sight."""
 
@@ -217,20 +209,54 @@ class _NgramBuckets(dict):
         return bucket
 
 
+_CHAR_CLASSES: np.ndarray | None = None
+
+
+def _char_classes() -> np.ndarray:
+    """``[0x110000]`` uint8 per code point: 1 word character (``\\w``: ``isalnum()`` or ``_``, as
+    Python's ``re`` decides it), 0 whitespace (``\\s``: ``isspace()``), 2 anything else. Built once."""
+    global _CHAR_CLASSES
+    if _CHAR_CLASSES is None:
+        chars = "".join(map(chr, range(0x110000)))
+        word = (c.isalnum() or c == "_" for c in chars)
+        space = np.fromiter(map(str.isspace, chars), bool, 0x110000)
+        _CHAR_CLASSES = np.where(np.fromiter(word, bool, 0x110000), 1, np.where(space, 0, 2)).astype(np.uint8)
+    return _CHAR_CLASSES
+
+
+def _ngram_grid(lengths: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """An empty ``[tokens, n]`` grid (row p, column j - 1: the j-gram starting at token p) and, per
+    token, the tokens from it to the end of its document: a j-gram starts at p iff that is >= j."""
+    remaining = np.repeat(np.cumsum(lengths), lengths) - np.arange(int(lengths.sum()))
+    return np.zeros((remaining.shape[0], n), dtype=np.int64), remaining
+
+
 class NgramHasher:
     """Featurise texts into hashed n-gram counts, DSIR's features, a batch of documents at a time.
 
-    Per batch, the Python work is the tokenising regex and one dictionary look-up per token;
-    every distinct token is hashed once (sha256, cached) and everything per n-gram runs in numpy.
-    The cache is per hasher (and per worker process); it starts afresh after 2^21 distinct tokens
-    (or n-grams with ``ngram_hash="sha256"``) so memory stays bounded. The hash (see the module
-    docstring) depends only on the token strings, so any process computes the same buckets.
+    ``ngram_hash="fold"`` (default) runs in numpy over the batch's characters, with no Python step
+    per token: the lowercased batch becomes one array of code points; each code point's class
+    (word character, whitespace, other - exactly the ``\\w``/``\\s`` of Python's ``re``) splits it
+    into the word-punct tokens (maximal runs of word characters or of other characters); a token
+    ``c_0 .. c_{L-1}`` gets the 64-bit key ``fmix64(sum_i c_i * P^i + L * G)`` (mod 2^64, ``P`` the
+    FNV-64 prime ``0x100000001B3``, ``G = 0x9E3779B97F4A7C15``, ``fmix64`` MurmurHash3's 64-bit
+    finaliser), computed from prefix sums; an n-gram's key folds its tokens' keys,
+    ``g <- fmix64(g * G + key)``; its bucket is ``key % num_buckets``. The hash is a fixed function
+    of the text - no process salt, no vocabulary order - so every rank and process computes the
+    same buckets. It differs from the reference's sha256 (see the module docstring).
+
+    ``ngram_hash="sha256"`` tokenises with the regex and hashes every n-gram string like the
+    reference (``int(sha256(s).hexdigest(), 16) % num_buckets``; one sha256 per distinct n-gram,
+    cached, and a Python step per n-gram): exact buckets, 2-3x slower. The cache starts
+    afresh after 2^21 distinct n-grams, so memory stays bounded.
+
+    Call it with batches (thousands of documents); :meth:`batches` and :meth:`featurize` split
+    a corpus. Memory per batch is ~50 bytes per character.
 
     Args:
         ngrams: n, the longest n-gram counted (2: unigrams and bigrams, the reference's default).
         num_buckets: hash buckets (the reference's default 10,000).
-        ngram_hash: ``"fold"`` (fast; multi-token n-grams by folding token keys) or ``"sha256"``
-            (every n-gram string hashed as the reference does: exact buckets, slower).
+        ngram_hash: ``"fold"`` (fast) or ``"sha256"`` (the reference's buckets).
 
     Raises:
         ValueError: ``ngrams`` or ``num_buckets`` below 1, ``num_buckets`` of 2^32 or more, or an
@@ -254,30 +280,9 @@ class NgramHasher:
         self.num_buckets = num_buckets
         self.ngram_hash: NgramHash = ngram_hash
         self._dtype = np.min_scalar_type(num_buckets - 1)
-        self._reset()
-
-    def _reset(self) -> None:
-        self._vocabulary = _Vocabulary()
-        self._unigram_bucket = np.zeros(0, dtype=np.int64)  # per token id
-        self._key = np.zeros(0, dtype=np.uint64)  # per token id: first 8 bytes of its sha256 digest
-        self._ngram_buckets = _NgramBuckets(self.num_buckets)
-
-    def _hash_new_tokens(self) -> None:
-        new, self._vocabulary.new = self._vocabulary.new, []
-        if not new:
-            return
-        digests = [hashlib.sha256(token.encode("utf-8")).digest() for token in new]
-        buckets = np.fromiter((int.from_bytes(d, "big") % self.num_buckets for d in digests), np.int64, len(new))
-        keys = np.frombuffer(b"".join(d[:8] for d in digests), dtype=">u8").astype(np.uint64)
-        self._unigram_bucket = np.concatenate([self._unigram_bucket, buckets])
-        self._key = np.concatenate([self._key, keys])
-
-    def _token_ids(self, tokens: list[str]) -> np.ndarray:
-        if len(self._vocabulary) > _CACHE_LIMIT or len(self._ngram_buckets) > _CACHE_LIMIT:
-            self._reset()
-        ids = np.fromiter(map(self._vocabulary.__getitem__, tokens), np.int64, len(tokens))
-        self._hash_new_tokens()
-        return ids
+        self._ngram_buckets = _NgramBuckets(num_buckets)
+        self._powers = np.ones(1, dtype=np.uint64)  # P^i, and the inverse P^-i, mod 2^64
+        self._inverse_powers = np.ones(1, dtype=np.uint64)
 
     def __call__(self, texts: Sequence[str]) -> HashedNgrams:
         """Hashed n-grams of one batch of documents.
@@ -288,85 +293,108 @@ class NgramHasher:
         if isinstance(texts, str):
             raise TypeError("NgramHasher takes a sequence of texts, not one string: wrap it in a list")
         try:
-            per_document = [TOKEN_PATTERN.findall(text.lower()) for text in texts]
+            lowered = [text.lower() for text in texts]
         except AttributeError as error:
             raise TypeError(f"NgramHasher takes texts (str), e.g. [row['text'] for row in rows]; got: {error}") from None
-        lengths = np.fromiter(map(len, per_document), np.int64, len(per_document))
-        tokens = list(chain.from_iterable(per_document))
-        ids = self._token_ids(tokens)
-        n_tokens, n = len(tokens), self.ngrams
-        # tokens from each position to the end of its document: an n-gram of order j may start at p iff >= j
-        remaining = np.repeat(np.cumsum(lengths), lengths) - np.arange(n_tokens)
-        grid = np.zeros((n_tokens, n), dtype=np.int64)  # [position, order - 1]: the n-gram starting there
-        grid[:, 0] = self._unigram_bucket[ids]
+        n, buckets = self.ngrams, np.uint64(self.num_buckets)
         if self.ngram_hash == "fold":
-            keys = self._key[ids]
-            folded = keys.copy()
+            keys, lengths = self._token_keys(lowered)
+            grid, remaining = _ngram_grid(lengths, n)
+            grid[:, 0] = keys % buckets
+            folded = keys
             for order in range(2, n + 1):
                 folded = folded[:-1] * _GOLDEN
                 folded += keys[order - 1 :]
-                _fmix64(folded)
-                grid[: folded.shape[0], order - 1] = folded % np.uint64(self.num_buckets)
+                grid[: folded.shape[0], order - 1] = _fmix64(folded) % buckets
         else:
+            per_document = [TOKEN_PATTERN.findall(text) for text in lowered]
+            lengths = np.fromiter(map(len, per_document), np.int64, len(per_document))
+            tokens = list(chain.from_iterable(per_document))
+            grid, remaining = _ngram_grid(lengths, n)
+            grid[:, 0] = self._sha256_buckets(tokens)
             for order in range(2, n + 1):
                 starts = np.flatnonzero(remaining >= order).tolist()
-                strings = [" ".join(tokens[p : p + order]) for p in starts]
-                grid[starts, order - 1] = np.fromiter(map(self._ngram_buckets.__getitem__, strings), np.int64, len(strings))
+                grid[starts, order - 1] = self._sha256_buckets([" ".join(tokens[p : p + order]) for p in starts])
         valid = remaining[:, None] >= np.arange(1, n + 1)
         per_doc = np.clip(lengths[:, None] - np.arange(n), 0, None).sum(axis=1)
         return HashedNgrams(
             grid[valid].astype(self._dtype),
             np.concatenate([np.zeros(1, np.int64), np.cumsum(per_doc)]),
-            lengths,
+            lengths.astype(np.int64),
             self.num_buckets,
             self.ngrams,
             self.ngram_hash,
         )
 
-    def batches(self, texts: Iterable[str], *, batch_size: int = 8192, num_workers: int = 1) -> Iterator[HashedNgrams]:
-        """Hashed n-grams of ``texts``, ``batch_size`` documents at a time, in order.
+    def _sha256_buckets(self, ngrams: list[str]) -> np.ndarray:
+        if len(self._ngram_buckets) > _CACHE_LIMIT:
+            self._ngram_buckets = _NgramBuckets(self.num_buckets)
+        return np.fromiter(map(self._ngram_buckets.__getitem__, ngrams), np.int64, len(ngrams))
 
-        Texts are read lazily (a generator over a corpus on disk works). ``num_workers > 1``
-        featurises batches in that many spawned processes (each starts a Python with weightwise,
-        ~seconds, so it pays off from ~10^5 documents); the result is identical.
+    def _power_tables(self, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """``P^i`` and ``P^-i`` mod 2^64 for ``i < size``; kept for the next batch up to 2^23 entries."""
+        if self._powers.shape[0] >= size:
+            return self._powers, self._inverse_powers
+        tables = []
+        for base in (_PRIME, _INVERSE_PRIME):
+            table = np.full(size, base, dtype=np.uint64)
+            table[0] = 1
+            tables.append(np.cumprod(table, out=table))
+        if size <= 1 << 23:
+            self._powers, self._inverse_powers = tables
+        return tables[0], tables[1]
+
+    def _token_keys(self, lowered: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The fold keys of every token of the (lowercased) documents, in order, and tokens per document."""
+        sizes = np.fromiter(map(len, lowered), np.int64, len(lowered)) + 1  # + the newline between documents
+        document_start = np.cumsum(sizes) - sizes
+        points = np.frombuffer("\n".join(lowered).encode("utf-32-le", "surrogatepass"), dtype="<u4")
+        classes = _char_classes()[points]
+        size = points.shape[0]
+        change = np.ones(size + 1, dtype=bool)  # where a run of one class starts (and the end)
+        np.not_equal(classes[1:], classes[:-1], out=change[1:size])
+        bounds = np.flatnonzero(change)
+        is_token = classes[bounds[:-1]] != 0
+        starts, ends = bounds[:-1][is_token], bounds[1:][is_token]
+        powers, inverse = self._power_tables(size + 1)
+        prefix = np.zeros(size + 1, dtype=np.uint64)  # prefix[i] = sum_{j < i} points[j] * P^j
+        np.cumsum(points * powers[:size], out=prefix[1:])
+        polynomial = (prefix[ends] - prefix[starts]) * inverse[starts]  # sum_i c_i P^i from each token's start
+        polynomial += (ends - starts).astype(np.uint64) * _GOLDEN
+        lengths = np.bincount(np.searchsorted(document_start, starts, side="right") - 1, minlength=len(lowered))
+        return _fmix64(polynomial), lengths
+
+    def batches(self, texts: Iterable[str], *, batch_chars: int = 1 << 22) -> Iterator[HashedNgrams]:
+        """Hashed n-grams of ``texts``, in order, in batches of about ``batch_chars`` characters.
+
+        Texts are read lazily (a generator over a corpus on disk works); a batch holds whole
+        documents, ~50 bytes of temporary memory per character (~200 MB at the default 2^22). To
+        use more cores, give each process a shard of the corpus: the hash has no per-process
+        state, so the shards' features are those of the whole.
 
         Raises:
-            ValueError: ``batch_size`` or ``num_workers`` below 1.
+            ValueError: ``batch_chars`` below 1.
+            TypeError: ``texts`` is a single string.
         """
-        if batch_size < 1 or num_workers < 1:
-            raise ValueError(f"batch_size and num_workers must be >= 1, got {batch_size} and {num_workers}")
+        if batch_chars < 1:
+            raise ValueError(f"batch_chars must be >= 1, got {batch_chars}")
         if isinstance(texts, str):
             raise TypeError("NgramHasher takes a sequence of texts, not one string: wrap it in a list")
-        iterator = iter(texts)
-        chunks = iter(lambda: list(islice(iterator, batch_size)), [])
-        if num_workers == 1:
-            yield from map(self, chunks)
-            return
-        settings = (self.ngrams, self.num_buckets, self.ngram_hash)
-        with ProcessPoolExecutor(num_workers, mp_context=get_context("spawn")) as pool:
-            pending: deque[Future[HashedNgrams]] = deque()
-            for chunk in chunks:  # at most 2 batches per worker in flight: memory stays bounded
-                pending.append(pool.submit(_hash_in_worker, settings, chunk))
-                if len(pending) >= 2 * num_workers:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
+        batch: list[str] = []
+        chars = 0
+        for text in texts:
+            batch.append(text)
+            chars += len(text)
+            if chars >= batch_chars:
+                yield self(batch)
+                batch, chars = [], 0
+        if batch:
+            yield self(batch)
 
-    def featurize(self, texts: Iterable[str], *, batch_size: int = 8192, num_workers: int = 1) -> HashedNgrams:
+    def featurize(self, texts: Iterable[str], *, batch_chars: int = 1 << 22) -> HashedNgrams:
         """Hashed n-grams of all ``texts`` as one :class:`HashedNgrams` (see :meth:`batches`)."""
-        parts = list(self.batches(texts, batch_size=batch_size, num_workers=num_workers))
+        parts = list(self.batches(texts, batch_chars=batch_chars))
         return HashedNgrams.concatenate(parts) if parts else self([])
-
-
-_WORKER_HASHERS: dict[tuple[int, int, str], NgramHasher] = {}
-
-
-def _hash_in_worker(settings: tuple[int, int, NgramHash], texts: list[str]) -> HashedNgrams:
-    # One hasher per worker process and setting, so its token cache lives across batches.
-    hasher = _WORKER_HASHERS.get(settings)
-    if hasher is None:
-        hasher = _WORKER_HASHERS[settings] = NgramHasher(*settings)
-    return hasher(texts)
 
 
 # ---------------------------------------------------------------------------------------- estimator
@@ -425,8 +453,7 @@ class NgramImportance:
         ngram_hash: NgramHash = "fold",
         target_smoothing: float = 0.0,
         max_raw_ngrams: int | Literal["auto", "all"] = "auto",
-        batch_size: int = 8192,
-        num_workers: int = 1,
+        batch_chars: int = 1 << 22,
     ) -> NgramImportance:
         """Fit the target and raw bucket distributions.
 
@@ -436,11 +463,12 @@ class NgramImportance:
             ngrams, num_buckets, ngram_hash: featuriser settings, see :class:`NgramHasher`.
             target_smoothing: Laplace pseudo-count added to every target bucket before normalising
                 (``target_laplace_smoothing`` on the reference's main branch; not in the 1.0.3
-                wheel). Useful when the target set is small.
+                wheel). Can help a small target set: every n-gram it never shows otherwise costs
+                ~log(1e-8), which penalises long documents (see ``tests/selection/test_dsir.py``).
             max_raw_ngrams: raw n-grams counted before the raw fit stops: documents are counted in
                 order until the total first exceeds it (that document included). ``"auto"``:
                 ``100_000 * num_buckets``, ``"all"``: no limit - the reference's ``num_tokens_to_fit``.
-            batch_size, num_workers: see :meth:`NgramHasher.batches` (texts only).
+            batch_chars: see :meth:`NgramHasher.batches` (texts only).
 
         Raises:
             ValueError: the target or the raw texts have no tokens; ``target_smoothing < 0``;
@@ -453,10 +481,10 @@ class NgramImportance:
             raise ValueError(f"max_raw_ngrams must be 'auto', 'all' or a positive int, got {max_raw_ngrams!r}")
         hasher = NgramHasher(ngrams, num_buckets, ngram_hash)
         target_counts = np.zeros(num_buckets, dtype=np.int64)
-        for part in _feature_batches(target, hasher, batch_size, num_workers):
+        for part in _feature_batches(target, hasher, batch_chars):
             target_counts += part.totals()
         raw_counts = np.zeros(num_buckets, dtype=np.int64)
-        for part in _feature_batches(raw, hasher, batch_size, num_workers):
+        for part in _feature_batches(raw, hasher, batch_chars):
             if budget is not None and raw_counts.sum() + part.offsets[-1] > budget:
                 # stop after the first document that takes the count past the budget
                 cumulative = raw_counts.sum() + part.offsets[1:]
@@ -474,7 +502,7 @@ class NgramImportance:
         log_diff = np.log(target_probs + LOG_EPSILON) - np.log(raw_probs + LOG_EPSILON)
         return cls(raw_probs, target_probs, log_diff, ngrams, num_buckets, ngram_hash)
 
-    def score(self, raw: Corpus, *, batch_size: int = 8192, num_workers: int = 1) -> DSIRScores:
+    def score(self, raw: Corpus, *, batch_chars: int = 1 << 22) -> DSIRScores:
         """Log importance weights and token lengths of every document of ``raw``, in order.
 
         Raises:
@@ -482,7 +510,7 @@ class NgramImportance:
         """
         hasher = NgramHasher(self.ngrams, self.num_buckets, self.ngram_hash)
         weights, lengths = [], []
-        for part in _feature_batches(raw, hasher, batch_size, num_workers):
+        for part in _feature_batches(raw, hasher, batch_chars):
             weights.append(part.dot(self.log_diff))
             lengths.append(part.lengths)
         if not weights:
@@ -490,7 +518,7 @@ class NgramImportance:
         return DSIRScores(torch.from_numpy(np.concatenate(weights)), torch.from_numpy(np.concatenate(lengths)))
 
 
-def _feature_batches(corpus: Corpus, hasher: NgramHasher, batch_size: int, num_workers: int) -> Iterator[HashedNgrams]:
+def _feature_batches(corpus: Corpus, hasher: NgramHasher, batch_chars: int) -> Iterator[HashedNgrams]:
     if isinstance(corpus, HashedNgrams):
         made = (corpus.ngrams, corpus.num_buckets, corpus.ngram_hash)
         wanted = (hasher.ngrams, hasher.num_buckets, hasher.ngram_hash)
@@ -500,7 +528,7 @@ def _feature_batches(corpus: Corpus, hasher: NgramHasher, batch_size: int, num_w
                 " featurise with NgramHasher(*settings) of the estimator, or pass the texts"
             )
         return iter([corpus])
-    return hasher.batches(corpus, batch_size=batch_size, num_workers=num_workers)
+    return hasher.batches(corpus, batch_chars=batch_chars)
 
 
 # ---------------------------------------------------------------------------------------- selection
@@ -643,14 +671,16 @@ class DSIRSampler(EpochSampler):
     from the reference):
 
     * ``mode="resample"`` (the paper): ``fraction * N`` samples are chosen once, by Gumbel-top-k
-      (``top_k=True``: the highest weights) among those of at least ``min_length`` tokens, with a
-      seed derived from ``seed`` - the same selection on every rank. Each epoch visits the
-      selection in a fresh order. No loss correction: the selection *is* the target-like data.
+      (``top_k=True``: the highest weights) among those of at least ``min_length`` tokens, drawn
+      with seed ``seed + 2**32`` (apart from the epochs' orders, seeded ``seed + epoch``) - the
+      same selection on every rank. Each epoch visits the selection in a fresh order. No loss
+      correction: the selection *is* the target-like data.
     * ``mode="weight"``: every eligible sample, every epoch, its loss multiplied by its importance
       weight normalised to mean 1 (:func:`importance_factors`, capped at ``max_weight``), so the
       objective estimates the target distribution's loss on all the data. ``fraction`` and
       ``top_k`` are not used. Uncapped DSIR weights are very uneven (a few samples can hold most
-      of the mass): a cap such as 10-100 keeps the effective sample size up.
+      of the mass; on ``benchmarks/dsir.py``'s pool of 15,711 documents the effective sample size
+      is 0.01% of N uncapped, 1% at ``max_weight=100`` and 10% at 10): cap them.
 
     The factors reach the loss through :class:`weightwise.callbacks.DataPruning`, multiplied with
     any other factor (docs/architecture.md, contract 3). Every rank computes the same plan: the
@@ -665,7 +695,9 @@ class DSIRSampler(EpochSampler):
         min_length: shortest sample (tokens) eligible; the reference's ``min_example_length=100``.
             0 keeps every sample (short samples by construction: sentences, fixed windows).
         top_k: ``"resample"`` mode: the highest weights instead of sampling.
-        max_weight: ``"weight"`` mode: cap on the factors (``None``: uncapped).
+        max_weight: ``"weight"`` mode: cap on the factors (``None``: uncapped). The paper has no weight
+            mode to take a default from; 10 keeps the effective sample size at about a tenth of N on
+            the benchmark's pool instead of a few samples.
         seed, num_replicas, rank: see :class:`EpochSampler`.
 
     Raises:
@@ -688,7 +720,7 @@ class DSIRSampler(EpochSampler):
         lengths: Tensor | np.ndarray | Sequence[int] | None = None,
         min_length: int = 100,
         top_k: bool = False,
-        max_weight: float | None = None,
+        max_weight: float | None = 10.0,
         seed: int = 0,
         num_replicas: int | None = None,
         rank: int | None = None,
@@ -706,7 +738,9 @@ class DSIRSampler(EpochSampler):
             lengths = torch.zeros(self.num_samples, dtype=torch.int64)
         self.lengths = torch.as_tensor(np.asarray(lengths), dtype=torch.int64)
         if self.lengths.shape != (self.num_samples,):
-            raise ValueError(f"lengths must have one entry per sample ({self.num_samples}), got shape {tuple(self.lengths.shape)}")
+            raise ValueError(
+                f"lengths must have one entry per sample ({self.num_samples}), got shape {tuple(self.lengths.shape)}"
+            )
         self.eligible = eligible_mask(self.lengths, min_length)
         if not self.eligible.any():
             raise ValueError(
@@ -733,8 +767,7 @@ class DSIRSampler(EpochSampler):
         num_buckets: int = 10_000,
         ngram_hash: NgramHash = "fold",
         target_smoothing: float = 0.0,
-        batch_size: int = 8192,
-        num_workers: int = 1,
+        batch_chars: int = 1 << 22,
         **kwargs: Any,
     ) -> DSIRSampler:
         """A sampler over ``texts`` (sample i's text is ``texts[i]``) toward ``target_texts``.
@@ -746,7 +779,7 @@ class DSIRSampler(EpochSampler):
             ValueError: see :meth:`NgramImportance.fit` and the constructor.
         """
         hasher = NgramHasher(ngrams, num_buckets, ngram_hash)
-        raw = hasher.featurize(texts, batch_size=batch_size, num_workers=num_workers)
+        raw = hasher.featurize(texts, batch_chars=batch_chars)
         importance = NgramImportance.fit(
             target_texts,
             raw,
@@ -754,8 +787,7 @@ class DSIRSampler(EpochSampler):
             num_buckets=num_buckets,
             ngram_hash=ngram_hash,
             target_smoothing=target_smoothing,
-            batch_size=batch_size,
-            num_workers=num_workers,
+            batch_chars=batch_chars,
         )
         scores = importance.score(raw)
         return cls(scores.log_weights, fraction, lengths=scores.lengths, **kwargs)
@@ -767,8 +799,16 @@ class DSIRSampler(EpochSampler):
             ValueError: fewer eligible samples than the subset size.
         """
         k = self.subset_size(self.fraction)
+        available = int(self.eligible.sum())
+        if k > available:
+            raise ValueError(
+                f"fraction={self.fraction} asks for {k} of {self.num_samples} samples, but only {available} have"
+                f" min_length={self.min_length} tokens: pass a smaller fraction or min_length"
+            )
         if self._selection is None or self._selection[0] != k:
-            chosen = resample(self.log_weights, k, seed=self.seed + _SELECTION_SEED_OFFSET, top_k=self.top_k, eligible=self.eligible)
+            chosen = resample(
+                self.log_weights, k, seed=self.seed + _SELECTION_SEED_OFFSET, top_k=self.top_k, eligible=self.eligible
+            )
             self._selection = (k, chosen)
         return self._selection[1]
 
