@@ -27,6 +27,7 @@ from weightwise.callbacks import (
     LayerwiseSampling,
     LossReweighting,
 )
+from weightwise.core.store import FIELDS
 from weightwise.samplers import RandomSubsetSampler
 
 FIXTURES = Path(__file__).parent / "fixtures" / "weightwise_0_1"
@@ -35,7 +36,7 @@ FIXTURES = Path(__file__).parent / "fixtures" / "weightwise_0_1"
 def test_reweighting_and_mid_epoch_pruning_resume_as_the_uninterrupted_run():
     def run(ckpt_path=None):
         seed_everything(0)
-        reweighting, pruning = LossReweighting("linupper", temperature=1.0, warmup_steps=0), DataPruning()  # 0.1's defaults
+        reweighting, pruning = LossReweighting("linupper", temperature=1.0, warmup_steps=0, store_fields=FIELDS), DataPruning()  # 0.1's defaults
         model = Classifier(optimizer="adamw")
         trainer(max_epochs=4, callbacks=[reweighting, pruning]).fit(
             model, indexed_loader(64, 8, sampler=RandomSubsetSampler(64, fraction=0.5)), ckpt_path=ckpt_path

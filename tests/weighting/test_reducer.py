@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 from tests.support.models import Classifier, blobs, indexed_loader
 from tests.support.training import trainer
 from weightwise.callbacks import LossReweighting, SampleWeightCallback
+from weightwise.core.store import FIELDS
 from weightwise.losses import loss_weights
 
 
@@ -45,7 +46,7 @@ class Broken(Classifier):
 
 
 def test_dict_output_with_explicit_sample_ids():
-    cb = LossReweighting("linupper", warmup_steps=0)
+    cb = LossReweighting("linupper", warmup_steps=0, store_fields=FIELDS)
     trainer(max_epochs=1, callbacks=[cb]).fit(DictOutput(), DataLoader(blobs(24), batch_size=8))
     assert cb.reducer.scores.count.tolist() == [1] * 24
 
@@ -92,7 +93,7 @@ def test_nonfinite_loss_raises_with_sample_ids_by_default():
 
 
 def test_nonfinite_drop_is_counted_logged_and_keeps_parameters_finite(tmp_path):
-    cb = LossReweighting("linupper", nonfinite="drop", warmup_steps=0)
+    cb = LossReweighting("linupper", nonfinite="drop", warmup_steps=0, store_fields=FIELDS)
     model = Broken(poison_second_sample)
     trainer(max_epochs=2, callbacks=[cb], logger=CSVLogger(tmp_path), log_every_n_steps=1).fit(
         model, indexed_loader(24, 8)
@@ -138,11 +139,11 @@ def test_callbacks_must_agree_on_shared_options():
 
 
 def test_weighting_callbacks_multiply_into_one_weight():
-    reweighting, correction = LossReweighting("linupper", warmup_steps=0), IdFactor()
+    reweighting, correction = LossReweighting("linupper", warmup_steps=0, store_fields=FIELDS), IdFactor()
     model = Classifier(lr=0.0)
     trainer(max_steps=1, callbacks=[reweighting, correction]).fit(model, indexed_loader(8, 8))
     x, y = blobs(8).tensors
     losses = F.cross_entropy(model.net(x), y, reduction="none").detach()
     expected = loss_weights(losses, "linupper") * (1.0 + torch.arange(8) / 10)
-    assert torch.allclose(reweighting.reducer.scores.weight, expected, atol=1e-6)
+    torch.testing.assert_close(reweighting.reducer.scores.weight.float(), expected, rtol=1e-3, atol=1e-3)  # float16 in the store
     assert reweighting.reducer is correction.reducer

@@ -41,13 +41,24 @@ class SampleReport(Callback):
         self.rows: list[list[Any]] = []
         self.columns: list[str] = list(COLUMNS)
 
-    @override
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    FIELDS = ("weight", "ema", "count")
+    """The score-store fields the report reads."""
+
+    def _source(self, trainer: pl.Trainer) -> SampleWeightCallback:
         source = next((cb for cb in trainer.callbacks if isinstance(cb, SampleWeightCallback) and cb.reducer), None)
         if source is None:
             raise MisconfigurationException(
                 "SampleReport reports weightwise's score store: add LossReweighting or DataPruning to the Trainer"
             )
+        return source
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._source(trainer).reducer.scores.require(*self.FIELDS)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        source = self._source(trainer)
         scores = source.reducer.scores
         seen = scores.seen.nonzero().squeeze(1).cpu()
         weight, ema = scores.weight.cpu()[seen], scores.ema.cpu()[seen]

@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.utils.data import Sampler
 
 from weightwise.core import collectives
-from weightwise.core.store import SampleScoreStore
+from weightwise.core.store import FIELDS, SampleScoreStore
 
 
 def check_fraction(name: str, value: float) -> float:
@@ -96,6 +96,12 @@ class EpochSampler(Sampler[int]):
         """The plan for ``epoch``; draw all randomness from ``generator`` (seeded ``seed + epoch``)."""
         raise NotImplementedError
 
+    @property
+    def store_fields(self) -> tuple[str, ...]:
+        """The built-in score-store fields this policy reads (recorded signals are kept anyway)."""
+        score = getattr(self, "score", None)
+        return (score,) if score in FIELDS else ()
+
     def needs_scoring(self, epoch: int) -> bool:
         """Whether ``DataPruning`` must run a scoring pass over the whole training set before
         ``epoch`` (:mod:`weightwise.selection.scoring`); the policies that learn from training steps
@@ -125,7 +131,7 @@ class EpochSampler(Sampler[int]):
         All ``nan`` while no store is attached (before ``DataPruning`` connects one): policies then
         plan as if nothing were known yet, i.e. a full or uniform epoch.
         """
-        if self.scores is None or (name not in ("loss", "ema", "weight") and name not in self.scores.signal_names):
+        if self.scores is None or name not in (*self.scores.fields, *self.scores.signal_names):
             return torch.full((self.num_samples,), float("nan"))
         known = self.scores.signal(name)[: self.num_samples].float().cpu()
         if known.numel() == self.num_samples:

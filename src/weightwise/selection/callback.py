@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -60,7 +61,7 @@ class DataPruning(SampleWeightCallback):
     Args:
         score_fn: ``(module, batch) -> {name: [B] scores}`` for scoring passes (default: the
             module's ``training_step``, see above).
-        nonfinite, sample_id_key, token_weighting: see :class:`SampleWeightCallback`.
+        nonfinite, sample_id_key, token_weighting, store_fields: see :class:`SampleWeightCallback`.
 
     Raises:
         MisconfigurationException: at fit start, a loader without a weightwise sampler, or one that
@@ -83,8 +84,9 @@ class DataPruning(SampleWeightCallback):
         nonfinite: NonFinitePolicy = "raise",
         sample_id_key: str = SAMPLE_ID_KEY,
         token_weighting: TokenWeighting = "rank",
+        store_fields: Sequence[str] = (),
     ) -> None:
-        super().__init__(nonfinite=nonfinite, sample_id_key=sample_id_key, token_weighting=token_weighting)
+        super().__init__(nonfinite=nonfinite, sample_id_key=sample_id_key, token_weighting=token_weighting, store_fields=store_fields)
         self.score_fn: ScoreFn = score_fn or training_step_scores
         self.sampler: EpochSampler | None = None
         self.ledger: dict[str, float] = {
@@ -137,6 +139,7 @@ class DataPruning(SampleWeightCallback):
                 raise MisconfigurationException("InfoBatchSampler needs num_epochs= when Trainer(max_epochs) is unset")
             sampler.num_epochs = trainer.max_epochs
         assert self.reducer is not None
+        self.reducer.scores.require(*sampler.store_fields)
         sampler.attach_scores(self.reducer.scores)
         sampler.set_epoch(trainer.current_epoch)
         if self._pending_mid_epoch is not None:  # Lightning calls no on_train_epoch_start when it restarts mid-epoch

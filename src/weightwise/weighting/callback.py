@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -12,6 +13,7 @@ from typing_extensions import override
 
 from weightwise.core.checkpoints import state_version, with_version
 from weightwise.core.ids import SAMPLE_ID_KEY
+from weightwise.core.store import FIELDS
 from weightwise.integrations.lightning import check_trainer
 from weightwise.weighting.losses import TokenWeighting
 from weightwise.weighting.reducer import NonFinitePolicy, PerSampleLossReducer
@@ -37,6 +39,9 @@ class SampleWeightCallback(Callback):
             weighted by their share of the tokens - ``"rank"``: of their rank's (Sow et al.'s trainer,
             and plain ``model(**batch).loss`` under DDP), ``"global"``: of the global batch's
             (:func:`weightwise.weighting.losses.token_shares`).
+        store_fields: score-store fields to keep per sample besides those the callbacks read (e.g.
+            ``("loss", "ema", "weight")`` to inspect ``reducer.scores`` after a fit; see
+            :data:`weightwise.core.store.FIELDS`). Needs sample ids in the batches.
 
     Attributes:
         needs_sample_ids: whether the callback keeps per-sample history, so batches must carry ids.
@@ -48,8 +53,16 @@ class SampleWeightCallback(Callback):
     needs_sample_ids = False
 
     def __init__(
-        self, *, nonfinite: NonFinitePolicy = "raise", sample_id_key: str = SAMPLE_ID_KEY, token_weighting: TokenWeighting = "rank"
+        self,
+        *,
+        nonfinite: NonFinitePolicy = "raise",
+        sample_id_key: str = SAMPLE_ID_KEY,
+        token_weighting: TokenWeighting = "rank",
+        store_fields: Sequence[str] = (),
     ) -> None:
+        unknown = [name for name in store_fields if name not in FIELDS]
+        if unknown:
+            raise ValueError(f"unknown score-store fields {unknown}; the fields are {list(FIELDS)}")
         if nonfinite not in ("raise", "drop"):
             raise ValueError(f"nonfinite must be 'raise' or 'drop', got {nonfinite!r}")
         if token_weighting not in ("rank", "global"):
@@ -57,6 +70,8 @@ class SampleWeightCallback(Callback):
         self.nonfinite: NonFinitePolicy = nonfinite
         self.sample_id_key = sample_id_key
         self.token_weighting: TokenWeighting = token_weighting
+        self.store_fields = tuple(store_fields)
+        self.needs_sample_ids = self.needs_sample_ids or bool(self.store_fields)
         self.reducer: PerSampleLossReducer | None = None
 
     def sample_weights(self, losses: Tensor, sample_ids: Tensor | None, trainer: pl.Trainer) -> Tensor | None:
@@ -76,6 +91,7 @@ class SampleWeightCallback(Callback):
             check_trainer(trainer)
             contributors = [cb for cb in trainer.callbacks if isinstance(cb, SampleWeightCallback)]
             self.reducer = PerSampleLossReducer.install(trainer, pl_module, contributors)
+            self.reducer.scores.require(*self.store_fields)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -145,7 +161,7 @@ class LossReweighting(SampleWeightCallback):
         warmup_temperature: r during a ``"temperature"`` warm-up (fms-fsdp: 100).
         statistic: ``"batch"`` (reference) or ``"window"``.
         window: samples in the window of ``statistic="window"``.
-        nonfinite, sample_id_key, token_weighting: see :class:`SampleWeightCallback`.
+        nonfinite, sample_id_key, token_weighting, store_fields: see :class:`SampleWeightCallback`.
 
     Raises:
         ValueError: an unknown strategy, warm-up or statistic, or a non-positive number.
@@ -173,8 +189,9 @@ class LossReweighting(SampleWeightCallback):
         nonfinite: NonFinitePolicy = "raise",
         sample_id_key: str = SAMPLE_ID_KEY,
         token_weighting: TokenWeighting = "rank",
+        store_fields: Sequence[str] = (),
     ) -> None:
-        super().__init__(nonfinite=nonfinite, sample_id_key=sample_id_key, token_weighting=token_weighting)
+        super().__init__(nonfinite=nonfinite, sample_id_key=sample_id_key, token_weighting=token_weighting, store_fields=store_fields)
         check_strategy(strategy)
         if delta <= 0 or temperature <= 0 or warmup_temperature <= 0:
             raise ValueError(

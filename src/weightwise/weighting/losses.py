@@ -297,7 +297,7 @@ def weighted_mean(losses: Tensor, weights: Tensor, *, denominator: float | None 
         raise ValueError(f"losses {tuple(losses.shape)} and weights {tuple(weights.shape)} must have one shape")
     if weights.requires_grad:
         raise ValueError("weights must be detached: they scale the gradient, they are not part of it")
-    weighted = losses * weights.to(losses.dtype)
+    weighted = losses * (weights if weights.dtype == losses.dtype else weights.to(losses.dtype))
     if denominator is None or denominator == losses.numel():
         return weighted.mean()
     return weighted.sum() / denominator

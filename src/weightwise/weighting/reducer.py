@@ -19,6 +19,7 @@ seeing the whole global batch, even when ranks hold different numbers of samples
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -148,7 +149,7 @@ class PerSampleLossReducer:
         self.sample_id_key = sample_id_key
         self.token_weighting: TokenWeighting = token_weighting
         self.needs_sample_ids = needs_sample_ids
-        self.scores = SampleScoreStore()
+        self.scores = SampleScoreStore(fields=())  # the callbacks require the fields they read
         self.nonfinite_dropped = 0
         self._dropped_this_step = False
         self._patch: MethodPatch | None = None
@@ -238,49 +239,88 @@ class PerSampleLossReducer:
             return None  # a stream without ids: weights from the batch's own losses need none
 
     def _weighted_loss(self, step: StepOutput) -> Tensor:
+        # The per-step path: every op here runs once per step for every rank, so only what this run
+        # needs is gathered and computed (benchmarks/bookkeeping.py measures it against InfoBatch's).
         losses, ids = step.losses, step.sample_ids
-        device = losses.device
-        rank_of = torch.full_like(losses, float(collectives.rank()), dtype=torch.float32)
-        tokens = step.tokens.float() if step.tokens is not None else torch.ones_like(rank_of)
-        columns = [losses.detach().float(), tokens.to(device), rank_of]
+        world = collectives.world_size()
+        columns = [losses.detach().float()]
         if ids is not None:
-            columns.append(ids.to(device).long())
-        names = list(step.scores)
-        gathered, local = collectives.all_gather_variable(*columns, *step.scores.values())
-        global_losses, global_tokens, global_ranks = gathered[0], gathered[1], gathered[2]
-        global_ids = gathered[3] if ids is not None else None
-        global_signals = gathered[4 if ids is not None else 3 :]
+            columns.append(ids if ids.dtype == torch.long and ids.device == losses.device else ids.to(losses.device, torch.long))
+        if step.tokens is not None:
+            columns.append(step.tokens.to(losses.device).float())
+            if world > 1:
+                columns.append(torch.full_like(columns[0], float(collectives.rank())))
+        columns += step.scores.values()
+        if world > 1:
+            gathered, local = collectives.all_gather_variable(*columns)
+        else:
+            gathered, local = columns, slice(None)
+        global_losses, rest = gathered[0], iter(gathered[1:])
+        global_ids = next(rest) if ids is not None else None
+        global_tokens = next(rest) if step.tokens is not None else None
+        global_ranks = next(rest) if step.tokens is not None and world > 1 else None
+        global_signals = list(rest)
 
-        finite = torch.isfinite(global_losses)
-        n_finite = int(finite.sum())
-        if n_finite < global_losses.numel():
-            where = global_ids[~finite] if global_ids is not None else (~finite).nonzero().squeeze(1)
-            self._handle_nonfinite(where, n_finite, by_id=global_ids is not None)
-            global_losses, global_tokens, global_ranks = global_losses[finite], global_tokens[finite], global_ranks[finite]
-            global_ids = None if global_ids is None else global_ids[finite]
-            global_signals = [values[finite] for values in global_signals]
-            local_finite = finite[local]
-            local = slice(int(finite[: local.start].sum()), int(finite[: local.stop].sum()))
-            losses = losses[local_finite]
+        # One reduction and one host read per step: the sum is finite unless a loss is not (or overflows).
+        if not math.isfinite(float(global_losses.sum())):
+            global_losses, global_ids, global_tokens, global_ranks, global_signals, losses, local = self._drop_nonfinite(
+                global_losses, global_ids, global_tokens, global_ranks, global_signals, losses, local
+            )
         if global_ids is not None:
-            for name, values in zip(names, global_signals):
+            for name, values in zip(step.scores, global_signals):
                 self.scores.record(name, global_ids, values)
 
-        weights = torch.ones_like(global_losses)
+        weights: Tensor | None = None
         for contributor in self.contributors:
             factor = contributor.sample_weights(global_losses, global_ids, self.trainer)
             if factor is not None:
-                weights = weights * factor.detach().to(weights)
+                factor = factor.detach() if factor.dtype == global_losses.dtype else factor.detach().to(global_losses.dtype)
+                weights = factor if weights is None else weights * factor
         if global_ids is not None:
-            self.scores.update(global_ids, global_losses, self.trainer.global_step, weights=weights)
+            recorded = weights if weights is not None or "weight" not in self.scores.fields else torch.ones_like(global_losses)
+            self.scores.update(global_ids, global_losses, self.trainer.global_step, weights=recorded)
         self._log(global_losses, weights)
-        if step.tokens is not None:
-            weights = weights * token_shares(global_tokens, global_ranks, self.token_weighting, collectives.world_size())
+        if global_tokens is not None:
+            ranks = global_ranks if global_ranks is not None else torch.zeros_like(global_tokens)
+            shares = token_shares(global_tokens, ranks, self.token_weighting, world)
+            weights = shares if weights is None else weights * shares
 
-        local_weights = weights[local]
         # Each rank's share of the global mean; DDP's gradient average over R ranks completes it.
-        denominator = global_losses.numel() / collectives.world_size()
-        return weighted_mean(losses, local_weights, denominator=denominator)
+        denominator = global_losses.numel() / world
+        if weights is None:
+            return losses.mean() if denominator == losses.numel() else losses.sum() / denominator
+        return weighted_mean(losses, weights if world == 1 else weights[local], denominator=denominator)
+
+    def _drop_nonfinite(
+        self,
+        global_losses: Tensor,
+        global_ids: Tensor | None,
+        global_tokens: Tensor | None,
+        global_ranks: Tensor | None,
+        global_signals: list[Tensor],
+        losses: Tensor,
+        local: slice,
+    ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, list[Tensor], Tensor, slice]:
+        """Raise for, or leave out, the samples whose loss is not finite (``nonfinite``)."""
+        finite = torch.isfinite(global_losses)
+        n_finite = int(finite.sum())
+        if n_finite == global_losses.numel():  # the sum overflowed, every loss is finite
+            return global_losses, global_ids, global_tokens, global_ranks, global_signals, losses, local
+        where = global_ids[~finite] if global_ids is not None else (~finite).nonzero().squeeze(1)
+        self._handle_nonfinite(where, n_finite, by_id=global_ids is not None)
+        keep = lambda values: None if values is None else values[finite]  # noqa: E731
+        local_finite = finite[local]
+        if local.start is not None:  # several ranks: this rank's slice of the finite samples
+            local = slice(int(finite[: local.start].sum()), int(finite[: local.stop].sum()))
+        return (
+            global_losses[finite],
+            keep(global_ids),
+            keep(global_tokens),
+            keep(global_ranks),
+            [values[finite] for values in global_signals],
+            losses[local_finite],
+            local,
+        )
 
     def _handle_nonfinite(self, bad: Tensor, n_finite: int, *, by_id: bool) -> None:
         shown = f"sample ids {bad[:10].tolist()}" if by_id else f"positions in the global batch {bad[:10].tolist()}"
@@ -313,11 +353,13 @@ class PerSampleLossReducer:
                 " dropping their loss cannot stop it. Fix the data or the computation that produces it."
             )
 
-    def _log(self, global_losses: Tensor, weights: Tensor) -> None:
+    def _log(self, global_losses: Tensor, weights: Tensor | None) -> None:
         # LightningModule.log costs ~1.5 ms a metric on a CPU - more than a small model's step - and
         # step-level values are only written every log_every_n_steps, so log only on those steps.
         if not is_logging_step(self.trainer):
             return
+        if weights is None:
+            weights = torch.ones_like(global_losses)
         metrics = {
             "weightwise/weight_min": weights.min(),
             "weightwise/weight_mean": weights.mean(),

@@ -1,0 +1,110 @@
+"""Per-step bookkeeping side by side: official InfoBatch's ``update`` vs weightwise's reducer + store.
+
+Both do the same work per step for a batch of B samples out of N: read each sample's epoch weight,
+record its loss in the per-sample table, and return the weighted mean of the losses. The official
+code (``NUS-HPC-AI-Lab/InfoBatch``, ``infobatch/infobatch.py``, ``InfoBatch.update``) is taken
+from its public repository for the run and never committed: pass ``--official PATH`` to a checkout
+(the file is imported from there; note that importing it patches PyTorch's DataLoader iterator, as
+it does in its own users' programs - nothing here iterates a DataLoader).
+
+weightwise's side is the real code path of a step: ``PerSampleLossReducer._weighted_loss`` with a
+``DataPruning`` contributor whose ``InfoBatchSampler`` planned the epoch, on the score store that
+InfoBatch needs (the latest loss only). One process, so the gather is the identity.
+
+Run (from the repository root):
+    .venv/bin/python -m benchmarks.bookkeeping --official /path/to/InfoBatch [--n 1000000] [--repeats 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import platform
+import statistics
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from weightwise import SampleScoreStore
+from weightwise.callbacks import DataPruning
+from weightwise.samplers import InfoBatchSampler
+from weightwise.weighting.reducer import PerSampleLossReducer, StepOutput
+
+
+def median_us(fn, repeats: int) -> float:
+    for _ in range(min(20, repeats)):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e6 * statistics.median(times)
+
+
+def official_infobatch(path: Path, n: int):
+    spec = importlib.util.spec_from_file_location("official_infobatch", path / "infobatch" / "infobatch.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    infobatch = module.InfoBatch(range(n), num_epochs=10, prune_ratio=0.5)
+    infobatch.scores = torch.rand(n)  # every sample seen
+    infobatch.prune()  # an epoch's weights
+    return infobatch
+
+
+def weightwise_reducer(n: int) -> PerSampleLossReducer:
+    trainer = SimpleNamespace(global_step=1, _logger_connector=SimpleNamespace(should_update_logs=False), callbacks=[])
+    sampler = InfoBatchSampler(n, prune_ratio=0.5, num_epochs=10, num_replicas=1, rank=0)
+    pruning = DataPruning()
+    pruning.sampler = sampler
+    reducer = PerSampleLossReducer(trainer, None, [pruning], "raise", "sample_id", "rank", True)
+    reducer.scores = SampleScoreStore(n, fields=sampler.store_fields)
+    reducer.scores.update(torch.arange(n), torch.rand(n), step=0)  # every sample seen
+    sampler.attach_scores(reducer.scores)
+    sampler.set_epoch(1)
+    sampler.plan  # an epoch's weights
+    return reducer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--official", type=Path, required=True, help="a checkout of NUS-HPC-AI-Lab/InfoBatch")
+    parser.add_argument("--n", type=int, default=1_000_000)
+    parser.add_argument("--batches", default="256,4096")
+    parser.add_argument("--repeats", type=int, default=2000)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    print(f"torch {torch.__version__}, 1 thread, {platform.processor() or platform.machine()}, N = {args.n:,}")
+    official, reducer = official_infobatch(args.official, args.n), weightwise_reducer(args.n)
+    print(f"store bytes per sample: weightwise {reducer.scores.bytes_per_sample}, official 8 (scores + weights, float32)")
+    print("| batch | official update (us) | weightwise reducer + store (us) | ratio |")
+    print("| ---: | ---: | ---: | ---: |")
+    generator = torch.Generator().manual_seed(0)
+    for batch in map(int, args.batches.split(",")):
+        ids = torch.randperm(args.n, generator=generator)[:batch]
+        losses = torch.rand(batch, generator=generator).requires_grad_()
+
+        def official_step():
+            official.set_active_indices(ids)
+            return official.update(losses.clone())  # update scales its input in place; with its graph, as in training
+
+        def weightwise_step():
+            return reducer._weighted_loss(StepOutput(losses, sample_ids=ids))
+
+        theirs, ours = median_us(official_step, args.repeats), median_us(weightwise_step, args.repeats)
+        print(f"| {batch:,} | {theirs:.1f} | {ours:.1f} | {ours / theirs:.2f}x |")
+    # Once per epoch: the plan of the next epoch from the per-sample losses.
+    sampler = reducer.contributors[0].sampler
+
+    def weightwise_plan():
+        sampler.refresh()
+        return sampler.plan
+
+    theirs, ours = median_us(official.prune, 7) / 1e3, median_us(weightwise_plan, 7) / 1e3
+    print(f"\nepoch plan (ms, median of 7): official prune {theirs:.0f}, weightwise InfoBatchSampler {ours:.0f} ({theirs / ours:.1f}x faster)")
+
+
+if __name__ == "__main__":
+    main()
