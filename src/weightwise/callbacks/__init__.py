@@ -2,6 +2,7 @@
 
 * :class:`LossReweighting` - online loss-based sample weights (:mod:`weightwise.weighting`).
 * :class:`DataPruning` - connects a sampler of :mod:`weightwise.samplers` to the run (:mod:`weightwise.selection`).
+* :class:`OnlineBatchSelection` - backpropagate only the most useful rows of each batch (:mod:`weightwise.selection`).
 * :class:`LayerwiseSampling` - a few layers train at a time (:mod:`weightwise.layers`).
 * :class:`ExpertUpcycling` - grow a Mixture-of-Experts mid-fit (:mod:`weightwise.experts`).
 * :class:`SampleReport` - the samples weighted lowest and found hardest (:mod:`weightwise.reporting`).
@@ -12,6 +13,7 @@ from weightwise.experts.callback import ExpertUpcycling
 from weightwise.layers.callback import LayerwiseSampling
 from weightwise.reporting.report import SampleReport
 from weightwise.selection.callback import DataPruning
+from weightwise.selection.online import OnlineBatchSelection
 from weightwise.weighting.callback import LossReweighting, SampleWeightCallback
 from weightwise.weighting.guard import PerSampleLossGuard
 from weightwise.weighting.reducer import PerSampleLossReducer, reducer_of
@@ -21,6 +23,7 @@ __all__ = [
     "ExpertUpcycling",
     "LayerwiseSampling",
     "LossReweighting",
+    "OnlineBatchSelection",
     "PerSampleLossGuard",
     "PerSampleLossReducer",
     "SampleReport",

@@ -6,7 +6,7 @@ from typing import Literal
 
 import torch
 
-from weightwise.selection.base import EpochPlan, EpochSampler
+from weightwise.selection.base import EpochPlan, EpochSampler, id_dtype
 
 Rescale = Literal["realised", "nominal"]
 
@@ -105,9 +105,9 @@ class InfoBatchSampler(EpochSampler):
         n_pruned = min(max(n_pruned, 0), n_candidates)
         # One permutation serves twice: it is the epoch's visiting order, and the first n_pruned
         # well-learned samples met along it are a uniformly random subset of exactly that size.
-        order = torch.randperm(self.num_samples, generator=generator)
+        order = torch.randperm(self.num_samples, generator=generator, dtype=id_dtype(self.num_samples))
         candidate_in_order = well_learned[order]
-        pruned_in_order = candidate_in_order & (torch.cumsum(candidate_in_order, 0) <= n_pruned)
+        pruned_in_order = candidate_in_order & (torch.cumsum(candidate_in_order, 0, dtype=order.dtype) <= n_pruned)
         if not n_pruned:
             factor = 1.0
         elif self.rescale == "nominal":

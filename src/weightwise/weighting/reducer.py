@@ -149,6 +149,7 @@ class PerSampleLossReducer:
         self.sample_id_key = sample_id_key
         self.token_weighting: TokenWeighting = token_weighting
         self.needs_sample_ids = needs_sample_ids
+        self.selectors = [c for c in contributors if callable(getattr(c, "select_batch", None))]
         self.scores = SampleScoreStore(fields=())  # the callbacks require the fields they read
         self.nonfinite_dropped = 0
         self._dropped_this_step = False
@@ -189,7 +190,11 @@ class PerSampleLossReducer:
         def make_training_step(original: Any) -> Any:
             def training_step(*args: Any, **kwargs: Any) -> Any:
                 batch = args[0] if args else kwargs["batch"]
-                return reducer.reduce(original(*args, **kwargs), batch)
+                rest, options = (args[1:], kwargs) if args else ((), {k: v for k, v in kwargs.items() if k != "batch"})
+                for selector in reducer.selectors:  # online batch selection: the rows this step trains on
+                    batch_idx = rest[0] if rest else options.get("batch_idx", 0)
+                    batch = selector.select_batch(trainer, batch, batch_idx, lambda rows: original(rows, *rest, **options))
+                return reducer.reduce(original(batch, *rest, **options), batch)
 
             return training_step
 
