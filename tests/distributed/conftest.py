@@ -1,6 +1,6 @@
 """The 2-process runs of this package: every job of a group runs in one launch, once per session.
 
-Tests ask for a group's results (``ddp_runs``, ``deepspeed_runs``) and read their job's output
+Tests ask for a group's results (``ddp_runs``, ``sharded_runs``) and read their job's output
 directory; the jobs are listed here, next to each other, so a reader sees what runs.
 """
 
@@ -29,7 +29,8 @@ DDP_JOBS = [
 ]
 
 ZERO3_AGREEMENT = ("reweighting", "infobatch", "lisa", "ist")
-DEEPSPEED_JOBS = [
+FSDP_AGREEMENT = ("reweighting", "reweighting_window", "infobatch", "rs2", "importance", "data_diet")  # no layer or expert surgery
+SHARDED_JOBS = [
     ("deepspeed_jobs:fit", {"out_dir": "fit/ddp", "name": "ddp", "epochs": 2}),
     *[("deepspeed_jobs:fit", {"out_dir": f"fit/zero{s}", "name": f"zero{s}", "epochs": 2}) for s in (1, 2, 3)],
     *[("deepspeed_jobs:fit", {"out_dir": f"sharded/zero{s}/first", "name": f"zero{s}", "epochs": 1}) for s in (1, 2, 3)],
@@ -58,6 +59,12 @@ DEEPSPEED_JOBS = [
     ("deepspeed_jobs:moe_phase", {"out_dir": "moe/phase2", "stage": 3, "model_dir": "moe/2E", "steps": 2}),
     *[("agreement_jobs:decide", {"out_dir": f"agreement/zero2/{c.name}", "case": c.name, "strategy": "zero2"}) for c in CASES if c.zero],
     *[("agreement_jobs:decide", {"out_dir": f"agreement/zero3/{n}", "case": n, "strategy": "zero3"}) for n in ZERO3_AGREEMENT],
+    ("deepspeed_jobs:fit", {"out_dir": "fit/fsdp", "name": "fsdp", "epochs": 2}),
+    ("deepspeed_jobs:fit", {"out_dir": "sharded/fsdp/first", "name": "fsdp", "epochs": 1}),
+    ("deepspeed_jobs:fit", {"out_dir": "sharded/fsdp/resumed", "name": "fsdp", "epochs": 2, "resume_from": "sharded/fsdp/first/last.ckpt"}),
+    ("deepspeed_jobs:fit", {"out_dir": "mid_epoch/fsdp/first", "name": "fsdp", "epochs": 2, "stop_at_step": 5}),
+    ("deepspeed_jobs:fit", {"out_dir": "mid_epoch/fsdp/resumed", "name": "fsdp", "epochs": 2, "resume_from": "mid_epoch/fsdp/first/last.ckpt"}),
+    *[("agreement_jobs:decide", {"out_dir": f"agreement/fsdp/{n}", "case": n, "strategy": "fsdp"}) for n in FSDP_AGREEMENT],
 ]
 
 
@@ -87,7 +94,7 @@ def ddp_runs(tmp_path_factory) -> Runs:
 
 
 @pytest.fixture(scope="session")
-def deepspeed_runs(tmp_path_factory) -> Runs:
+def sharded_runs(tmp_path_factory) -> Runs:
     root = tmp_path_factory.mktemp("deepspeed")
     tiny_moe("mixtral", num_experts=4, top_k=2).save_pretrained(root / "moe" / "E")
-    return launch(root, DEEPSPEED_JOBS)
+    return launch(root, SHARDED_JOBS)

@@ -36,8 +36,8 @@ def assert_same_training(ranks: list[dict], reference: list[dict], epochs: range
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_zero_stage_trains_exactly_like_ddp(deepspeed_runs, stage):
-    ranks, ddp_run = deepspeed_runs(f"fit/zero{stage}"), deepspeed_runs("fit/ddp")
+def test_zero_stage_trains_exactly_like_ddp(sharded_runs, stage):
+    ranks, ddp_run = sharded_runs(f"fit/zero{stage}"), sharded_runs("fit/ddp")
     assert_same_training(ranks, ddp_run, range(EPOCHS))
     # The sampler sharded itself: the ranks' samples are disjoint in every epoch, and pruned.
     for epoch in range(EPOCHS):
@@ -47,12 +47,12 @@ def test_zero_stage_trains_exactly_like_ddp(deepspeed_runs, stage):
     assert ranks[0]["scores"]["count"].sum() == ranks[0]["ledger"]["samples_visited"]
     # SampleReport reads that store: the same rows as under DDP, written once (rank 0) as CSV.
     assert ranks[0]["report"] == ranks[1]["report"] == ddp_run[0]["report"] and len(ranks[0]["report"]) == 6
-    assert (deepspeed_runs.root / f"fit/zero{stage}" / "weightwise_samples.csv").exists()
+    assert (sharded_runs.root / f"fit/zero{stage}" / "weightwise_samples.csv").exists()
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_sharded_checkpoint_carries_callback_state_and_resumes_exactly(deepspeed_runs, stage):
-    checkpoint = deepspeed_runs.root / f"sharded/zero{stage}/first" / "last.ckpt"
+def test_sharded_checkpoint_carries_callback_state_and_resumes_exactly(sharded_runs, stage):
+    checkpoint = sharded_runs.root / f"sharded/zero{stage}/first" / "last.ckpt"
     assert checkpoint.is_dir()  # DeepSpeed's sharded layout: one optimizer shard per rank
     shards = sorted(p.name for p in (checkpoint / "checkpoint").iterdir())
     assert [s for s in shards if "optim_states" in s] == [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)]
@@ -60,19 +60,19 @@ def test_sharded_checkpoint_carries_callback_state_and_resumes_exactly(deepspeed
     assert {"LossReweighting", "DataPruning"} <= set(states["callbacks"])
     assert states["weightwise"]["scores"]["count"].sum() > 0  # the score store travels with the shards
 
-    resumed = deepspeed_runs(f"sharded/zero{stage}/resumed")
-    assert_same_training(resumed, deepspeed_runs("fit/ddp"), range(1, EPOCHS))
+    resumed = sharded_runs(f"sharded/zero{stage}/resumed")
+    assert_same_training(resumed, sharded_runs("fit/ddp"), range(1, EPOCHS))
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "zero2"])
-def test_mid_epoch_checkpoint_resumes_the_pruned_epoch_where_it_stopped(deepspeed_runs, strategy):
+def test_mid_epoch_checkpoint_resumes_the_pruned_epoch_where_it_stopped(sharded_runs, strategy):
     """Saved after step 5 = the first of epoch 1's pruned steps (epoch 0: 40 samples, 2 ranks x 5 a
     step). A plain DataLoader restarts from its first batch; DataPruning's checkpoint holds the
     epoch's plan and how many samples each rank trained, so the resumed run trains exactly the rest."""
-    first = deepspeed_runs(f"mid_epoch/{strategy}/first")
+    first = sharded_runs(f"mid_epoch/{strategy}/first")
     assert [len(first[0]["ids"][e]) for e in sorted(first[0]["ids"])] == [20, 5]  # it did stop mid-epoch
-    resumed = deepspeed_runs(f"mid_epoch/{strategy}/resumed")
-    for rank, expected in zip(resumed, deepspeed_runs("fit/ddp")):
+    resumed = sharded_runs(f"mid_epoch/{strategy}/resumed")
+    for rank, expected in zip(resumed, sharded_runs("fit/ddp")):
         assert torch.allclose(rank["params"], expected["params"], atol=1e-6)
         assert sorted(rank["ids"]) == [1] and rank["ids"][1] == expected["ids"][1][5:]  # the rest of epoch 1 only
         assert rank["ledger"]["samples_visited"] == expected["ledger"]["samples_visited"]
@@ -107,8 +107,8 @@ LAYERWISE_EPOCHS = 3  # 2 steps an epoch, periods of 3 steps: layer 5 stays acti
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_layerwise_sampling_under_zero_trains_like_ddp_holding_only_active_layers(deepspeed_runs, stage):
-    ranks, ddp_layerwise = deepspeed_runs(f"layerwise/zero{stage}"), deepspeed_runs("layerwise/ddp")
+def test_layerwise_sampling_under_zero_trains_like_ddp_holding_only_active_layers(sharded_runs, stage):
+    ranks, ddp_layerwise = sharded_runs(f"layerwise/zero{stage}"), sharded_runs("layerwise/ddp")
     history = ddp_layerwise[0]["history"]
     assert history == [[2, 5], [1, 5]] and all(rank["history"] == history for rank in ranks)
     for rank, expected in zip(ranks, ddp_layerwise):
@@ -138,23 +138,23 @@ def test_layerwise_sampling_under_zero_trains_like_ddp_holding_only_active_layer
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_layerwise_sampling_resumes_from_a_sharded_checkpoint_mid_period(deepspeed_runs, stage):
+def test_layerwise_sampling_resumes_from_a_sharded_checkpoint_mid_period(sharded_runs, stage):
     """The checkpoint is written after step 2 (period 0 runs steps 0-2): resuming rebuilds ZeRO with
     the checkpoint's layers before DeepSpeed loads its shards, and the lr the scheduler had left.
     The resumed run equals the uninterrupted one exactly (ZeRO-2: which equals DDP's)."""
-    saved = read_client_state(deepspeed_runs.root / f"layerwise_resume/zero{stage}/first" / "last.ckpt")["callbacks"]["LayerwiseSampling"]
+    saved = read_client_state(sharded_runs.root / f"layerwise_resume/zero{stage}/first" / "last.ckpt")["callbacks"]["LayerwiseSampling"]
     assert saved["active"] == [2, 5] and [g["lr"] for g in saved["optimizer_hyperparameters"]] == pytest.approx([0.01 / 3] * 2)
-    resumed = deepspeed_runs(f"layerwise_resume/zero{stage}/resumed")
-    uninterrupted = deepspeed_runs("layerwise/ddp" if stage == 2 else "layerwise/zero3")
+    resumed = sharded_runs(f"layerwise_resume/zero{stage}/resumed")
+    uninterrupted = sharded_runs("layerwise/ddp" if stage == 2 else "layerwise/zero3")
     for rank, expected in zip(resumed, uninterrupted):
         assert torch.equal(rank["params"], expected["params"])
         assert rank["lrs"] == expected["lrs"][2:]
 
 
-def test_layer_sampling_over_lora_adapters_under_zero2_equals_ddp(deepspeed_runs):
+def test_layer_sampling_over_lora_adapters_under_zero2_equals_ddp(sharded_runs):
     """peft LoRA on q/v: only the chosen layers' adapters train, the loss-credit policy learns from 4 periods, and the
     norms-only param group, which has nothing trainable under LoRA, is left out of DeepSpeed."""
-    ddp, zero2 = deepspeed_runs("layerwise/ddplora"), deepspeed_runs("layerwise/zero2lora")
+    ddp, zero2 = sharded_runs("layerwise/ddplora"), sharded_runs("layerwise/zero2lora")
     for rank, expected in zip(zero2, ddp):
         assert rank["history"] == expected["history"] and len(rank["history"]) == 4
         assert torch.equal(rank["importance"], expected["importance"]) and rank["importance"].abs().sum() > 0
@@ -168,12 +168,12 @@ def test_layer_sampling_over_lora_adapters_under_zero2_equals_ddp(deepspeed_runs
         assert all(memory["master"] == adapters_of_two_layers / 2 * 4 for memory in rank["memory"])  # half per rank
 
 
-def test_upcycling_under_deepspeed_goes_through_the_saved_model(deepspeed_runs):
+def test_upcycling_under_deepspeed_goes_through_the_saved_model(sharded_runs):
     """The way out that ExpertUpcycling's error names, end to end under ZeRO-3 (sharded parameters):
     train, consolidate the shards, save_pretrained, `weightwise upcycle`, train the grown model."""
     from transformers import AutoModelForCausalLM
 
-    moe = deepspeed_runs.root / "moe"
+    moe = sharded_runs.root / "moe"
     ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(1))
     source, trained, grown = (AutoModelForCausalLM.from_pretrained(moe / name) for name in ("E", "E_trained", "2E"))
     assert not torch.allclose(logits(trained, ids), logits(source, ids))  # phase 1 did train
@@ -184,11 +184,11 @@ def test_upcycling_under_deepspeed_goes_through_the_saved_model(deepspeed_runs):
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_layerwise_sampling_under_zero_bf16_carries_the_fp32_master_of_layers_that_stay(deepspeed_runs, stage):
+def test_layerwise_sampling_under_zero_bf16_carries_the_fp32_master_of_layers_that_stay(sharded_runs, stage):
     """bf16 weights with fp32 master partitions: at the period change (step 3) the groups that stay
     active (layer 5, embeddings/head/norm) keep masters finer than bf16; layer 1's is built anew from
     its bf16 weights - which also shows the check can tell the two apart."""
-    ranks = deepspeed_runs(f"layerwise/zero{stage}bf16")
+    ranks = sharded_runs(f"layerwise/zero{stage}bf16")
     for rank in ranks:
         assert rank["history"] == [[2, 5], [1, 5]]
         at_change = rank["fp32_detail"][3]
@@ -209,7 +209,7 @@ def test_layerwise_sampling_names_every_deepspeed_setting_it_cannot_rebuild():
     [("zero2", case.name) for case in CASES if case.zero] + [("zero3", name) for name in ZERO3_AGREEMENT],
     ids=lambda value: value,
 )
-def test_ranks_with_different_data_take_the_same_decisions_under_zero(deepspeed_runs, strategy, case):
-    rank0, rank1 = deepspeed_runs(f"agreement/{strategy}/{case}")
+def test_ranks_with_different_data_take_the_same_decisions_under_zero(sharded_runs, strategy, case):
+    rank0, rank1 = sharded_runs(f"agreement/{strategy}/{case}")
     assert rank0, "the case recorded no decision"
     assert_equal_decisions(rank0, rank1)

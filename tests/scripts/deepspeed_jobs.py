@@ -25,7 +25,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from torch.utils.data import DataLoader
 
 from tests.support.models import Classifier, TinyLlama, indexed_loader, token_batches
-from tests.support.strategies import CPUDeepSpeedStrategy
+from tests.support.strategies import CPUDeepSpeedStrategy, CPUFSDPStrategy
 from tests.support.training import full_parameters, gathered, trainer
 from weightwise.callbacks import DataPruning, LayerwiseSampling, LossReweighting, SampleReport
 from weightwise.integrations.deepspeed import GROUP_KEY, flat_buffers, master_partition_bytes, master_partitions
@@ -37,8 +37,12 @@ N_SAMPLES, LOCAL_BATCH = 40, 5
 
 
 def strategy_for(name: str, **options):
-    """``"ddp"`` or ``CPUDeepSpeedStrategy`` for ``"zero1"``, ``"zero2"``, ``"zero3"``."""
-    return "ddp" if name == "ddp" else CPUDeepSpeedStrategy(stage=int(name.removeprefix("zero")), **options)
+    """``"ddp"``, ``CPUFSDPStrategy`` for ``"fsdp"``, or ``CPUDeepSpeedStrategy`` for ``"zero1"``, ``"zero2"``, ``"zero3"``."""
+    if name == "ddp":
+        return "ddp"
+    if name == "fsdp":
+        return CPUFSDPStrategy(**options)
+    return CPUDeepSpeedStrategy(stage=int(name.removeprefix("zero")), **options)
 
 
 class SampleIds(Callback):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from lightning.fabric.utilities.seed import reset_seed
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy
 
 
 class CPUDeepSpeedStrategy(DeepSpeedStrategy):
@@ -34,3 +34,32 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
         reset_seed()
         self.set_world_ranks()
         self._init_deepspeed_distributed()
+
+
+class CPUFSDPStrategy(FSDPStrategy):
+    """Lightning's real ``FSDPStrategy`` (PyTorch FSDP), run on CPU with gloo.
+
+    Lightning refuses FSDP without a CUDA accelerator in its accelerator connector, which checks
+    for the ``FSDPStrategy`` type exactly, and passes FSDP the CUDA index of the root device, which
+    CPU devices lack (FSDP then looks for an accelerator and finds none). This subclass passes the
+    type check, picks gloo and wraps the model with ``device_id=cpu``; FSDP's flattening, sharding,
+    gradient reduction and state-dict gathering are PyTorch's own. Checkpoints are sharded
+    (``state_dict_type="sharded"``) by default: gathering a full state dict on CPU crashes torch 2.13
+    (FSDP's ``offload_to_cpu``, which Lightning sets for several ranks, leaves the tensors it clones
+    without storage when they already are on the CPU).
+    """
+
+    def __init__(self, state_dict_type: str = "sharded", **kwargs) -> None:
+        super().__init__(process_group_backend="gloo", state_dict_type=state_dict_type, **kwargs)
+
+    def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        return FullyShardedDataParallel(
+            module=model,
+            cpu_offload=self.cpu_offload,
+            mixed_precision=self.mixed_precision_config,
+            sharding_strategy=self.sharding_strategy,
+            device_id=torch.device("cpu"),
+            **self.kwargs,
+        )

@@ -28,12 +28,17 @@ def flat_params(module: torch.nn.Module) -> torch.Tensor:
 
 
 def gathered(module: torch.nn.Module) -> contextlib.AbstractContextManager:
-    """Whole parameters inside the block: under ZeRO-3 each rank holds shards, so gather them."""
+    """Whole parameters inside the block: under ZeRO-3 and FSDP each rank holds shards, so gather them."""
     params = list(module.parameters())
     if hasattr(params[0], "ds_id"):
         import deepspeed
 
         return deepspeed.zero.GatheredParameters(params)
+    strategy = getattr(getattr(module, "_trainer", None), "strategy", None)
+    if type(strategy).__name__.endswith("FSDPStrategy"):
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        return FullyShardedDataParallel.summon_full_params(strategy.model, writeback=False)
     return contextlib.nullcontext()
 
 

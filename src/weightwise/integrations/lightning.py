@@ -27,8 +27,9 @@ Strategies: ``DeepSpeedStrategy`` subclasses ``DDPStrategy``, so it is told apar
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import lightning.pytorch as pl
@@ -108,6 +109,21 @@ def is_fsdp(trainer: pl.Trainer) -> bool:
     return isinstance(trainer.strategy, FSDPStrategy)
 
 
+@contextlib.contextmanager
+def parameters_for_direct_forward(trainer: pl.Trainer) -> Iterator[None]:
+    """Inside the block, the LightningModule can run a forward outside Lightning's training step
+    (a scoring pass): FSDP's sharded flat parameters are gathered for it (``summon_full_params``,
+    the whole model on every rank for the block); ZeRO-3 gathers by its own module hooks, DDP and
+    one device need nothing."""
+    if is_fsdp(trainer):
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        with FullyShardedDataParallel.summon_full_params(trainer.strategy.model, writeback=False):
+            yield
+    else:
+        yield
+
+
 def require_rewrappable_strategy(trainer: pl.Trainer, callback: str, deepspeed_fix: str) -> None:
     """Raise unless the fit runs on one device or under plain DDP; the message names the way out.
 
@@ -126,8 +142,16 @@ def require_single_device_or_ddp(trainer: pl.Trainer, callback: str) -> None:
     """Raise for strategies other than single-device and DDP (the caller has dealt with DeepSpeed).
 
     Raises:
-        MisconfigurationException: any other strategy.
+        MisconfigurationException: FSDP (the message says why and names the alternatives) or any
+            other strategy.
     """
+    if is_fsdp(trainer):
+        raise MisconfigurationException(
+            f"{callback} cannot run under FSDP: FSDP flattens each wrapped module's parameters into one flat parameter,"
+            " so they cannot be frozen, released or grown one layer or expert at a time. Use DeepSpeed ZeRO"
+            " (strategy='deepspeed_stage_2' or 'deepspeed_stage_3'; LayerwiseSampling rebuilds the ZeRO optimizer for"
+            " each period's layers) or strategy='ddp'."
+        )
     if not isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)):
         raise MisconfigurationException(
             f"{callback} supports single-device, DDP and (where stated) DeepSpeed training, not"

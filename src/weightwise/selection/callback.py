@@ -15,7 +15,7 @@ from typing_extensions import override
 
 from weightwise.core.checkpoints import state_version, with_version
 from weightwise.core.ids import SAMPLE_ID_KEY, sample_ids_from_batch
-from weightwise.integrations.lightning import set_epoch_length
+from weightwise.integrations.lightning import parameters_for_direct_forward, set_epoch_length
 from weightwise.selection.base import EpochPlan, EpochSampler
 from weightwise.selection.infobatch import InfoBatchSampler
 from weightwise.selection.scoring import ScoreFn, gather_scores, score_dataset, training_step_scores
@@ -182,13 +182,14 @@ class DataPruning(SampleWeightCallback):
             loader.dataset, batch_size=loader.batch_size or 1, sampler=share[rank::ranks], collate_fn=loader.collate_fn,
             num_workers=loader.num_workers,
         )
-        ids, scores = score_dataset(
-            trainer.lightning_module,
-            shard,
-            lambda batch: sample_ids_from_batch(batch, self.sample_id_key),
-            self.score_fn,
-            lambda batch: trainer.strategy.batch_to_device(batch),
-        )
+        with parameters_for_direct_forward(trainer):
+            ids, scores = score_dataset(
+                trainer.lightning_module,
+                shard,
+                lambda batch: sample_ids_from_batch(batch, self.sample_id_key),
+                self.score_fn,
+                lambda batch: trainer.strategy.batch_to_device(batch),
+            )
         ids, scores = gather_scores(ids, scores)
         self.sampler.record_scores(ids, scores)
         self._scored_epoch = epoch

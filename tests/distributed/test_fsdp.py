@@ -1,0 +1,62 @@
+"""Lightning's FSDPStrategy (PyTorch FSDP), real 2-process runs on CPU (gloo).
+
+The strategy is Lightning's own with its CUDA-only device plumbing bridged
+(``tests.support.strategies.CPUFSDPStrategy``); FSDP's sharding and state dicts are PyTorch's. The
+jobs (``tests.scripts.deepspeed_jobs.fit`` with ``name="fsdp"``, the agreement cases) run in the
+sharded group's launch (``tests/distributed/conftest.py``) and are compared with its DDP run.
+"""
+
+import pytest
+import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from tests.distributed.conftest import FSDP_AGREEMENT
+from tests.distributed.test_ddp import assert_equal_decisions
+from tests.distributed.test_deepspeed import EPOCHS, assert_same_training
+from tests.support.models import Classifier
+from tests.support.strategies import CPUFSDPStrategy
+from tests.support.training import trainer
+from weightwise.callbacks import ExpertUpcycling, LayerwiseSampling
+
+pytestmark = pytest.mark.slow
+
+
+def test_fsdp_trains_exactly_like_ddp_with_reweighting_pruning_and_the_report(sharded_runs):
+    ranks, ddp = sharded_runs("fit/fsdp"), sharded_runs("fit/ddp")
+    assert_same_training(ranks, ddp, range(EPOCHS))
+    for epoch in range(EPOCHS):  # the sampler sharded itself
+        assert not set(ranks[0]["ids"][epoch]) & set(ranks[1]["ids"][epoch])
+    assert ranks[0]["ledger"]["samples_visited"] < ranks[0]["ledger"]["samples_full"]
+    assert ranks[0]["report"] == ranks[1]["report"] == ddp[0]["report"] and len(ranks[0]["report"]) == 6
+
+
+def test_fsdp_checkpoint_carries_callback_state_and_resumes_exactly(sharded_runs):
+    directory = sharded_runs.root / "sharded/fsdp/first" / "last.ckpt"
+    assert directory.is_dir()  # a sharded checkpoint: torch.distributed.checkpoint files and Lightning's meta.pt
+    checkpoint = torch.load(directory / "meta.pt", weights_only=False)
+    assert {"LossReweighting", "DataPruning"} <= set(checkpoint["callbacks"])
+    assert checkpoint["weightwise"]["scores"]["count"].sum() > 0
+    assert_same_training(sharded_runs("sharded/fsdp/resumed"), sharded_runs("fit/ddp"), range(1, EPOCHS))
+
+
+def test_fsdp_mid_epoch_checkpoint_resumes_the_pruned_epoch_where_it_stopped(sharded_runs):
+    first = sharded_runs("mid_epoch/fsdp/first")
+    assert [len(first[0]["ids"][e]) for e in sorted(first[0]["ids"])] == [20, 5]
+    for rank, expected in zip(sharded_runs("mid_epoch/fsdp/resumed"), sharded_runs("fit/ddp")):
+        assert torch.allclose(rank["params"], expected["params"], atol=1e-6)
+        assert sorted(rank["ids"]) == [1] and rank["ids"][1] == expected["ids"][1][5:]
+
+
+@pytest.mark.parametrize("case", FSDP_AGREEMENT)
+def test_ranks_with_different_data_take_the_same_decisions_under_fsdp(sharded_runs, case):
+    rank0, rank1 = sharded_runs(f"agreement/fsdp/{case}")
+    assert rank0, "the case recorded no decision"
+    assert_equal_decisions(rank0, rank1)
+
+
+@pytest.mark.parametrize("callback", [LayerwiseSampling("lisa"), ExpertUpcycling(at_step=1)], ids=["layerwise", "upcycling"])
+def test_layer_and_expert_surgery_refuse_fsdp_naming_the_alternatives(callback):
+    run = trainer(devices=1, strategy=CPUFSDPStrategy(), max_steps=1, callbacks=[callback])
+    with pytest.raises(MisconfigurationException, match="cannot run under FSDP.*deepspeed_stage_2.*strategy='ddp'"):
+        hook = callback.setup if isinstance(callback, LayerwiseSampling) else callback.on_fit_start
+        hook(run, Classifier(), "fit") if hook == callback.setup else hook(run, Classifier())
