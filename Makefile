@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) examples/bbc_news_noisy_labels.py
+	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m examples.bbc_news_noisy_labels
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest

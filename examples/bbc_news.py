@@ -100,6 +100,8 @@ class BBCNewsDataModule(pl.LightningDataModule):
         self.train_set: TokenizedTexts | None = None
         self.test_set: TokenizedTexts | None = None
         self.flipped = torch.zeros(0, dtype=torch.bool)
+        self.train_texts: list[str] = []
+        self.classes: list[str] = []
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -115,6 +117,7 @@ class BBCNewsDataModule(pl.LightningDataModule):
             texts, truncation=True, max_length=hp.max_length, padding="max_length", return_tensors="pt"
         )
         noisy, self.flipped = flip_labels(labels[train_idx], hp.label_noise, self.num_classes, gen)
+        self.train_texts, self.classes = [texts[i] for i in train_idx.tolist()], classes
         self.train_set = TokenizedTexts(enc["input_ids"][train_idx], enc["attention_mask"][train_idx], noisy)
         self.test_set = TokenizedTexts(enc["input_ids"][test_idx], enc["attention_mask"][test_idx], labels[test_idx])
 
@@ -153,7 +156,7 @@ class MiniLMClassifier(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.encoder = AutoModel.from_pretrained(minilm_path())
+        self.encoder = AutoModel.from_pretrained(minilm_path()).train()  # from_pretrained returns it in eval mode
         if freeze_embeddings:
             self.encoder.embeddings.requires_grad_(False)
         self.head = torch.nn.Linear(self.encoder.config.hidden_size, num_classes)

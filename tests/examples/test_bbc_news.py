@@ -24,9 +24,19 @@ def test_flip_labels_flips_exactly_the_fraction_to_other_classes():
 def test_demo_runs_end_to_end_and_prints_its_table(capsys):
     from examples import bbc_news_noisy_labels
 
-    bbc_news_noisy_labels.main(["--limit-train", "64", "--limit-test", "32", "--epochs", "1", "--no-wandb"])
+    bbc_news_noisy_labels.main(["--limit-train", "32", "--limit-test", "16", "--max-length", "32", "--epochs", "1", "--no-wandb"])
     out = capsys.readouterr().out
-    assert "clean test accuracy" in out and "flipped among lowest-weighted 30%" in out
-    accuracy_row = next(line for line in out.splitlines() if line.startswith("clean test accuracy"))
-    plain, weighted = (float(x) for x in accuracy_row.split()[3:5])
-    assert 0.0 <= plain <= 1.0 and 0.0 <= weighted <= 1.0
+    header = next(line for line in out.splitlines() if line.strip().startswith("plain"))
+    assert header.split() == ["plain", "rs2", "importance", "reweighting"]
+    accuracy = next(line for line in out.splitlines() if line.startswith("clean test accuracy")).split()[3:]
+    assert len(accuracy) == 4 and all(0.0 <= float(value) <= 1.0 for value in accuracy)
+    passes = next(line for line in out.splitlines() if line.startswith("passes over the data")).split()[4:]
+    assert passes == ["100%", "50%", "50%", "100%"]  # half the passes for the samplers
+    assert "flipped among the highest loss EMA 30%" in out
+
+
+def test_the_encoder_trains_with_dropout():
+    from examples.bbc_news import MiniLMClassifier
+
+    model = MiniLMClassifier()
+    assert all(module.training for module in model.modules())  # from_pretrained would leave it in eval mode
