@@ -64,7 +64,7 @@ def weightwise_reducer(n: int) -> PerSampleLossReducer:
     reducer.scores.update(torch.arange(n), torch.rand(n), step=0)  # every sample seen
     sampler.attach_scores(reducer.scores)
     sampler.set_epoch(1)
-    sampler.plan  # an epoch's weights
+    assert sampler.plan.weights is not None  # an epoch's weights, planned
     return reducer
 
 

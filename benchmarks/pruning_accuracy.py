@@ -7,8 +7,8 @@ Tasks (both on the real BBC News corpus, with an optional fraction of training l
   embeddings (computed once and cached) - cheap steps, so weightwise's own overhead shows.
 
 Run, e.g.:
-    .venv/bin/python benchmarks/pruning_accuracy.py --task bbc --epochs 3 --noise 0.3
-    .venv/bin/python benchmarks/pruning_accuracy.py --task embeddings --epochs 30 --noise 0.3
+    .venv/bin/python -m benchmarks.pruning_accuracy --task bbc --epochs 3 --noise 0.3
+    .venv/bin/python -m benchmarks.pruning_accuracy --task embeddings --epochs 30 --noise 0.3
 
 Prints a markdown table: final clean-test accuracy, forward/backward passes (samples visited)
 against full data, fit wall time, and the efficiency ratio (fraction of wall time saved divided

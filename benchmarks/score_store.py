@@ -72,7 +72,7 @@ def main() -> None:
         updates = []
         for batch in (256, 4096):
             batches = iter([(torch.randint(0, n, (batch,)), torch.rand(batch)) for _ in range(args.repeats + 1)])
-            updates.append(1000 * median_ms(lambda: store.update(*next(batches), step=1), args.repeats))
+            updates.append(1000 * median_ms(lambda store=store: store.update(*next(batches), step=1), args.repeats))
         plan = "-"
         if n <= args.plan_up_to:
             sampler = InfoBatchSampler(n, prune_ratio=0.5, num_epochs=10, num_replicas=1, rank=0)

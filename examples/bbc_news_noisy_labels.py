@@ -97,6 +97,7 @@ def train(args: argparse.Namespace, name: str) -> dict[str, object]:
         log_every_n_steps=5,
         num_sanity_val_steps=0,
         use_distributed_sampler=policy is None,
+        default_root_dir=args.out,  # SampleReport's CSV lands here without W&B
     )
     if logger:
         logger.experiment  # start the W&B run now, so its start-up is not counted as training time

@@ -12,7 +12,6 @@ from tests.support.contracts import CASES
 from tests.support.models import tiny_moe
 from tests.support.processes import ranks, run_suite
 
-
 DDP_JOBS = [
     ("ddp_jobs:reweighting", {"out_dir": "reweighting_first", "strategy": "linupper", "epochs": 1}),
     ("ddp_jobs:reweighting", {"out_dir": "reweighting_resumed", "strategy": "linupper", "resume_from": "reweighting_first/last.ckpt"}),
@@ -28,8 +27,8 @@ DDP_JOBS = [
     *[("agreement_jobs:decide", {"out_dir": f"agreement/ddp/{case.name}", "case": case.name}) for case in CASES],
 ]
 
-ZERO3_AGREEMENT = ("reweighting", "infobatch", "lisa", "ist")
-FSDP_AGREEMENT = ("reweighting", "reweighting_window", "infobatch", "rs2", "importance", "data_diet")  # no layer or expert surgery
+ZERO3_AGREEMENT = ("reweighting", "infobatch", "lisa", "ist", "block_influence", "perplexity")
+FSDP_AGREEMENT = ("reweighting", "reweighting_window", "online", "infobatch", "rs2", "importance", "data_diet", "ccs", "perplexity")
 SHARDED_JOBS = [
     ("deepspeed_jobs:fit", {"out_dir": "fit/ddp", "name": "ddp", "epochs": 2}),
     *[("deepspeed_jobs:fit", {"out_dir": f"fit/zero{s}", "name": f"zero{s}", "epochs": 2}) for s in (1, 2, 3)],

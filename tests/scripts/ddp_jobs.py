@@ -26,6 +26,7 @@ from tests.support.training import Snapshot, flat_params, trainer
 from weightwise import IndexedDataset
 from weightwise.callbacks import DataPruning, ExpertUpcycling, LayerwiseSampling, LossReweighting
 from weightwise.core import collectives
+from weightwise.core.store import FIELDS
 from weightwise.samplers import InfoBatchSampler
 
 REWEIGHTING_SAMPLES, REWEIGHTING_BATCH, REWEIGHTING_EPOCHS = 48, 6, 2
@@ -40,7 +41,7 @@ def save(out_dir: str, rank: int, result: dict) -> None:
 def reweighting(out_dir: str, strategy: str, epochs: int = REWEIGHTING_EPOCHS, resume_from: str | None = None) -> None:
     """LossReweighting on Lightning's DistributedSampler(shuffle=True, seed=0); the test replays its order."""
     seed_everything(0)
-    model, callback = Classifier(lr=0.5), LossReweighting(strategy, warmup_steps=0)
+    model, callback = Classifier(lr=0.5), LossReweighting(strategy, warmup_steps=0, store_fields=FIELDS)
     fit = trainer(
         devices=2, strategy="ddp", max_epochs=epochs, enable_checkpointing=True,
         callbacks=[callback, ModelCheckpoint(dirpath=out_dir, save_last=True)],
@@ -119,7 +120,7 @@ def global_batch(step: int) -> list[int]:
 def unequal_batches(out_dir: str) -> None:
     """Ranks with 3 and 5 samples per step: the reducer divides by the global batch (8), not the local."""
     seed_everything(0)
-    model, callback = Classifier(lr=0.5), LossReweighting("linupper", warmup_steps=0)
+    model, callback = Classifier(lr=0.5), LossReweighting("linupper", warmup_steps=0, store_fields=("weight",))
     fit = trainer(devices=2, strategy="ddp", max_epochs=1, callbacks=[callback], use_distributed_sampler=False)
     fit.fit(model, datamodule=RankBatches())
     save(out_dir, fit.global_rank, {"params": flat_params(model), "weights": callback.reducer.scores.weight})

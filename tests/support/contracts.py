@@ -21,9 +21,25 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
-from tests.support.models import Classifier, TinyLlama, TinyMoELM, indexed_loader
-from weightwise.callbacks import DataPruning, ExpertUpcycling, LayerwiseSampling, LossReweighting, SampleReport
-from weightwise.samplers import ImportanceSampler, InfoBatchSampler, RandomSubsetSampler, ScorePruningSampler
+from tests.support.models import Classifier, TinyLlama, TinyMoELM, TokenLossLM, indexed_loader
+from weightwise import IndexedDataset
+from weightwise.callbacks import (
+    DataPruning,
+    ExpertUpcycling,
+    LayerwiseSampling,
+    LossReweighting,
+    OnlineBatchSelection,
+    SampleReport,
+)
+from weightwise.samplers import (
+    CoverageSampler,
+    ImportanceSampler,
+    InfoBatchSampler,
+    PerplexityBandSampler,
+    RandomSubsetSampler,
+    ScorePruningSampler,
+    reference_perplexity,
+)
 
 
 class Decisions(pl.Callback):
@@ -105,9 +121,25 @@ class Case:
                 out["importance"] = None if callback.importance is None else callback.importance.clone()
             if isinstance(callback, ExpertUpcycling):
                 out["copies"] = None if callback.report is None else {k: v.clone() for k, v in callback.report.copies.items()}
+            if isinstance(callback, OnlineBatchSelection):
+                out["online"] = dict(callback.ledger)
             if isinstance(callback, SampleReport):
                 out["report"] = [row[:2] + [round(float(v), 5) for v in row[2:4]] + row[4:] for row in callback.rows]
         return out
+
+
+def reference_lm() -> torch.nn.Module:
+    """A 1-layer Llama as the perplexity reference model (its own seed; the global RNG is left alone)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+        return LlamaForCausalLM(config)
+
+
+def indexed_token_loader(sampler: Any, n: int = 24, length: int = 12, batch_size: int = 2) -> DataLoader:
+    return DataLoader(IndexedDataset(easy_and_random(n, length, 64)), batch_size=batch_size, sampler=sampler)
 
 
 def pruning(sampler: Callable[[], Any], **module_kwargs: Any) -> dict[str, Any]:
@@ -124,6 +156,12 @@ CASES: list[Case] = [
         module=lambda: Classifier(optimizer="adamw", lr=0.05),
         loader=lambda: indexed_loader(48, 6),
         callbacks=lambda: [LossReweighting("linupper", warmup_steps=2), SampleReport(k=3)],
+    ),
+    Case(
+        "online",
+        module=lambda: Classifier(optimizer="adamw", lr=0.05),
+        loader=lambda: indexed_loader(48, 8),
+        callbacks=lambda: [OnlineBatchSelection(keep=0.5, start=0.0, end=1.0, interrupt=3)],
     ),
     Case(
         "reweighting_window",
@@ -158,6 +196,24 @@ CASES: list[Case] = [
         mid_epoch=True,
     ),
     Case(
+        "ccs",
+        callbacks=lambda: [DataPruning()],
+        **pruning(lambda: CoverageSampler(48, 0.5, warmup_epochs=1, rescore_every=2, skip_hardest=0.1, strata=5)),
+        epochs=5,
+        checkpoint=10,
+        mid_epoch=True,
+    ),
+    Case(
+        "perplexity",
+        module=lambda: TokenLossLM("tokens", layers=2),
+        loader=lambda: indexed_token_loader(PerplexityBandSampler(24, 0.5, band="medium")),
+        callbacks=lambda: [DataPruning(score_fn=reference_perplexity(reference_lm()))],
+        self_sharding=True,
+        epochs=3,
+        checkpoint=8,
+        mid_epoch=True,
+    ),
+    Case(
         "lisa",
         module=lambda: TinyLlama(layers=4),
         loader=token_loader,
@@ -180,6 +236,12 @@ CASES: list[Case] = [
         module=lambda: TinyLlama(layers=4),
         loader=token_loader,
         callbacks=lambda: [LayerwiseSampling("loss_credit", n_layers=2, interval=2)],
+    ),
+    Case(
+        "block_influence",
+        module=lambda: TinyLlama(layers=4),
+        loader=token_loader,
+        callbacks=lambda: [LayerwiseSampling("block_influence", n_layers=2, interval=2, refresh_every=2)],
     ),
     Case(
         "upcycling",

@@ -1,4 +1,4 @@
-"""``LayerwiseSampling``: train a few transformer layers at a time (LISA, IST, BAdam's cycles)."""
+"""``LayerwiseSampling``: train a few transformer layers at a time (LISA, IST, BAdam's cycles, block influence)."""
 
 from __future__ import annotations
 
@@ -24,11 +24,20 @@ from weightwise.integrations.lightning import (
     rewrap_ddp,
 )
 from weightwise.layers.freezing import OptimizerStateStash, StateMode, activate_layers, optimizer_state_bytes
-from weightwise.layers.policies import ISTLayers, LayerPolicy, LossCreditLayers, Order, OrderedBlocks, UniformLayers
+from weightwise.layers.influence import influence_totals
+from weightwise.layers.policies import (
+    BlockInfluenceLayers,
+    ISTLayers,
+    LayerPolicy,
+    LossCreditLayers,
+    Order,
+    OrderedBlocks,
+    UniformLayers,
+)
 from weightwise.layers.probes import ProbeLoss, model_loss, probe
 from weightwise.layers.stack import find_layer_stack
 
-Policy = Literal["lisa", "ist", "badam", "loss_credit"]
+Policy = Literal["lisa", "ist", "badam", "loss_credit", "block_influence"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +60,9 @@ POLICIES: dict[str, PolicyDefaults] = {
     # BAdam: one block, switch_block_every=50, embeddings and head off, state cleared at each switch.
     "badam": PolicyDefaults(OrderedBlocks, 1, 50, False, "release"),
     "loss_credit": PolicyDefaults(LossCreditLayers, 2, 20, True, "release"),
+    # ShortGPT measures block influence and removes layers; sampling by it is weightwise's: LISA's
+    # budget (2 layers every 20 steps, embeddings/head/norm train) with the draw weighted by BI.
+    "block_influence": PolicyDefaults(BlockInfluenceLayers, 2, 20, True, "release"),
 }
 
 
@@ -71,6 +83,13 @@ class LayerwiseSampling(Callback):
       embeddings and head frozen.
     * ``"loss_credit"`` - the policy weightwise 0.1 called ``"ist"``: a period's loss decrease is
       credited to its active layers.
+    * ``"block_influence"`` - ShortGPT's block influence (Men et al., 2024; ``icip-cas/ShortGPT``,
+      ``shortgpt/metrics.py``), ``BI = 1 - E[cos(layer input, layer output)]``: 2 layers every 20 steps
+      (LISA's budget) drawn with probability proportional to ``BI ** (1 / temperature)``
+      (:class:`~weightwise.layers.policies.BlockInfluenceLayers`). BI is measured on the step's batch
+      (eval mode, no gradients, padding masked by the batch's ``attention_mask``) before period 0
+      and before every ``refresh_every``-th period; the sums are added over every rank before the
+      mean is taken, so all ranks draw the same layers. A measurement costs one forward pass.
 
     Options beside the policy: ``train_outside_stack=False`` freezes embeddings, head and final
     norm for the whole run (at 8B they are most of what LISA trains); ``always_active`` pins layers
@@ -100,9 +119,10 @@ class LayerwiseSampling(Callback):
     than ``"release"`` are refused under DeepSpeed.
 
     Args:
-        policy: ``"lisa"``, ``"ist"``, ``"badam"`` or ``"loss_credit"``.
-        n_layers: layers drawn per period (``None``: the policy's default - LISA 2, IST a quarter, BAdam 1).
-        interval: steps per period (``None``: LISA 20, IST 1, BAdam 50).
+        policy: ``"lisa"``, ``"ist"``, ``"badam"``, ``"loss_credit"`` or ``"block_influence"``.
+        n_layers: layers drawn per period (``None``: the policy's default - LISA 2, IST a quarter, BAdam 1,
+            block influence 2).
+        interval: steps per period (``None``: LISA 20, IST 1, BAdam 50, block influence 20).
         layers: dotted path of the layer ``ModuleList`` (default: found, see :func:`find_layer_stack`).
         train_outside_stack: whether parameters outside the stack train (``None``: False for BAdam).
         always_active: layer indices that train in every period.
@@ -110,10 +130,13 @@ class LayerwiseSampling(Callback):
             (``None``: ``"keep"`` for IST, ``"release"`` otherwise).
         seed: base seed of the draws.
         order: BAdam's block order.
-        beta, temperature: ``"loss_credit"``'s score smoothing and sampling temperature.
+        beta, temperature: ``"loss_credit"``'s score smoothing and sampling temperature (``temperature``
+            is also ``"block_influence"``'s).
+        refresh_every: ``"block_influence"``: periods between measurements of block influence (5).
         probe_every, probes, suppression, ist_learning_rate: IST's 10, 3, 0.25 and 10.
-        probe_loss: ``(module, batch) -> scalar`` for IST's probes (default: the loss of the
-            transformers model inside the module on the batch's ``input_ids``/``labels``).
+        probe_loss: ``(module, batch) -> scalar`` for IST's probes, and the forward pass of block
+            influence's measurements (default: the loss of the transformers model inside the module on
+            the batch's ``input_ids``/``labels``).
 
     Raises:
         ValueError: an unknown policy or a non-positive setting.
@@ -141,6 +164,7 @@ class LayerwiseSampling(Callback):
         order: Order = "descending",
         beta: float = 0.5,
         temperature: float = 1.0,
+        refresh_every: int = 5,
         probe_every: int = 10,
         probes: int = 3,
         suppression: float = 0.25,
@@ -166,6 +190,7 @@ class LayerwiseSampling(Callback):
             "badam": {"order": order},
             "loss_credit": {"beta": beta, "temperature": temperature},
             "ist": {"probe_every": probe_every, "probes": probes, "learning_rate": ist_learning_rate},
+            "block_influence": {"temperature": temperature, "refresh_every": refresh_every},
         }.get(policy, {})
         self.suppression = suppression
         self.probe_loss: ProbeLoss = probe_loss or model_loss
@@ -175,6 +200,8 @@ class LayerwiseSampling(Callback):
             ISTLayers(4, 1, probe_every=probe_every, probes=probes, learning_rate=ist_learning_rate)
         if policy == "badam":
             OrderedBlocks(2, 1, order=order)
+        if policy == "block_influence":
+            BlockInfluenceLayers(2, 1, temperature=temperature, refresh_every=refresh_every)
         self.chooser: LayerPolicy | None = None
         self.active: list[int] = []
         self.history: list[list[int]] = []
@@ -338,6 +365,8 @@ class LayerwiseSampling(Callback):
             if self._period_loss[1] > 0 and self.active:
                 self._end_period()  # a collective: every rank has losses of the same period here
             self._period = period
+            if self.chooser.wants_influence(period):
+                self._measure_influence(pl_module, batch, period)
             self._apply(trainer, self.chooser.choose(period))
             self.history.append(self.active)
         elif not self._applied:  # resumed mid-period: the fresh module has every layer trainable
@@ -353,6 +382,14 @@ class LayerwiseSampling(Callback):
         losses = (collectives.all_reduce_sum(local) / collectives.world_size()).tolist()
         self.chooser.learn(sets, losses)
         self._probed = step
+
+    def _measure_influence(self, pl_module: pl.LightningModule, batch: Any, period: int) -> None:
+        """Block influence on this step's batch (eval mode, no gradients), the token sums of every
+        rank added before the mean is taken, so every rank records the same values."""
+        assert isinstance(self.chooser, BlockInfluenceLayers)
+        totals, tokens = influence_totals(pl_module, [batch], self.stack, forward=self.probe_loss)
+        reduced = collectives.all_reduce_sum(torch.cat([totals, tokens.reshape(1)]))
+        self.chooser.record_influence(period, (reduced[:-1] / reduced[-1].clamp(min=1.0)).cpu())
 
     def _end_period(self) -> None:
         # The period's mean loss over every rank's steps: each rank trained on other data, and a

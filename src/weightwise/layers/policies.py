@@ -8,7 +8,8 @@ one would have. :class:`weightwise.layers.callback.LayerwiseSampling` applies th
 (freezing, optimizer state, DDP/ZeRO); any other loop can call :meth:`LayerPolicy.choose` itself.
 
 Policies (the callback's names): ``"lisa"`` :class:`UniformLayers`, ``"ist"`` :class:`ISTLayers`,
-``"badam"`` :class:`OrderedBlocks`, ``"loss_credit"`` :class:`LossCreditLayers`.
+``"badam"`` :class:`OrderedBlocks`, ``"loss_credit"`` :class:`LossCreditLayers`,
+``"block_influence"`` :class:`BlockInfluenceLayers`.
 """
 
 from __future__ import annotations
@@ -72,6 +73,10 @@ class LayerPolicy:
 
     def wants_probes(self, step: int) -> bool:
         """Whether the policy measures layers with suppression probes before ``step``."""
+        return False
+
+    def wants_influence(self, period: int) -> bool:
+        """Whether the policy wants the layers' block influence measured before ``period``'s draw."""
         return False
 
     @property
@@ -303,3 +308,81 @@ class ISTLayers(LayerPolicy):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.scores = state["scores"].clone()
+
+
+class BlockInfluenceLayers(LayerPolicy):
+    """Layers drawn with probability increasing in their block influence (ShortGPT's BI).
+
+    ShortGPT (Men et al., 2024; ``icip-cas/ShortGPT``, ``shortgpt/metrics.py``) measures how much each
+    layer turns the hidden states, ``BI_i = 1 - E[cos(x_i, x_{i+1})]``, and finds the low-BI layers
+    redundant (:mod:`weightwise.layers.influence`). The paper removes them; here they are trained
+    less often: every period, ``n_active`` layers are drawn without replacement with probability
+
+        p_i proportional to BI_i ** (1 / temperature)
+
+    - proportional to BI at ``temperature=1`` (a layer that changes the states twice as much is
+    twice as likely to train), uniform as ``temperature -> inf``, the top-BI layers as it goes to 0.
+    A power rather than ``softmax(BI / temperature)``: BI values of LLM layers are small and differ
+    by ratios (0.02 against 0.2), which a power keeps at any scale, where a softmax at temperature 1
+    would be nearly uniform. BI is floored at 1e-6 so that every layer keeps a chance.
+
+    The measurement is the caller's (:class:`weightwise.layers.callback.LayerwiseSampling` measures
+    on the current batch of every rank, reduced over the ranks, before period 0 and before every
+    ``refresh_every``-th period: :meth:`wants_influence`, :meth:`record_influence`). Until the first
+    measurement the draw is uniform.
+
+    Args:
+        num_layers, n_active, seed, pinned: see :class:`LayerPolicy`.
+        temperature: the sharpness of the draw (see above).
+        refresh_every: periods between measurements (the first is before period 0).
+
+    Raises:
+        ValueError: a non-positive ``temperature`` or ``refresh_every < 1``; a measurement of another length.
+    """
+
+    name = "block_influence"
+    FLOOR = 1e-6
+
+    def __init__(
+        self, num_layers: int, n_active: int, seed: int = 0, pinned: Sequence[int] = (), *, temperature: float = 1.0, refresh_every: int = 5
+    ) -> None:
+        super().__init__(num_layers, n_active, seed, pinned)
+        if temperature <= 0 or refresh_every < 1:
+            raise ValueError(f"temperature must be positive and refresh_every >= 1, got {temperature}, {refresh_every}")
+        self.temperature = temperature
+        self.refresh_every = refresh_every
+        self.influence: Tensor | None = None
+        self.measured_period: int | None = None
+
+    @property
+    def importance(self) -> Tensor | None:
+        return self.influence
+
+    def wants_influence(self, period: int) -> bool:
+        return period % self.refresh_every == 0 and self.measured_period != period
+
+    def record_influence(self, period: int, influence: Tensor) -> None:
+        """Take ``period``'s measurement: ``[num_layers]`` BI, already reduced over every rank."""
+        if influence.shape != (self.num_layers,):
+            raise ValueError(f"block influence of {tuple(influence.shape)} values for a stack of {self.num_layers} layers")
+        self.influence = influence.detach().double().cpu().clone()
+        self.measured_period = period
+
+    def probabilities(self) -> Tensor:
+        """The draw's probabilities over :attr:`candidates` (uniform before any measurement)."""
+        if self.influence is None:
+            return torch.full((len(self.candidates),), 1.0 / len(self.candidates), dtype=torch.float64)
+        weights = self.influence[self.candidates].clamp(min=self.FLOOR) ** (1.0 / self.temperature)
+        return weights / weights.sum()
+
+    def draw(self, period: int) -> list[int]:
+        return torch.multinomial(self.probabilities(), self.n_active, replacement=False, generator=self.generator(period)).tolist()
+
+    def state_dict(self) -> dict[str, Any]:
+        influence = None if self.influence is None else self.influence.clone()
+        return {**super().state_dict(), "influence": influence, "measured_period": self.measured_period}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.influence = None if state["influence"] is None else state["influence"].clone()
+        self.measured_period = state["measured_period"]

@@ -7,21 +7,27 @@ callback, which feeds them the score store and applies their loss corrections.
 """
 
 from weightwise.selection.base import EpochPlan, EpochSampler
+from weightwise.selection.ccs import CoverageSampler
 from weightwise.selection.dsir import DSIRSampler
 from weightwise.selection.importance import ImportanceSampler
 from weightwise.selection.infobatch import InfoBatchSampler
+from weightwise.selection.perplexity import PerplexityBandSampler, reference_perplexity, sequence_perplexity
 from weightwise.selection.policies import POLICIES, make_sampler
 from weightwise.selection.random_subsets import RandomSubsetSampler
 from weightwise.selection.score_pruning import ScorePruningSampler
 
 __all__ = [
+    "CoverageSampler",
     "DSIRSampler",
     "EpochPlan",
     "EpochSampler",
     "ImportanceSampler",
     "InfoBatchSampler",
     "POLICIES",
+    "PerplexityBandSampler",
     "RandomSubsetSampler",
     "ScorePruningSampler",
     "make_sampler",
+    "reference_perplexity",
+    "sequence_perplexity",
 ]

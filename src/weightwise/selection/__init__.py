@@ -5,7 +5,8 @@ self-sharding ``EpochSampler``) and the policies - InfoBatch (:mod:`~weightwise.
 RS2 (:mod:`~weightwise.selection.random_subsets`), importance sampling
 (:mod:`~weightwise.selection.importance`), Data Diet pruning (:mod:`~weightwise.selection.score_pruning`,
 ranking in :mod:`~weightwise.selection.ranking`), DSIR (:mod:`~weightwise.selection.dsir`: hashed n-gram
-importance toward a target set) - per-sample difficulty scores (:mod:`~weightwise.selection.scores`)
+importance toward a target set), coverage-centric coreset selection (:mod:`~weightwise.selection.ccs`),
+reference-model perplexity bands (:mod:`~weightwise.selection.perplexity`) - per-sample difficulty scores (:mod:`~weightwise.selection.scores`)
 and forward-only scoring passes (:mod:`~weightwise.selection.scoring`). Lightning side: :mod:`~weightwise.selection.callback`
 (``DataPruning``). Public face: :mod:`weightwise.samplers`.
 """
