@@ -5,8 +5,8 @@ from pathlib import Path
 
 import torch
 
-from tests.support.contracts import CASES_BY_NAME, fit_case
 from tests.scripts.deepspeed_jobs import strategy_for
+from tests.support.contracts import CASES_BY_NAME, fit_case
 
 
 def decide(out_dir: str, case: str, strategy: str = "ddp") -> None:

@@ -10,7 +10,6 @@ from weightwise.selection.base import EpochPlan, EpochSampler, check_fraction
 from weightwise.selection.ranking import rank_range
 from weightwise.selection.scoring import Averaging, ScoreAverager
 
-
 Scoring = Literal["pass", "training"]
 
 
