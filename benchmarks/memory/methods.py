@@ -21,7 +21,15 @@ from torch import Tensor, nn
 
 from benchmarks.memory.models import Shape, build
 from benchmarks.memory.tracking import FakeAccelerator
-from weightwise.layers import LayerPolicy, LossCreditLayers, OptimizerStateStash, UniformLayers, activate_layers, find_layer_stack
+from weightwise.layers import (
+    HostMasters,
+    LayerPolicy,
+    LossCreditLayers,
+    OptimizerStateStash,
+    UniformLayers,
+    activate_layers,
+    find_layer_stack,
+)
 from weightwise.losses import linear_cross_entropy, loss_weights, sequence_loss, weighted_mean
 
 BASES: dict[str, str] = {
@@ -37,7 +45,9 @@ INGREDIENTS: dict[str, str] = {
     "forloop": "AdamW(foreach=False): one parameter at a time (default: foreach, torch's CUDA default)",
     "fused": "AdamW(fused=True)",
     "ckpt": "activation checkpointing of every decoder layer (transformers, non-reentrant)",
-    "bf16frozen": "frozen parameters stored in bf16; fp32 only for trainable ones (and their AdamW state)",
+    "bf16frozen": "frozen parameters stored in bf16, fp32 only for trainable ones: layer sampling via weightwise's"
+    " LayerwiseSampling(frozen_dtype=bf16) path (layers.HostMasters parks the fp32 masters in host memory); LoRA's"
+    " frozen base loaded in bf16",
     "linearce": "weightwise per-sample loss from the last hidden states (losses.linear_cross_entropy): no [B, T, V] logits",
 }
 # The methods and ingredient combinations a plain run simulates.
@@ -68,6 +78,7 @@ DEFAULT_METHODS = (
     "lisa_layers+bf16frozen+ckpt+fused+linearce",
     "lora+bf16frozen+ckpt+linearce",
 )
+HOST = torch.device("meta")  # where the simulation parks host-memory copies (not the accelerator)
 HAND_LAYERS = (0, 1)  # the trainable layers of "lisa_hand" (with trainable embeddings, which ones does not matter)
 LISA_LAYERS = 2
 IST_FRACTION = 0.25
@@ -144,17 +155,10 @@ def adamw(params: list[nn.Parameter], ingredients: frozenset[str]) -> torch.opti
 
 
 def cast_frozen_to_bf16(model: nn.Module) -> None:
-    """Store every frozen parameter in bf16 and every trainable one in fp32.
-
-    Memory only: a thawing layer's fp32 weights here are its bf16 values upcast, which would erase the
-    updates of its earlier periods that are smaller than bf16's resolution (2^-8 relative; a period of
-    lr 1e-5 moves weights by far less). A real implementation parks the fp32 master off the
-    accelerator (host memory) while the layer is frozen - the same accelerator bytes as simulated.
-    """
+    """Store every frozen parameter in bf16 (LoRA: a base model loaded in bf16; its weights never train)."""
     for param in model.parameters():
-        dtype = torch.float32 if param.requires_grad else torch.bfloat16
-        if param.dtype != dtype:
-            param.data = param.data.to(dtype)
+        if not param.requires_grad and param.dtype != torch.bfloat16:
+            param.data = param.data.to(torch.bfloat16)
 
 
 def prepare(recipe: Recipe, shape: Shape, accelerator: FakeAccelerator) -> Prepared:
@@ -180,11 +184,17 @@ def prepare(recipe: Recipe, shape: Shape, accelerator: FakeAccelerator) -> Prepa
     with accelerator.real():  # policies keep and draw host tensors, as in a real run
         policy = make_policy(recipe.base, len(stack))
         schedule = None if policy is None else layer_schedule(policy)
+    # weightwise's frozen_dtype path; the fp32 masters go to "host" memory - the meta device here,
+    # which the tracker does not count as the accelerator's.
+    masters = HostMasters(torch.bfloat16, host=HOST) if "bf16frozen" in recipe.ingredients and schedule is not None else None
+    outside = [p for p in model.parameters() if p not in in_stack and not p.requires_grad]
 
     def before_step(step: int) -> None:
         if schedule is not None:
-            activate_layers(layer_params, schedule[step], optimizer, stash)
-        if "bf16frozen" in recipe.ingredients:
+            activate_layers(layer_params, schedule[step], optimizer, stash, masters)
+            if masters is not None:
+                masters.freeze(outside)  # train_outside_stack=False: embeddings, head and norm stay frozen
+        elif "bf16frozen" in recipe.ingredients:
             cast_frozen_to_bf16(model)
 
     def loss(ids: Tensor) -> Tensor:

@@ -144,9 +144,14 @@ class KindTracker(MemTracker):
     def _tag_gradient(self, grad: Tensor) -> None:
         self._update_and_maybe_create_winfos(grad, _MemRefType.GRAD)
 
+    def _accelerator_snapshots(self) -> list[dict]:
+        """The snapshots of the simulated accelerator (the fake CPU device); host-memory stand-ins
+        (the ``meta`` device) are not the accelerator's."""
+        return [snapshot for device, snapshot in self._curr_mem_snap.items() if torch.device(device).type == FakeAccelerator.device.type]
+
     def _update_peak_stats(self, peak_state: Any) -> None:
         phase = f"{self.step} {self.stage}"
-        total = sum(snapshot[_TOTAL_KEY] for snapshot in self._curr_mem_snap.values())
+        total = sum(snapshot[_TOTAL_KEY] for snapshot in self._accelerator_snapshots())
         if total > sum(self.phase_peaks.get(phase, {"": -1}).values()):
             if self._in_opt:
                 for optimizer in self.optimizers:
@@ -154,9 +159,9 @@ class KindTracker(MemTracker):
             self.phase_peaks[phase] = self.current()
 
     def current(self) -> dict[str, int]:
-        """Live bytes by kind (summed over devices; there is one)."""
+        """Live bytes by kind on the simulated accelerator."""
         out = dict.fromkeys(KINDS, 0)
-        for snapshot in self._curr_mem_snap.values():
+        for snapshot in self._accelerator_snapshots():
             for ref, nbytes in snapshot.items():
                 if ref != _TOTAL_KEY:
                     out[_KIND_OF[ref]] += nbytes

@@ -167,3 +167,63 @@ def test_the_optimizer_is_found_in_every_configure_optimizers_form():
     forms = [optimizer, [optimizer], ([optimizer], [schedule]), {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule}}]
     assert all(_optimizers_in(form) == [optimizer] for form in forms)
     assert _optimizers_in(None) == []
+
+
+def test_frozen_layers_wait_in_bf16_with_their_fp32_weights_on_the_host():
+    from lightning.pytorch.callbacks import Callback
+
+    class Dtypes(Callback):
+        def __init__(self):
+            self.seen = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # after LayerwiseSampling's own
+            self.seen.append([layer.self_attn.q_proj.weight.dtype for layer in pl_module.model.model.layers])
+
+    module = TinyLlama(layers=4)
+    sampling, dtypes = LayerwiseSampling("lisa", n_layers=1, interval=2, frozen_dtype=torch.bfloat16), Dtypes()
+    trainer(max_epochs=2, precision="bf16-mixed", callbacks=[sampling, dtypes]).fit(module, token_batches())
+    for step, seen in enumerate(dtypes.seen):
+        active = sampling.history[step // 2]
+        assert seen == [torch.float32 if i in active else torch.bfloat16 for i in range(4)], step
+    assert all(p.dtype == torch.float32 for p in module.parameters())  # back to fp32 after the fit
+    assert not sampling.masters.masters
+
+
+def test_an_update_smaller_than_bf16_resolution_survives_the_frozen_periods():
+    """The master is kept, not recomputed from the bf16 copy: a tiny update is not rounded away."""
+    from weightwise.layers import HostMasters
+
+    param = torch.nn.Parameter(torch.full((4,), 1.0))
+    masters = HostMasters(torch.bfloat16)
+    param.data += 1e-4  # below bf16's resolution at 1.0 (2^-8)
+    masters.freeze([param])
+    assert param.dtype == torch.bfloat16 and param.data.eq(1.0).all()
+    masters.thaw([param])
+    assert param.dtype == torch.float32 and torch.allclose(param.data, torch.full((4,), 1.0001))
+
+
+def test_frozen_dtype_needs_mixed_precision_and_released_state():
+    with pytest.raises(ValueError, match="release"):
+        LayerwiseSampling("ist", frozen_dtype=torch.bfloat16)  # IST keeps state by default
+    with pytest.raises(Exception, match="bf16-mixed"):
+        trainer(max_steps=1, callbacks=[LayerwiseSampling("lisa", frozen_dtype=torch.bfloat16)]).fit(TinyLlama(), token_batches())
+
+
+def test_resume_with_frozen_dtype_keeps_the_exact_fp32_weights(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from tests.support.training import flat_params
+
+    def run(max_epochs, ckpt_path=None, checkpoint_dir=None):
+        sampling = LayerwiseSampling("lisa", n_layers=1, interval=3, seed=2, frozen_dtype=torch.bfloat16)
+        callbacks = [sampling] + ([ModelCheckpoint(dirpath=checkpoint_dir, save_last=True)] if checkpoint_dir else [])
+        module = TinyLlama(layers=3)
+        trainer(max_epochs=max_epochs, precision="bf16-mixed", callbacks=callbacks, enable_checkpointing=bool(checkpoint_dir)).fit(
+            module, token_batches(), ckpt_path=ckpt_path
+        )
+        return module
+
+    straight = run(4)
+    run(2, checkpoint_dir=tmp_path)
+    assert torch.load(tmp_path / "last.ckpt", weights_only=False)["callbacks"]["LayerwiseSampling"]["masters"]  # fp32 parked
+    torch.testing.assert_close(flat_params(run(4, ckpt_path=tmp_path / "last.ckpt")), flat_params(straight), rtol=0, atol=0)

@@ -8,7 +8,7 @@ influence, for reporting and for the ``"block_influence"`` policy). Lightning si
 (``LayerwiseSampling``); DeepSpeed's ZeRO rebuild is in :mod:`weightwise.integrations.deepspeed`.
 """
 
-from weightwise.layers.freezing import OptimizerStateStash, activate_layers, optimizer_state_bytes
+from weightwise.layers.freezing import HostMasters, OptimizerStateStash, activate_layers, optimizer_state_bytes
 from weightwise.layers.influence import block_influence, influence_totals, redundant_layers
 from weightwise.layers.policies import (
     BlockInfluenceLayers,
@@ -22,6 +22,7 @@ from weightwise.layers.probes import suppressed
 from weightwise.layers.stack import find_layer_stack
 
 __all__ = [
+    "HostMasters",
     "BlockInfluenceLayers",
     "ISTLayers",
     "LayerPolicy",

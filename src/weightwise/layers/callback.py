@@ -23,7 +23,7 @@ from weightwise.integrations.lightning import (
     require_single_device_or_ddp,
     rewrap_ddp,
 )
-from weightwise.layers.freezing import OptimizerStateStash, StateMode, activate_layers, optimizer_state_bytes
+from weightwise.layers.freezing import HostMasters, OptimizerStateStash, StateMode, activate_layers, optimizer_state_bytes
 from weightwise.layers.influence import influence_totals
 from weightwise.layers.policies import (
     BlockInfluenceLayers,
@@ -134,6 +134,10 @@ class LayerwiseSampling(Callback):
             is also ``"block_influence"``'s).
         refresh_every: ``"block_influence"``: periods between measurements of block influence (5).
         probe_every, probes, suppression, ist_learning_rate: IST's 10, 3, 0.25 and 10.
+        frozen_dtype: store frozen layers in this type (``torch.bfloat16``) with their fp32 weights parked
+            in host memory until they train again (:class:`weightwise.layers.freezing.HostMasters`): on
+            the accelerator, fp32 weights exist for the active layers only. Needs
+            ``Trainer(precision="bf16-mixed")``; not under DeepSpeed (ZeRO keeps its own masters).
         probe_loss: ``(module, batch) -> scalar`` for IST's probes, and the forward pass of block
             influence's measurements (default: the loss of the transformers model inside the module on
             the batch's ``input_ids``/``labels``).
@@ -170,6 +174,7 @@ class LayerwiseSampling(Callback):
         suppression: float = 0.25,
         ist_learning_rate: float = 10.0,
         probe_loss: ProbeLoss | None = None,
+        frozen_dtype: torch.dtype | None = None,
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {sorted(POLICIES)}, got {policy!r}")
@@ -185,6 +190,9 @@ class LayerwiseSampling(Callback):
         self.train_outside_stack = defaults.train_outside_stack if train_outside_stack is None else train_outside_stack
         self.always_active = sorted(set(always_active))
         self.stash = OptimizerStateStash(defaults.optimizer_state if optimizer_state is None else optimizer_state)
+        self.masters = None if frozen_dtype is None else HostMasters(frozen_dtype)
+        if self.masters is not None and self.stash.mode == "keep":
+            raise ValueError("frozen_dtype changes a frozen parameter's dtype, so its optimizer state cannot be kept: use optimizer_state='release'")
         self.seed = seed
         self.policy_options: dict[str, Any] = {
             "badam": {"order": order},
@@ -211,6 +219,7 @@ class LayerwiseSampling(Callback):
         self._outside: list[torch.nn.Parameter] = []
         self._param_names: dict[torch.nn.Parameter, str] = {}
         self._parked_to_load: dict[str, dict[str, Any]] | None = None
+        self._masters_to_load: dict[str, Tensor] | None = None
         self._chooser_state: dict[str, Any] | None = None
         self._zero: Any = None  # a weightwise.integrations.deepspeed.ZeroLayerOptimizer under DeepSpeed
         self._patches: list[MethodPatch] = []
@@ -228,6 +237,11 @@ class LayerwiseSampling(Callback):
         if stage != "fit":
             return
         check_trainer(trainer)
+        if self.masters is not None and "mixed" not in str(trainer.precision):
+            raise MisconfigurationException(
+                f"frozen_dtype={self.masters.dtype} stores frozen layers in low precision, which their forward only"
+                f" accepts under autocast: use Trainer(precision='bf16-mixed') (now {trainer.precision!r})"
+            )
         if is_deepspeed(trainer):
             self._hook_deepspeed(trainer.strategy, pl_module)
         else:
@@ -247,6 +261,8 @@ class LayerwiseSampling(Callback):
 
         deepspeed.check_version()
         problems = deepspeed.unsupported_settings(strategy.config or {})
+        if self.masters is not None:
+            problems.append("frozen_dtype (ZeRO keeps the fp32 masters of the trainable parameters itself): remove it")
         if self.stash.mode != "release":
             problems.append(
                 f"optimizer_state={self.stash.mode!r}: use 'release' (ZeRO rebuilds its optimizer for each period's layers,"
@@ -293,6 +309,11 @@ class LayerwiseSampling(Callback):
             MethodPatch(pl_module, "configure_optimizers", make_configure_optimizers),
             MethodPatch(strategy, "load_checkpoint", make_load_checkpoint),
         ]
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.masters is not None:  # the model leaves the fit in fp32, with its exact weights
+            self.masters.thaw(list(self.masters.masters))
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -346,8 +367,13 @@ class LayerwiseSampling(Callback):
             deepspeed.check_engine(trainer.strategy.deepspeed_engine)  # type: ignore[attr-defined]
             self._rebuild_zero(trainer.strategy)
         self._discover(pl_module)
+        if self._masters_to_load is not None and self.masters is not None:  # resumed: the exact fp32 weights come back
+            self.masters.load_state_dict(self._masters_to_load, dict(pl_module.named_parameters()))
+            self._masters_to_load = None
         if not self.train_outside_stack and self._zero is None:  # embeddings, head, norms: frozen for the run
             self.stash.freeze(self._outside, trainer.optimizers[0] if trainer.optimizers else None)
+            if self.masters is not None:
+                self.masters.freeze(self._outside)
         self._param_names = {p: name for name, p in pl_module.named_parameters()}
         if self._parked_to_load is not None:  # resumed "offload" run: the parked moments come back too
             self.stash.load_state_dict(self._parked_to_load, dict(pl_module.named_parameters()))
@@ -404,7 +430,7 @@ class LayerwiseSampling(Callback):
             self._set_trainable(chosen)
             self._rebuild_zero(trainer.strategy)
         else:
-            activate_layers(self.trainable, chosen, trainer.optimizers[0] if trainer.optimizers else None, self.stash)
+            activate_layers(self.trainable, chosen, trainer.optimizers[0] if trainer.optimizers else None, self.stash, self.masters)
             rewrap_ddp(trainer)  # DDP's reducer covers the parameters that required grad when it was built
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         self.active, self._applied = chosen, True
@@ -444,6 +470,7 @@ class LayerwiseSampling(Callback):
                 "period_loss": self._period_loss.clone(),
                 "probed": self._probed,
                 "parked": self.stash.state_dict(self._param_names),
+                "masters": None if self.masters is None else self.masters.state_dict(self._param_names),
                 "optimizer_hyperparameters": None if self._zero is None else self._zero.hyperparameters(),
             },
             self.STATE_VERSION,
@@ -468,6 +495,10 @@ class LayerwiseSampling(Callback):
         self._period_loss = state_dict["period_loss"].clone()
         self._probed = state_dict.get("probed")
         self._parked_to_load = state_dict.get("parked") or None
+        saved_masters = state_dict.get("masters")
+        if saved_masters and self.masters is None:
+            raise ValueError("the checkpoint was written with frozen_dtype (fp32 weights parked on the host): resume with the same frozen_dtype")
+        self._masters_to_load = saved_masters or None
         hyperparameters = state_dict.get("optimizer_hyperparameters")
         if self._zero is not None and hyperparameters is not None:
             # DeepSpeed resume (callback state is loaded after the engine is built): the proxy gets lr etc.

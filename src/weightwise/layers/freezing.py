@@ -9,7 +9,13 @@ Flipping ``requires_grad`` is not enough (docs/architecture.md, "Memory is real"
   (``"release"``: memory freed, moments start from zero when the layer returns - what LISA's memory
   claim assumes), moves them to CPU (``"offload"``: accelerator memory freed, moments restored
   when the layer returns), or leaves them where they are (``"keep"``: what LMFlow's LISA and IST's
-  reference do; cheap for adapters, and right when layers change every step).
+  reference do; cheap for adapters, and right when layers change every step);
+* a frozen layer's weights need not be fp32 on the accelerator: :class:`HostMasters` stores them
+  in bf16 there and keeps their fp32 master in host memory, restored when the layer trains again -
+  so fp32 weights exist on the accelerator for the active layers only (bf16 halves the frozen
+  weights, and under autocast no bf16 copy of them is made for the backward pass either). The
+  master is kept, not recomputed: an update smaller than bf16's resolution (2^-8 relative; a period
+  at lr 1e-5 moves a weight far less) would otherwise be lost when the layer is frozen again.
 """
 
 from __future__ import annotations
@@ -81,6 +87,65 @@ class OptimizerStateStash:
         self.parked = {params[name]: dict(s) for name, s in state.items()}
 
 
+class HostMasters:
+    """Frozen parameters stored in a low precision on their device, their fp32 masters on the host.
+
+    Args:
+        dtype: the storage type of frozen parameters (``torch.bfloat16``).
+        host: where the fp32 masters wait (``"cpu"``; pinned memory is used when the parameter is on
+            a CUDA device, so the copies overlap with compute).
+
+    Raises:
+        ValueError: a ``dtype`` that is not a floating point type narrower than fp32.
+    """
+
+    def __init__(self, dtype: torch.dtype = torch.bfloat16, host: torch.device | str = "cpu") -> None:
+        if not dtype.is_floating_point or torch.finfo(dtype).bits >= 32:
+            raise ValueError(f"frozen parameters are stored in a floating type narrower than fp32, got {dtype}")
+        self.dtype = dtype
+        self.host = torch.device(host)
+        self.masters: dict[nn.Parameter, Tensor] = {}
+
+    def freeze(self, params: Iterable[nn.Parameter]) -> None:
+        """Park each parameter's fp32 value on the host and store it in :attr:`dtype` (idempotent)."""
+        for p in params:
+            if p in self.masters or p.dtype != torch.float32:
+                continue
+            pin = p.device.type == "cuda" and self.host.type == "cpu"
+            master = torch.empty(p.shape, dtype=torch.float32, device=self.host, pin_memory=pin)
+            master.copy_(p.detach(), non_blocking=pin)
+            self.masters[p] = master
+            p.data = p.data.to(self.dtype)
+
+    def thaw(self, params: Iterable[nn.Parameter]) -> None:
+        """Give each parked parameter its fp32 master back."""
+        for p in params:
+            master = self.masters.pop(p, None)
+            if master is not None:
+                p.data = master.to(p.device, non_blocking=master.is_pinned())
+
+    def state_dict(self, names: Mapping[nn.Parameter, str]) -> dict[str, Tensor]:
+        """The parked masters by parameter name (the model's own state holds their low-precision copies)."""
+        return {names[p]: master.cpu() for p, master in self.masters.items()}
+
+    def load_state_dict(self, state: Mapping[str, Tensor], params: Mapping[str, nn.Parameter]) -> None:
+        """Put the fp32 values of a checkpoint back into the named parameters (fp32 again; the next
+        :meth:`freeze` parks them anew).
+
+        Raises:
+            ValueError: names the model lacks, or shapes that differ.
+        """
+        unknown = sorted(set(state) - set(params))
+        if unknown:
+            raise ValueError(f"the checkpoint parks fp32 weights for parameters this model lacks: {unknown[:5]}")
+        for name, master in state.items():
+            param = params[name]
+            if master.shape != param.shape:
+                raise ValueError(f"parked weight {name!r} has shape {tuple(master.shape)}, the parameter {tuple(param.shape)}")
+            self.masters.pop(param, None)
+            param.data = master.to(param.device, torch.float32)
+
+
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes held in the optimizer's per-parameter state tensors (e.g. Adam's two moments)."""
     return sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values() if isinstance(v, Tensor))
@@ -91,16 +156,24 @@ def activate_layers(
     chosen: Iterable[int],
     optimizer: torch.optim.Optimizer | None,
     stash: OptimizerStateStash,
+    masters: HostMasters | None = None,
 ) -> None:
     """Make exactly the ``chosen`` layers trainable: freeze the others (state released or parked by
-    ``stash``) and thaw the chosen ones (parked state restored).
+    ``stash``; with ``masters``, weights stored in low precision and fp32 parked on the host) and
+    thaw the chosen ones (parked state and fp32 weights restored).
 
     Args:
         layer_params: per layer of the stack, the parameters that layer sampling may train.
         chosen: indices of the layers to train.
         optimizer: the optimizer whose per-parameter state follows the freezing (``None``: none yet).
         stash: where frozen layers' state goes.
+        masters: where frozen layers' fp32 weights go (``None``: they stay fp32 on the device).
     """
     chosen = set(chosen)
-    stash.freeze((p for i, params in enumerate(layer_params) if i not in chosen for p in params), optimizer)
-    stash.thaw((p for i in sorted(chosen) for p in layer_params[i]), optimizer)
+    frozen = [p for i, params in enumerate(layer_params) if i not in chosen for p in params]
+    thawed = [p for i in sorted(chosen) for p in layer_params[i]]
+    stash.freeze(frozen, optimizer)
+    if masters is not None:
+        masters.freeze(frozen)
+        masters.thaw(thawed)
+    stash.thaw(thawed, optimizer)
