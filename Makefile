@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.weightwise-installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test quick lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,8 +23,15 @@ demo: $(STAMP)
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest
 
+# The inner loop: everything but the multi-process and model-loading runs (about a minute).
+quick: $(STAMP)
+	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -m "not slow" -q
+
+lint: $(STAMP)
+	$(PY) -m ruff check src tests examples benchmarks
+
 bench: $(STAMP)
-	$(PY) benchmarks/score_store.py
+	$(PY) -m benchmarks.score_store
 
 clean:
 	rm -rf $(VENV) lightning_logs wandb runs .pytest_cache

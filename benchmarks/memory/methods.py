@@ -23,9 +23,10 @@ from benchmarks.memory.models import Shape, build
 from benchmarks.memory.tracking import FakeAccelerator
 from weightwise.layers import (
     HostMasters,
+    ISTLayers,
     LayerPolicy,
-    LossCreditLayers,
     OptimizerStateStash,
+    OrderedBlocks,
     UniformLayers,
     activate_layers,
     find_layer_stack,
@@ -38,8 +39,9 @@ BASES: dict[str, str] = {
     "lisa_hand": "LISA by hand: embeddings, head, final norm and layers 0-1 trainable; AdamW over those only",
     "lisa": "LISA via weightwise: embeddings, head, final norm + 2 sampled layers; per-sample weighted loss",
     "lisa_layers": "LISA via weightwise, 2 sampled layers only (embeddings, head, final norm frozen)",
-    "ist_lora": "IST over LoRA: 25% of the layers' LoRA adapters train (weightwise LossCreditLayers)",
-    "badam": "BAdam-like: 1 sampled layer trains, no embeddings/head",
+    "ist_lora": "IST over LoRA: 25% of the layers' LoRA adapters train (weightwise ISTLayers' draws; its probes are"
+    " no-grad forwards, below the training step's peak)",
+    "badam": "BAdam: 1 layer at a time in descending order (weightwise OrderedBlocks), no embeddings/head",
 }
 INGREDIENTS: dict[str, str] = {
     "forloop": "AdamW(foreach=False): one parameter at a time (default: foreach, torch's CUDA default)",
@@ -141,9 +143,9 @@ def make_policy(base: str, num_layers: int) -> LayerPolicy | None:
     if base in ("lisa", "lisa_layers"):
         return UniformLayers(num_layers, LISA_LAYERS, seed=0)
     if base == "badam":
-        return UniformLayers(num_layers, 1, seed=0)
+        return OrderedBlocks(num_layers, 1, seed=0, order="descending")
     if base == "ist_lora":
-        return LossCreditLayers(num_layers, max(1, round(IST_FRACTION * num_layers)), seed=0)
+        return ISTLayers(num_layers, max(1, round(IST_FRACTION * num_layers)), seed=0)
     return None
 
 

@@ -175,6 +175,17 @@ def test_window_statistic_reweights_micro_batches_of_one_sample():
     assert reweighting._recent.numel() == 4
 
 
+def test_window_smaller_than_the_batch_still_covers_the_whole_batch():
+    record = WeightsPerStep()
+    reweighting = LossReweighting("linupper", warmup_steps=0, statistic="window", window=3, store_fields=FIELDS)
+    model = Classifier(lr=0.0)
+    trainer(max_steps=1, callbacks=[reweighting, record]).fit(model, indexed_loader(8, 8))
+    x, y = blobs(8).tensors
+    losses = torch.nn.functional.cross_entropy(model.net(x), y, reduction="none").detach()
+    torch.testing.assert_close(record.weights[0], loss_weights(losses, "linupper", temperature=0.4), rtol=1e-3, atol=1e-3)
+    assert reweighting._recent.numel() == 3  # only `window` losses are carried to the next step
+
+
 def test_uniform_with_gradient_accumulation_is_plain_training():
     seed_everything(7)
     plain = Classifier(per_sample=False, optimizer="adamw", lr=0.01)

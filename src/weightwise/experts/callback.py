@@ -29,7 +29,8 @@ class ExpertUpcycling(Callback):
     """At optimizer step ``at_step``, upcycle every MoE block of the model (see :mod:`weightwise.experts`).
 
     * With ``selection="utility"``, expert utilities (``||grad||^2`` of each expert's gate/up
-      projection by default, the reference's) are averaged over the ``utility_window`` optimizer
+      projection by default: the gradient-based score the reference's README recommends; its
+      configuration's default is ``weight_norm``, available as ``utility_metric``) are averaged over the ``utility_window`` optimizer
       steps before ``at_step`` - measured on the gradients the optimizer applies, so accumulated and
       averaged over ranks, the same on every rank - and turned into per-expert copy counts by the
       reference's greedy allocation (:mod:`weightwise.experts.utility`). The reference scores the
@@ -47,8 +48,11 @@ class ExpertUpcycling(Callback):
 
     Args:
         at_step: global step at which to grow the experts.
-        factor, method, selection, router_noise, noise_target, preserve_function, optimizer_state, allocation,
-            cap: see :func:`weightwise.experts.upcycle_experts`.
+        factor, method, selection, noise_target, preserve_function, optimizer_state, allocation, cap: see
+            :func:`weightwise.experts.upcycle_experts`.
+        router_noise: see :func:`~weightwise.experts.upcycle_experts`. Its default there is 0 (the
+            reference's plain router copy); here 1e-2, because copies that keep training inside a
+            fit must receive different tokens to grow apart - identical router rows tie forever.
         utility_window: optimizer steps before ``at_step`` over which utility is averaged.
         utility_metric, utility_projection: see :class:`weightwise.experts.ExpertUtility`.
         seed: seed of the router noise (identical on every rank).

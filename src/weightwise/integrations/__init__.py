@@ -11,6 +11,8 @@ installed and the tested versions otherwise.
 * :mod:`~weightwise.integrations.deepspeed` - rebuilding a ZeRO optimizer for a new set of
   trainable parameters (imports DeepSpeed lazily).
 * :mod:`~weightwise.integrations.torch` - the one private flag of ``torch.optim`` we set.
+* :mod:`~weightwise.integrations.versions` - ``require()``: the version check those modules run,
+  raising ``UnsupportedVersionError`` with the installed and the tested versions.
 
 transformers, DeepSpeed, peft and W&B are imported lazily throughout weightwise: importing
 ``weightwise.callbacks`` costs Lightning and torch, nothing more.

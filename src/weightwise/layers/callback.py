@@ -121,8 +121,8 @@ class LayerwiseSampling(Callback):
     Args:
         policy: ``"lisa"``, ``"ist"``, ``"badam"``, ``"loss_credit"`` or ``"block_influence"``.
         n_layers: layers drawn per period (``None``: the policy's default - LISA 2, IST a quarter, BAdam 1,
-            block influence 2).
-        interval: steps per period (``None``: LISA 20, IST 1, BAdam 50, block influence 20).
+            loss credit 2, block influence 2).
+        interval: steps per period (``None``: LISA 20, IST 1, BAdam 50, loss credit 20, block influence 20).
         layers: dotted path of the layer ``ModuleList`` (default: found, see :func:`find_layer_stack`).
         train_outside_stack: whether parameters outside the stack train (``None``: False for BAdam).
         always_active: layer indices that train in every period.
@@ -237,11 +237,14 @@ class LayerwiseSampling(Callback):
         if stage != "fit":
             return
         check_trainer(trainer)
-        if self.masters is not None and "mixed" not in str(trainer.precision):
-            raise MisconfigurationException(
-                f"frozen_dtype={self.masters.dtype} stores frozen layers in low precision, which their forward only"
-                f" accepts under autocast: use Trainer(precision='bf16-mixed') (now {trainer.precision!r})"
-            )
+        if self.masters is not None:
+            needed = {torch.bfloat16: "bf16-mixed", torch.float16: "16-mixed"}.get(self.masters.dtype)
+            if str(trainer.precision) != needed:
+                raise MisconfigurationException(
+                    f"frozen_dtype={self.masters.dtype} stores frozen layers in low precision, which their forward only"
+                    f" accepts under autocast to that type: use Trainer(precision={needed or 'bf16-mixed'!r}) with it"
+                    f" (now precision={trainer.precision!r}, frozen_dtype={self.masters.dtype})"
+                )
         if is_deepspeed(trainer):
             self._hook_deepspeed(trainer.strategy, pl_module)
         else:

@@ -6,7 +6,10 @@ RS2 (:mod:`~weightwise.selection.random_subsets`), importance sampling
 (:mod:`~weightwise.selection.importance`), Data Diet pruning (:mod:`~weightwise.selection.score_pruning`,
 ranking in :mod:`~weightwise.selection.ranking`), DSIR (:mod:`~weightwise.selection.dsir`: hashed n-gram
 importance toward a target set), coverage-centric coreset selection (:mod:`~weightwise.selection.ccs`),
-reference-model perplexity bands (:mod:`~weightwise.selection.perplexity`) - per-sample difficulty scores (:mod:`~weightwise.selection.scores`)
-and forward-only scoring passes (:mod:`~weightwise.selection.scoring`). Lightning side: :mod:`~weightwise.selection.callback`
-(``DataPruning``). Public face: :mod:`weightwise.samplers`.
+reference-model perplexity bands (:mod:`~weightwise.selection.perplexity`) - per-sample difficulty
+scores (:mod:`~weightwise.selection.scores`) and forward-only scoring passes
+(:mod:`~weightwise.selection.scoring`); per step, online batch selection
+(:mod:`~weightwise.selection.online`: which rows of a batch are backpropagated). Lightning side:
+:mod:`~weightwise.selection.callback` (``DataPruning``) and ``OnlineBatchSelection``. Public face:
+:mod:`weightwise.samplers` and :mod:`weightwise.callbacks`.
 """

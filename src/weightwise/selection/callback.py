@@ -43,7 +43,8 @@ class DataPruning(SampleWeightCallback):
       epoch end follow the pruned epoch;
     * runs the scoring passes samplers ask for (Data Diet and NLU on Data Diets score the whole
       training set with the model in eval mode, no gradients; ``score_fn(module, batch)`` gives the
-      scores, by default the module's own ``training_step``'s ``"scores"`` and per-sample ``"loss"``)
+      scores, by default the module's own ``training_step``'s ``"scores"`` and its per-sample loss,
+      recorded as ``"eval_loss"``)
       - each rank its share, gathered, so every rank plans the same;
     * logs a ledger every epoch: ``weightwise/epoch_samples`` (visited, all ranks),
       ``weightwise/epoch_fraction_skipped``, ``weightwise/samples_skipped_total`` (forward and

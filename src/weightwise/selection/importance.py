@@ -36,6 +36,10 @@ class ImportanceSampler(EpochSampler):
         score: store signal (non-negative) to sample by.
         uniform_mix: eps in (0, 1]; 1 is uniform sampling.
         seed, num_replicas, rank: see :class:`EpochSampler`.
+
+    Raises:
+        ValueError: a fraction or ``uniform_mix`` outside (0, 1]; when planning, a signal with
+            negative values.
     """
 
     def __init__(

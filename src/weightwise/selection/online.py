@@ -116,7 +116,8 @@ class OnlineBatchSelection(SampleWeightCallback):
     Defaults are Composer's ``SelectiveBackprop``: ``keep=0.5``, active from ``start=0.5`` to
     ``end=0.9`` of training (fractions of ``Trainer.estimated_stepping_batches``; integers are
     steps), vanilla every ``interrupt=2``-nd step, the ``"sample"`` rule. RHO-LOSS:
-    ``method="top", keep=0.1, start=0, end=1, interrupt=0`` and ``reference_loss=``.
+    ``method="top", keep=0.1, start=0.0, end=1.0, interrupt=0`` and ``reference_loss=``
+    (floats: a bare ``1`` would be step 1).
     Composer's ``scale_factor`` (down-sampling images for the selection pass) has no counterpart.
 
     Compute ledger (``ledger``, and logged ``weightwise/online_*``): ``steps_selected``,

@@ -14,6 +14,10 @@ class RandomSubsetSampler(EpochSampler):
     (2023): a per-epoch random subset beats static, score-based subset selection at equal budget,
     at no scoring cost. No loss correction is needed (every sample is equally likely).
 
+    Authors' code: ``PatrikOkanovic/RS2``, ``src/DeepCore/deepcore/methods/uniform_no_replacement.py``
+    (and ``uniform.py`` with replacement); ``src/DeepCore/arguments.py``'s ``--fraction`` defaults
+    to 0.1, which is the default here.
+
     * ``replacement=False`` (the paper's default): subsets are consecutive chunks of one random
       permutation of the dataset, a new permutation once it is used up - every sample is seen
       once before any is seen twice.
@@ -21,7 +25,8 @@ class RandomSubsetSampler(EpochSampler):
 
     Args:
         num_samples: dataset size.
-        fraction: subset size per epoch as a fraction of N (rounded to a multiple of the world size).
+        fraction: subset size per epoch as a fraction of N (rounded to a multiple of the world size;
+            the reference's 0.1).
         replacement: whether subsets are drawn independently across epochs.
         seed, num_replicas, rank: see :class:`EpochSampler`.
     """
@@ -29,7 +34,7 @@ class RandomSubsetSampler(EpochSampler):
     def __init__(
         self,
         num_samples: int,
-        fraction: float = 0.5,
+        fraction: float = 0.1,
         *,
         replacement: bool = False,
         seed: int = 0,

@@ -158,7 +158,8 @@ class LossReweighting(SampleWeightCallback):
         temperature: the paper's ``r``; larger is closer to uniform (reference configurations: 0.4).
         warmup_steps: optimizer steps at the start without reweighting (reference: 1000).
         warmup: ``"uniform"`` (reference) or ``"temperature"``.
-        warmup_temperature: r during a ``"temperature"`` warm-up (fms-fsdp: 100).
+        warmup_temperature: r during a ``"temperature"`` warm-up (fms-fsdp: 100, for 2000 steps - pass
+            ``warmup_steps=2000`` to run that branch's schedule).
         statistic: ``"batch"`` (reference) or ``"window"``.
         window: samples in the window of ``statistic="window"``.
         nonfinite, sample_id_key, token_weighting, store_fields: see :class:`SampleWeightCallback`.
@@ -225,7 +226,8 @@ class LossReweighting(SampleWeightCallback):
         window = None
         if self.statistic == "window":
             recent = losses if self._recent is None else torch.cat([self._recent.to(losses.device), losses])
-            self._recent = window = recent[-self.window :]
+            window = recent[-max(self.window, losses.numel()) :]  # the whole current batch, even beyond `window`
+            self._recent = recent[-self.window :]
         temperature = self.temperature
         if trainer.global_step < self.warmup_steps:
             if self.warmup == "uniform":
