@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from weightwise import SampleScoreStore
+from weightwise.samplers import RandomSubsetSampler
 
 
 def test_update_records_loss_ema_count_step():
@@ -31,6 +32,17 @@ def test_grows_past_preallocation_and_keeps_values():
     store.update(torch.tensor([1]), torch.tensor([1.0]), step=0)
     store.update(torch.tensor([100]), torch.tensor([2.0]), step=1)
     assert len(store) == 101 and store.loss[1] == 1.0 and store.loss[100] == 2.0
+
+
+def test_a_sampler_reserves_the_dataset_so_shuffled_ids_do_not_double_the_store():
+    grown, reserved = SampleScoreStore(fields=["loss"]), SampleScoreStore(fields=["loss"])
+    RandomSubsetSampler(1000).attach_scores(reserved)
+    for ids in torch.randperm(1000).split(64):  # an epoch of shuffled ids
+        grown.update(ids, torch.ones(ids.numel()), step=0)
+        reserved.update(ids, torch.ones(ids.numel()), step=0)
+    assert len(grown) == len(reserved) == 1000 and torch.equal(grown.loss, reserved.loss)
+    assert reserved.nbytes == 1000 * 4  # exactly N float32 losses
+    assert grown.nbytes > 1000 * 4  # learning the size from the ids overshoots
 
 
 def test_state_dict_round_trip():

@@ -115,6 +115,18 @@ class SampleScoreStore:
                 if restored is not None:  # from a checkpoint loaded before the callback that reads it asked
                     values[: restored.numel()] = restored.to(device=values.device, dtype=values.dtype)
 
+    def reserve(self, num_samples: int) -> None:
+        """Cover ``num_samples`` samples now, at exactly that capacity.
+
+        A store that learns its size from the ids it sees grows by doubling, which can end at up to
+        twice the dataset (on the device of the losses, on every rank); whoever knows the dataset's
+        length - a sampler attached by ``DataPruning`` - reserves it instead.
+
+        Raises:
+            IndexError: more samples than a memory-mapped store's fixed size.
+        """
+        self._ensure(num_samples, self._device, exact=True)
+
     def _new(self, name: str, dtype: torch.dtype, fill: float, capacity: int) -> Tensor:
         if self.path is None:
             return torch.full((capacity,), fill, dtype=dtype, device=self._device)
@@ -136,6 +148,11 @@ class SampleScoreStore:
         """Bytes the kept fields and signals take per sample."""
         tensors = [*self._fields.values(), *self._signals.values()]
         return sum(t.element_size() for t in tensors)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the store holds (allocated capacity, which may exceed ``len(self)`` while it grows)."""
+        return sum(t.numel() * t.element_size() for t in (*self._fields.values(), *self._signals.values()))
 
     def __len__(self) -> int:
         return self._size
@@ -208,7 +225,7 @@ class SampleScoreStore:
             )
         return self._signals[name][: self._size]
 
-    def _ensure(self, size: int, device: torch.device) -> None:
+    def _ensure(self, size: int, device: torch.device, exact: bool = False) -> None:
         if device != self._device and self.path is None:
             self._fields = {name: values.to(device) for name, values in self._fields.items()}
             self._signals = {name: values.to(device) for name, values in self._signals.items()}
@@ -216,7 +233,7 @@ class SampleScoreStore:
         if size > self._capacity:
             if self.path is not None:
                 raise IndexError(f"sample id {size - 1} is outside the memory-mapped store of {self._capacity} samples")
-            capacity = max(size, 2 * self._capacity)
+            capacity = size if exact else max(size, 2 * self._capacity)  # doubling: amortised O(1) per new id
             for table, fills in ((self._fields, _UNSEEN), (self._signals, None)):
                 for name, old in table.items():
                     grown = torch.full((capacity,), float("nan") if fills is None else fills[name], dtype=old.dtype, device=old.device)

@@ -121,7 +121,8 @@ class FusedExpertsAdapter(ExpertsAdapter):
 
     def gather_experts(self, tensors: dict[str, Tensor], sources: Tensor, output_scale: float) -> dict[str, Tensor]:
         sources = sources.to(tensors["down_proj"].device)
-        return {"gate_up_proj": tensors["gate_up_proj"][sources].clone(), "down_proj": tensors["down_proj"][sources] * output_scale}
+        down = tensors["down_proj"][sources]  # advanced indexing copies: scale the copy in place
+        return {"gate_up_proj": tensors["gate_up_proj"][sources], "down_proj": down.mul_(output_scale) if output_scale != 1.0 else down}
 
     def split_experts(self, tensors: dict[str, Tensor], parts: int, output_scale: float) -> dict[str, Tensor]:
         gate_up, down = tensors["gate_up_proj"], tensors["down_proj"]  # [E, 2I, H], [E, H, I]

@@ -194,6 +194,10 @@ def upcycle_experts(
                 " router rows)"
             )
     for name, block in blocks.items():
+        if optimizer is not None and optimizer_state == "reset":  # dropped before the surgery: nothing to remap
+            for param in (*block.expert_parameters().values(), block.router_weight, block.router_bias):
+                if param is not None:
+                    optimizer.state.pop(param, None)
         if method == "granular":
             _split(block, factor, optimizer)
             report.sources[name] = torch.arange(e).repeat_interleave(factor)
@@ -208,10 +212,6 @@ def upcycle_experts(
             scale = 1.0 if block.renormalizes or not scaled else float(factor)
             _duplicate(block, sources, scale, router_noise, noise_target, optimizer, generator)
             report.sources[name], report.copies[name] = sources, copies
-        if optimizer is not None and optimizer_state == "reset":
-            for param in (*block.expert_parameters().values(), block.router_weight, block.router_bias):
-                if param is not None:
-                    optimizer.state.pop(param, None)
         block.set_routing(e * factor, report.top_k[1], block.intermediate_size)
     _update_config(model, (e, k, inter), (e * factor, report.top_k[1], first.intermediate_size))
     return report
@@ -225,11 +225,13 @@ def _transform_experts(
 ) -> None:
     """Apply ``operation(tensors, scale)`` to the expert weights and to their optimizer state."""
     params = block.expert_parameters()
+    for p in params.values():
+        p.grad = None  # dropped by the surgery anyway: free it before the new tensors exist
     if optimizer is not None and all(p in optimizer.state for p in params.values()):
         states = [optimizer.state[p] for p in params.values()]
-        for key, value in states[0].items():
+        for key in list(states[0]):  # keys, not values: no old moment outlives its replacement
             same_layout = all(isinstance(s.get(key), Tensor) and s[key].shape == p.shape for s, p in zip(states, params.values()))
-            if isinstance(value, Tensor) and same_layout:
+            if same_layout:
                 # The state follows the gradient, which scales by 1/s where the weight scales by s:
                 # first moments by 1/s, second moments by 1/s^2.
                 power = 2 if key.endswith("_sq") else 1

@@ -128,7 +128,8 @@ class EpochSampler(Sampler[int]):
         return min(largest, max(replicas, replicas * round(fraction * self.num_samples / replicas)))
 
     def attach_scores(self, scores: SampleScoreStore) -> None:
-        """Give the sampler the run's score store (done by the ``DataPruning`` callback)."""
+        """Give the sampler the run's score store (done by the ``DataPruning`` callback), sized to the dataset."""
+        scores.reserve(self.num_samples)
         self.scores = scores
         self._plan = None
 
