@@ -232,3 +232,10 @@ def test_token_losses_without_a_mask_fail_with_the_fix():
 
     with pytest.raises(ValueError, match="'mask'|mask"):
         trainer(max_steps=1, callbacks=[LossReweighting(warmup_steps=0)]).fit(NoMask(), padded_token_batches())
+
+
+def test_the_score_store_is_sized_to_the_training_set_not_grown_from_shuffled_ids():
+    reweighting = LossReweighting("uniform", store_fields=("loss",))
+    trainer(max_epochs=1, callbacks=[reweighting]).fit(Classifier(), indexed_loader(100, 8, shuffle=True))
+    store = reweighting.reducer.scores
+    assert len(store) == 100 and store.nbytes == 100 * 4 and bool(store.seen.all())

@@ -131,6 +131,7 @@ class DataPruning(SampleWeightCallback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
         sampler = self.sampler = self.find_sampler(trainer)
         if self._pending_sampler_state is not None:
             sampler.load_state_dict(self._pending_sampler_state)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Sequence, Sized
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
+from torch.utils.data import IterableDataset
 from typing_extensions import override
 
 from weightwise.core.checkpoints import state_version, with_version
@@ -92,6 +93,14 @@ class SampleWeightCallback(Callback):
             contributors = [cb for cb in trainer.callbacks if isinstance(cb, SampleWeightCallback)]
             self.reducer = PerSampleLossReducer.install(trainer, pl_module, contributors)
             self.reducer.scores.require(*self.store_fields)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Size the score store to the training set when the loader knows it: learning N from the
+        # ids it sees, the store grows by doubling and can end near 2N (on every rank).
+        dataset = getattr(trainer.train_dataloader, "dataset", None)
+        if self.reducer is not None and self.reducer.scores.fields and isinstance(dataset, Sized) and not isinstance(dataset, IterableDataset):
+            self.reducer.scores.reserve(len(dataset))
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
