@@ -91,6 +91,14 @@ def test_infobatch_keeps_the_floor_of_the_well_learned_share_and_rescales_nomina
     assert float(realised.epoch_weights()[0]) == pytest.approx(11 / 5) and float(nominal.epoch_weights()[0]) == 2.0
 
 
+def test_infobatch_may_prune_every_well_learned_sample_without_dividing_by_zero():
+    sampler = InfoBatchSampler(20, prune_ratio=0.9, num_epochs=10)  # int((1 - 0.9) * 10) = 0 of 10 kept
+    sampler.attach_scores(store_with(torch.arange(20, dtype=torch.float32)))
+    sampler.set_epoch(1)
+    assert sorted(sampler) == list(range(10, 20))  # the 10 above the mean, none of the others
+    assert torch.equal(sampler.epoch_weights()[10:], torch.ones(10))
+
+
 def test_infobatch_keeps_unscored_samples_and_rounds_to_world_size():
     store = SampleScoreStore()
     store.update(torch.arange(10), torch.arange(10.0), step=0)  # ids 10..20 never seen

@@ -108,7 +108,7 @@ class InfoBatchSampler(EpochSampler):
         order = torch.randperm(self.num_samples, generator=generator, dtype=id_dtype(self.num_samples))
         candidate_in_order = well_learned[order]
         pruned_in_order = candidate_in_order & (torch.cumsum(candidate_in_order, 0, dtype=order.dtype) <= n_pruned)
-        if not n_pruned:
+        if not n_pruned or n_pruned == n_candidates:  # nothing pruned, or no candidate left to carry a factor
             factor = 1.0
         elif self.rescale == "nominal":
             factor = 1.0 / (1.0 - self.prune_ratio)
