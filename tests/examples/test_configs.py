@@ -23,6 +23,9 @@ SMALL_LM = ["--trainer.max_steps", "6", "--trainer.val_check_interval", "3", "--
         ("bbc_reweight_prune.yaml", ["--data.init_args.limit_train", "64", "--data.init_args.limit_test", "32", "--trainer.max_epochs", "2"]),
         ("lm_lisa.yaml", SMALL_LM),
         ("moe_upcycling.yaml", [*SMALL_LM, "--trainer.callbacks.init_args.at_step", "3", "--trainer.callbacks.init_args.utility_window", "2"]),
+        ("lm_reweighting.yaml", ["--trainer.max_steps", "6", "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "2",
+                                 "--trainer.log_every_n_steps", "1", "--trainer.callbacks.init_args.warmup_steps", "2",
+                                 "--data.init_args.val_articles", "20"]),
     ],
 )
 def test_example_config_trains(config, extra, tmp_path, monkeypatch):
@@ -37,6 +40,10 @@ def test_example_config_trains(config, extra, tmp_path, monkeypatch):
         assert len(callbacks["LayerwiseSampling"].history) >= 1
     if config == "moe_upcycling.yaml":
         assert callbacks["ExpertUpcycling"].done and cli.model.model.config.num_experts == 8
+    if config == "lm_reweighting.yaml":  # past the warm-up, the streamed documents were weighted unequally
+        metrics = cli.trainer.callback_metrics
+        assert metrics["weightwise/weight_min"] < 1 < metrics["weightwise/weight_max"]
+        assert 1 < metrics["val_ppl"] < 256 and torch.isclose(metrics["val_loss"], metrics["val_ppl"].log())
 
 
 def test_gpu_config_is_valid_yaml_for_the_trainer():

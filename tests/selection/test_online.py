@@ -102,6 +102,39 @@ def test_streams_without_ids_and_token_losses_are_selected_by_row():
     assert [losses.numel() for losses, _ in tokens.steps] == [2, 2]
 
 
+def test_packed_rows_are_scored_by_their_token_mean_and_reweighted_per_document():
+    model, seen = TokenLossLM("packed", lr=0.0), Seen()  # frozen: the row scores can be recomputed
+    selection = OnlineBatchSelection(keep=0.5, method="top", start=0, end=1.0, interrupt=0)
+    loader = padded_token_batches(n=8, batch_size=4)
+    trainer(max_steps=2, callbacks=[selection, LossReweighting("linupper", warmup_steps=0), seen]).fit(model, loader)
+    for step, batch in enumerate(loader):
+        output = model.training_step(batch, step)
+        mask = output["mask"]
+        rows = torch.where(mask, output["loss"], 0.0).sum(1) / mask.sum(1)  # each row's mean over its valid tokens
+        kept = {int(i) for i in torch.topk(rows, 2).indices}
+        # the step saw the kept rows' documents: 3 documents of 5 tokens per 15-token row, minus padded ones
+        expected = sum(int(((mask[i].view(3, 5)).any(dim=1)).sum()) for i in kept)
+        assert seen.steps[step][0].numel() == expected
+
+
+def test_a_fractional_window_on_an_endless_stream_is_refused():
+    stream = DataLoader(Endless(), batch_size=8)
+    with pytest.raises(Exception, match="max_steps"):
+        trainer(max_epochs=1, callbacks=[OnlineBatchSelection()]).fit(Classifier(), stream)
+    seen = Seen()  # a window in steps works without knowing the run's length
+    trainer(max_epochs=1, limit_train_batches=3, callbacks=[OnlineBatchSelection(start=1, end=2, interrupt=0), seen]).fit(
+        Classifier(), stream
+    )
+    assert [losses.numel() for losses, _ in seen.steps] == [8, 4, 8]
+
+
+class Endless(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        x, y = blobs(8).tensors
+        while True:
+            yield from zip(x, y)
+
+
 def test_bad_settings():
     for kwargs in ({"keep": 0.0}, {"method": "random"}, {"start": 0.9, "end": 0.5}, {"interrupt": -1}):
         with pytest.raises(ValueError):

@@ -21,11 +21,13 @@ callback: the reducer (:mod:`weightwise.weighting.reducer`) asks it to choose th
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
@@ -39,6 +41,27 @@ from weightwise.weighting.reducer import NonFinitePolicy, parse_step_output
 Method = Literal["sample", "top"]
 ReferenceLoss = Callable[[Any], Tensor]
 """``reference_loss(batch) -> [B]`` per-sample losses of a reference model (RHO-LOSS)."""
+
+
+def row_scores(output: Any) -> Tensor:
+    """One selection score per row of the batch from a ``training_step`` output, ``[B]`` float32.
+
+    Rows are what a step can keep or drop, so token losses (``{"loss": [B, T], "mask": ...}``) score
+    each row by the mean over its valid tokens - with packed documents, the token-weighted mean of
+    the row's documents - and a row without a valid token scores 0 (nothing to learn there).
+
+    Raises:
+        ValueError: token losses without a mask; see :func:`~weightwise.weighting.reducer.parse_step_output`.
+    """
+    if isinstance(output, Mapping) and isinstance(output.get("loss"), Tensor) and output["loss"].ndim == 2:
+        losses, mask = output["loss"], output.get("mask")
+        if not isinstance(mask, Tensor) or mask.shape != losses.shape:
+            raise ValueError("token losses [B, T] need a 'mask' of the same shape: return {'loss': token_losses, 'mask': labels != -100}")
+        mask = mask.bool()
+        counts = mask.sum(dim=1)
+        sums = torch.where(mask, losses.detach().float(), 0.0).sum(dim=1)
+        return sums / counts.clamp(min=1)
+    return parse_step_output(output).losses.detach().float()
 
 
 def select_indices(scores: Tensor, keep: float, method: Method = "sample", generator: torch.Generator | None = None) -> Tensor:
@@ -188,6 +211,18 @@ class OnlineBatchSelection(SampleWeightCallback):
         bound = lambda value: value * total if isinstance(value, float) and value <= 1.0 else value  # noqa: E731
         return bound(self.start), bound(self.end)
 
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        fractional = [value for value in (self.start, self.end) if isinstance(value, float) and 0.0 < value <= 1.0]
+        total = trainer.estimated_stepping_batches  # inf, or max_steps (-1 when unset) for a stream without a length
+        if fractional and not (math.isfinite(total) and total > 0):
+            raise MisconfigurationException(
+                f"OnlineBatchSelection(start={self.start}, end={self.end}) gives its window as fractions of the run, but this"
+                " run's length is unknown (an endless stream without max_steps): set Trainer(max_steps=...) or give the"
+                " window in steps, e.g. start=1000, end=9000"
+            )
+
     def active(self, trainer: pl.Trainer, batch_idx: int) -> bool:
         """Whether this step selects (Composer's ``should_selective_backprop``)."""
         first, last = self._window(trainer)
@@ -206,10 +241,7 @@ class OnlineBatchSelection(SampleWeightCallback):
         if not self.active(trainer, batch_idx):
             return batch
         with torch.no_grad():
-            output = parse_step_output(step(batch))
-        if output.packed:
-            raise ValueError("online batch selection chooses rows: return per-row losses, not packed documents' losses")
-        scores = output.losses.detach().float()
+            scores = row_scores(step(batch))
         if self.reference_loss is not None:
             with torch.no_grad():
                 scores = scores - self.reference_loss(batch).detach().float().to(scores.device)
