@@ -22,13 +22,23 @@ Methods:
 * ``ist``: a quarter of the layers re-drawn every step from scores learned by suppression probes
   every 10 steps (the reference's defaults; embeddings, head and norm train);
 * ``badam``: one layer at a time in descending order, ``--interval`` steps each, embeddings and
-  head frozen (BAdam's defaults).
+  head frozen (BAdam's defaults);
+* memory options of ``lisa`` (issue 13), to check what they cost in quality:
+  ``lisa_layers`` - ``train_outside_stack=False`` (embeddings, head and final norm frozen for the
+  whole run); ``lisa_bf16frozen`` - ``frozen_dtype=torch.bfloat16`` (frozen layers stored in bf16,
+  their fp32 weights parked on the host) under ``Trainer(precision="bf16-mixed")``;
+  ``lisa_bf16mixed`` - plain ``lisa`` under ``bf16-mixed``, the control at the same precision.
+
+Every other method runs in fp32. ``--threads`` sets torch's threads (1 by default: on a 2-core
+machine shared with other jobs, 2 threads can run several times slower).
 
 Run (from the repository root):
     .venv/bin/python -m benchmarks.layerwise_quality --task bbc --seeds 0,1
     .venv/bin/python -m benchmarks.layerwise_quality --task lm --seeds 0,1
     .venv/bin/python -m benchmarks.layerwise_quality --task lm --seeds 0 --methods none
     .venv/bin/python -m benchmarks.layerwise_quality --task lm --seeds 0,1 --methods lora_all
+    .venv/bin/python -m benchmarks.layerwise_quality --task lm --seeds 0,1 \
+        --methods lisa_layers,lisa_bf16frozen,lisa_bf16mixed
 """
 
 from __future__ import annotations
@@ -44,6 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 import lightning.pytorch as pl
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from torch.utils.data import DataLoader
 
@@ -55,6 +66,10 @@ METHODS = ("full", "lora", "lisa", "ist", "badam", "loss_credit")
 """Layer-sampling methods run with LayerwiseSampling at their reference defaults except where noted:
 "lisa" 2 layers / ``--interval``; "ist" a quarter of the layers re-drawn every step, probes every 10
 steps; "badam" one layer, descending, ``--interval``; "loss_credit" (weightwise 0.1's "ist") as "lisa"."""
+MEMORY_OPTIONS = ("lisa_layers", "lisa_bf16frozen", "lisa_bf16mixed")
+"""LISA with issue 13's memory options (and its bf16-mixed control); not in the default ``--methods``."""
+BF16_MIXED = ("lisa_bf16frozen", "lisa_bf16mixed")
+"""Methods trained under ``Trainer(precision="bf16-mixed")``."""
 LORA_LR_FACTOR = 5.0
 
 
@@ -64,24 +79,34 @@ def with_lora(module: torch.nn.Module, attribute: str, targets: list[str], **con
     setattr(module, attribute, get_peft_model(getattr(module, attribute), lora))
 
 
-def trainer(callbacks: list, **limits) -> pl.Trainer:
+def trainer(callbacks: list, method: str = "", **limits) -> pl.Trainer:
     return pl.Trainer(
         accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, callbacks=callbacks, **limits,
+        enable_model_summary=False, num_sanity_val_steps=0, callbacks=callbacks,
+        precision="bf16-mixed" if method in BF16_MIXED else "32-true", **limits,
     )
 
 
-def layerwise(method: str, args: argparse.Namespace) -> list:
-    if method in ("lisa", "loss_credit"):
-        return [LayerwiseSampling(method, n_layers=2, interval=args.interval, seed=args.seed)]
+def layerwise(method: str, args: argparse.Namespace, probe_loss=None) -> list:
+    if method in ("lisa", "loss_credit", "lisa_bf16mixed"):
+        return [LayerwiseSampling(method.removesuffix("_bf16mixed"), n_layers=2, interval=args.interval, seed=args.seed)]
+    if method == "lisa_layers":
+        return [LayerwiseSampling("lisa", n_layers=2, interval=args.interval, seed=args.seed, train_outside_stack=False)]
+    if method == "lisa_bf16frozen":
+        return [LayerwiseSampling("lisa", n_layers=2, interval=args.interval, seed=args.seed, frozen_dtype=torch.bfloat16)]
     if method == "ist":
-        return [LayerwiseSampling("ist", seed=args.seed)]
+        return [LayerwiseSampling("ist", seed=args.seed, probe_loss=probe_loss)]
     if method == "badam":
         return [LayerwiseSampling("badam", interval=args.interval, seed=args.seed)]
     return []
 
 
 # ---------------------------------------------------------------- bbc: MiniLM-L6 classification
+def classifier_loss(module: MiniLMClassifier, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """IST's probe loss for the classifier (the encoder inside has no loss of its own)."""
+    return F.cross_entropy(module(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+
+
 def bbc(method: str, args: argparse.Namespace) -> float:
     pl.seed_everything(args.seed, verbose=False)
     data = BBCNewsDataModule(label_noise=0.0, seed=args.seed)
@@ -89,7 +114,8 @@ def bbc(method: str, args: argparse.Namespace) -> float:
     model = MiniLMClassifier(lr=lr, per_sample_loss=False)
     if method == "lora":
         with_lora(model, "encoder", ["query", "key", "value", "dense"])
-    fit = trainer(layerwise(method, args), max_epochs=args.epochs, check_val_every_n_epoch=args.epochs)
+    fit = trainer(layerwise(method, args, probe_loss=classifier_loss), method, max_epochs=args.epochs,
+                  check_val_every_n_epoch=args.epochs)
     fit.fit(model, data)
     return float(fit.callback_metrics["val_acc"])
 
@@ -132,7 +158,8 @@ def lm(method: str, args: argparse.Namespace) -> float:
     val = DataLoader(Windows(val_bytes[:200_000], 128), batch_size=64)
     if method == "none":  # the pre-trained model before fine-tuning, for scale
         return float(trainer([]).validate(model, val, verbose=False)[0]["val_loss"])
-    fit = trainer(layerwise(method, args), max_steps=args.steps, val_check_interval=args.steps, check_val_every_n_epoch=None)
+    fit = trainer(layerwise(method, args), method, max_steps=args.steps, val_check_interval=args.steps,
+                  check_val_every_n_epoch=None)
     fit.fit(model, train, val)
     return float(fit.callback_metrics["val_loss"])
 
@@ -145,24 +172,30 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2, help="bbc: fine-tuning epochs")
     parser.add_argument("--steps", type=int, default=400, help="lm: fine-tuning steps")
     parser.add_argument("--pretrain-steps", type=int, default=1500, help="lm: pre-training steps (cached)")
-    parser.add_argument("--interval", type=int, default=20, help="LISA/IST steps per period (K)")
+    parser.add_argument("--interval", type=int, default=20, help="LISA/BAdam/loss_credit steps per period (K)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     run = bbc if args.task == "bbc" else lm
     metric = "test accuracy" if args.task == "bbc" else "held-out loss (nats/byte)"
     results: dict[str, list[float]] = {}
+    seconds: dict[str, list[float]] = {}
     for method in args.methods.split(","):
         for seed in map(int, args.seeds.split(",")):
             args.seed = seed
             start = time.perf_counter()
             value = run(method, args)
             results.setdefault(method, []).append(value)
-            print(f"{method} seed={seed}: {value:.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
+            seconds.setdefault(method, []).append(time.perf_counter() - start)
+            print(f"{method} seed={seed}: {value:.4f} ({seconds[method][-1]:.0f} s)", flush=True)
     print(f"\ntask={args.task} seeds={args.seeds} interval={args.interval} epochs={args.epochs} steps={args.steps}")
-    print(f"| method | {metric}, per seed | mean | std |")
-    print("| --- | --- | ---: | ---: |")
+    print(f"| method | precision | {metric}, per seed | mean | std | wall s per run |")
+    print("| --- | --- | --- | ---: | ---: | --- |")
     for method, values in results.items():
         std = statistics.stdev(values) if len(values) > 1 else float("nan")
-        print(f"| {method} | {', '.join(f'{v:.4f}' for v in values)} | {statistics.mean(values):.4f} | {std:.4f} |")
+        precision = "bf16-mixed" if method in BF16_MIXED else "32-true"
+        print(f"| {method} | {precision} | {', '.join(f'{v:.4f}' for v in values)} | {statistics.mean(values):.4f} | {std:.4f} |"
+              f" {', '.join(f'{t:.0f}' for t in seconds[method])} |")
 
 
 if __name__ == "__main__":
