@@ -16,7 +16,7 @@ Run (from the repository root), e.g.:
     .venv/bin/python -m benchmarks.pruning_accuracy --task embeddings --epochs 30 --noise 0.3
     .venv/bin/python -m benchmarks.pruning_accuracy --task embeddings --epochs 30 --noise 0.3 \
         --policies full,el2n_dynamic,el2n_dynamic_training --repeats 3
-    .venv/bin/python -m benchmarks.pruning_accuracy --task bbc --epochs 3 --noise 0.3 \
+    .venv/bin/python -m benchmarks.pruning_accuracy --task bbc --epochs 5 --noise 0.3 --rescore-every 2 \
         --policies full,el2n_dynamic,el2n_dynamic_training
 
 Prints a markdown table: final clean-test accuracy; training passes (forward + backward, samples
@@ -173,7 +173,12 @@ def main() -> None:
     parser.add_argument("--policies", default="full," + ",".join(VARIANTS), help=f"full and any of {list(VARIANTS)}")
     parser.add_argument("--repeats", type=int, default=1, help="rounds over the policies; the median fit time is shown")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--rescore-every", type=int, default=None, help="override the dynamic policies' rescore_every (5)")
     args = parser.parse_args()
+    if args.rescore_every is not None:
+        for _, settings in VARIANTS.values():
+            if "rescore_every" in settings:
+                settings["rescore_every"] = args.rescore_every
     names = args.policies.split(",")
     if unknown := [n for n in names if n != "full" and n not in VARIANTS]:
         parser.error(f"unknown policies {unknown}; choose from full and {list(VARIANTS)}")

@@ -11,5 +11,5 @@ Public API:
 from weightwise.core.ids import IndexedDataset, sample_ids_from_batch
 from weightwise.core.store import SampleScoreStore
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = ["IndexedDataset", "SampleScoreStore", "__version__", "sample_ids_from_batch"]

@@ -153,7 +153,7 @@ def find_moe_blocks(model: nn.Module) -> dict[str, ExpertsAdapter]:
     if not blocks:
         raise ValueError(
             f"found no MoE block in {type(model).__name__}: weightwise recognises transformers' fused experts"
-            " (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE); for other MoE code pass adapters=[YourAdapter(block), ...]"
-            " implementing weightwise.experts.ExpertsAdapter"
+            " (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE); for other MoE code call upcycle_experts(model, factor,"
+            " adapters={'block.name': YourAdapter(block)}) with an implementation of weightwise.experts.ExpertsAdapter"
         )
     return blocks
