@@ -94,3 +94,22 @@ def test_unknown_signal_error_names_the_fix():
         SampleScoreStore().signal("grand")
     with pytest.raises(ValueError, match="built-in"):
         SampleScoreStore().record("loss", torch.arange(2), torch.rand(2))
+
+
+def test_memory_map_moves_a_live_store_to_files_and_keeps_writing_there(tmp_path):
+    store = SampleScoreStore(fields=["loss", "count"])
+    store.update(torch.tensor([0, 2]), torch.tensor([1.5, 2.5]), step=0)
+    store.record("el2n", torch.tensor([2]), torch.tensor([0.25]))
+    (tmp_path / "loss.bin").write_bytes(b"\x00" * 40)  # a file left by an earlier run of the same size: replaced
+    store.memory_map(tmp_path, 10)
+    assert len(store) == 3 and store.device == torch.device("cpu")
+    assert store.loss[:3].nan_to_num(-1).tolist() == [1.5, -1.0, 2.5] and store.count.tolist() == [1, 0, 1]
+    store.update(torch.tensor([9]), torch.tensor([7.0]), step=1)  # later writes land in the files
+    on_disk = torch.from_file(str(tmp_path / "loss.bin"), size=10, dtype=torch.float32)
+    assert on_disk.nan_to_num(-1).tolist() == [1.5, -1, 2.5] + [-1] * 6 + [7.0]
+    assert torch.from_file(str(tmp_path / "count.bin"), size=10, dtype=torch.int32).tolist() == [1, 0, 1] + [0] * 6 + [1]
+    assert torch.from_file(str(tmp_path / "signal_el2n.bin"), size=10, dtype=torch.float32)[2] == 0.25
+    with pytest.raises(IndexError, match="memory-mapped"):  # fixed size
+        store.update(torch.tensor([10]), torch.tensor([1.0]), step=2)
+    with pytest.raises(ValueError, match="fixed size"):
+        SampleScoreStore(fields=["loss"]).memory_map(tmp_path / "empty")  # no size to fix

@@ -19,6 +19,7 @@ DDP_JOBS = [
     ("ddp_jobs:reweighting", {"out_dir": "reweighting_quadratic", "strategy": "quadratic"}),
     ("ddp_jobs:gather", {"out_dir": "gather"}),
     ("ddp_jobs:pruning", {"out_dir": "pruning"}),
+    ("ddp_jobs:pruning", {"out_dir": "pruning_mapped", "memory_mapped": True}),
     ("ddp_jobs:upcycling", {"out_dir": "upcycling"}),
     ("ddp_jobs:layerwise", {"out_dir": "layerwise"}),
     ("ddp_jobs:unequal_batches", {"out_dir": "unequal_batches"}),

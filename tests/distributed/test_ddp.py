@@ -100,6 +100,15 @@ def test_pruning_shards_one_plan_disjointly_on_every_rank(ddp_runs):
             assert torch.equal(values.nan_to_num(-1), ranks[1]["scores"][field].nan_to_num(-1)), field
 
 
+def test_a_memory_mapped_score_store_gives_every_rank_the_in_memory_plans(ddp_runs):
+    in_memory, mapped = ddp_runs("pruning"), ddp_runs("pruning_mapped")
+    for rank in (0, 1):
+        assert mapped[rank]["path"].name == f"rank{rank}"  # one copy per rank, written in lock-step
+        assert mapped[rank]["plans"] == in_memory[rank]["plans"] and mapped[rank]["ids"] == in_memory[rank]["ids"]
+        assert torch.equal(mapped[rank]["scores"]["loss"].nan_to_num(-1), in_memory[rank]["scores"]["loss"].nan_to_num(-1))
+    assert mapped[0]["path"] != mapped[1]["path"]
+
+
 def test_upcycling_mid_fit_keeps_ranks_identical(ddp_runs):
     ranks = ddp_runs("upcycling")
     assert ranks[0]["num_experts"] == ranks[1]["num_experts"] == 8

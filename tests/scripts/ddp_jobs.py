@@ -61,13 +61,15 @@ class SampleIds(Callback):
         self.plans[trainer.current_epoch] = trainer.train_dataloader.sampler.plan.indices.tolist()
 
 
-def pruning(out_dir: str) -> None:
-    """InfoBatchSampler + DataPruning: the sampler shards itself."""
+def pruning(out_dir: str, memory_mapped: bool = False) -> None:
+    """InfoBatchSampler + DataPruning: the sampler shards itself (``memory_mapped``: the score store
+    lives in files under ``out_dir/store``, one directory per rank)."""
     seed_everything(0)
-    recorder, callback = SampleIds(), DataPruning()
+    recorder, callback = SampleIds(), DataPruning(score_store_path=Path(out_dir) / "store" if memory_mapped else None)
     fit = trainer(devices=2, strategy="ddp", max_epochs=PRUNING_EPOCHS, callbacks=[callback, recorder], use_distributed_sampler=False)
     fit.fit(Classifier(lr=0.5), indexed_loader(PRUNING_SAMPLES, 5, sampler=InfoBatchSampler(PRUNING_SAMPLES, prune_ratio=0.5)))
-    result = {"ids": recorder.ids, "plans": recorder.plans, "ledger": callback.ledger, "scores": callback.reducer.scores.state_dict()}
+    scores = callback.reducer.scores
+    result = {"ids": recorder.ids, "plans": recorder.plans, "ledger": callback.ledger, "scores": scores.state_dict(), "path": scores.path}
     save(out_dir, fit.global_rank, result)
 
 

@@ -221,3 +221,19 @@ def test_grand_scores_through_a_score_function():
     pruning = DataPruning(score_fn=grand_scores)
     trainer(max_epochs=2, callbacks=[pruning]).fit(Classifier(), indexed_loader(32, 8, sampler=sampler))
     assert torch.isfinite(pruning.reducer.scores.signal("grand")).all() and len(sampler.plan.indices) == 8
+
+
+def test_a_memory_mapped_score_store_plans_exactly_like_the_in_memory_one(tmp_path):
+    runs = {}
+    for name, path in (("memory", None), ("mapped", tmp_path / "store")):
+        seed_everything(0)
+        recorder, pruning = Recorder(), DataPruning(score_store_path=path)
+        trainer(max_epochs=4, callbacks=[pruning, recorder]).fit(
+            Classifier(), indexed_loader(40, 8, sampler=InfoBatchSampler(40, prune_ratio=0.5))
+        )
+        runs[name] = (recorder.ids, pruning.reducer.scores)
+    assert runs["mapped"][0] == runs["memory"][0]  # every epoch's samples, in order
+    assert any(len(ids) < 40 for ids in runs["memory"][0].values())  # pruning did prune
+    mapped = runs["mapped"][1]
+    assert mapped.path == tmp_path / "store" / "rank0" and (mapped.path / "loss.bin").stat().st_size == 40 * 4
+    assert torch.equal(mapped.loss.nan_to_num(-1), runs["memory"][1].loss.nan_to_num(-1))

@@ -15,6 +15,7 @@ also reports samples adds the EMA, the last weight and the visit count. A billio
 at 4 bytes per sample is 4 GB on every rank: with ``path=`` the fields live in memory-mapped files
 (one set per rank, written in lock-step), so they are paged by the operating system instead of
 held in process memory, and every rank still holds - and plans from - the same values.
+``DataPruning(score_store_path=...)`` moves a run's store there at train start (:meth:`memory_map`).
 
 An update costs what the batch costs: indexed writes of the batch's entries, and a sort of its ids
 only when a field must count a repeated id once (``count``, ``ema``); the other N - B entries are
@@ -126,6 +127,37 @@ class SampleScoreStore:
             IndexError: more samples than a memory-mapped store's fixed size.
         """
         self._ensure(num_samples, self._device, exact=True)
+
+    def memory_map(self, path: str | os.PathLike[str], num_samples: int | None = None) -> None:
+        """Move the kept fields and signals into memory-mapped files under ``path``, keeping their values.
+
+        For a store that a run has already set up (``DataPruning(score_store_path=...)`` calls it at
+        train start): from then on the store is paged by the operating system, at a fixed size of
+        ``num_samples`` (default: its current length). Store files already in ``path`` are replaced -
+        a resumed run's values come from its checkpoint, never from files left by an earlier run.
+
+        Raises:
+            ValueError: no size (an empty store and no ``num_samples``), or fewer samples than it holds.
+        """
+        size = self._size if num_samples is None else num_samples
+        if size <= 0 or size < self._size:
+            raise ValueError(
+                f"a memory-mapped store needs a fixed size covering every sample: got num_samples={num_samples} for a"
+                f" store of {self._size} samples"
+            )
+        target = Path(path)
+        target.mkdir(parents=True, exist_ok=True)
+        for stale in target.glob("*.bin"):
+            stale.unlink()
+        fields, signals, filled = self._fields, self._signals, self._size
+        self.path, self._capacity, self._device = target, size, torch.device("cpu")
+        self._fields, self._signals = {}, {}
+        for name, values in fields.items():
+            self._fields[name] = self._new(name, values.dtype, _UNSEEN[name], size)
+            self._fields[name][:filled] = values[:filled].cpu()
+        for name, values in signals.items():
+            self._signals[name] = self._new(f"signal_{name}", torch.float32, float("nan"), size)
+            self._signals[name][:filled] = values[:filled].cpu()
 
     def _new(self, name: str, dtype: torch.dtype, fill: float, capacity: int) -> Tensor:
         if self.path is None:

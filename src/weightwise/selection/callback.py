@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -62,6 +64,10 @@ class DataPruning(SampleWeightCallback):
     Args:
         score_fn: ``(module, batch) -> {name: [B] scores}`` for scoring passes (default: the
             module's ``training_step``, see above).
+        score_store_path: a directory for a memory-mapped score store, for corpora of 1e8-1e9
+            samples (:meth:`weightwise.SampleScoreStore.memory_map`): each rank keeps its copy in
+            ``<score_store_path>/rank<global rank>`` - on node-local disk - written in lock-step
+            with the others', so every rank still plans the same. ``None``: in process memory.
         nonfinite, sample_id_key, token_weighting, store_fields: see :class:`SampleWeightCallback`.
 
     Raises:
@@ -86,9 +92,11 @@ class DataPruning(SampleWeightCallback):
         sample_id_key: str = SAMPLE_ID_KEY,
         token_weighting: TokenWeighting = "rank",
         store_fields: Sequence[str] = (),
+        score_store_path: str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__(nonfinite=nonfinite, sample_id_key=sample_id_key, token_weighting=token_weighting, store_fields=store_fields)
         self.score_fn: ScoreFn = score_fn or training_step_scores
+        self.score_store_path = None if score_store_path is None else Path(score_store_path)
         self.sampler: EpochSampler | None = None
         self.ledger: dict[str, float] = {
             "epochs": 0,
@@ -143,6 +151,8 @@ class DataPruning(SampleWeightCallback):
         assert self.reducer is not None
         self.reducer.scores.require(*sampler.store_fields)
         sampler.attach_scores(self.reducer.scores)
+        if self.score_store_path is not None:
+            self.reducer.scores.memory_map(self.score_store_path / f"rank{trainer.global_rank}", sampler.num_samples)
         sampler.set_epoch(trainer.current_epoch)
         if self._pending_mid_epoch is not None:  # Lightning calls no on_train_epoch_start when it restarts mid-epoch
             state, self._pending_mid_epoch = self._pending_mid_epoch, None
