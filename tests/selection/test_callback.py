@@ -14,6 +14,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from tests.support.models import Classifier, blobs, indexed_loader
 from tests.support.training import flat_params, trainer
+from weightwise import SampleScoreStore
 from weightwise.callbacks import DataPruning, LossReweighting
 from weightwise.core.store import FIELDS
 from weightwise.losses import el2n, grand, loss_weights
@@ -223,7 +224,10 @@ def test_grand_scores_through_a_score_function():
     assert torch.isfinite(pruning.reducer.scores.signal("grand")).all() and len(sampler.plan.indices) == 8
 
 
-def test_a_memory_mapped_score_store_plans_exactly_like_the_in_memory_one(tmp_path):
+def test_a_memory_mapped_score_store_plans_exactly_like_the_in_memory_one(tmp_path, monkeypatch):
+    held_in_memory = []  # bytes the store held in process memory when it was moved to files
+    mapping = SampleScoreStore.memory_map
+    monkeypatch.setattr(SampleScoreStore, "memory_map", lambda store, *a: held_in_memory.append(store.nbytes) or mapping(store, *a))
     runs = {}
     for name, path in (("memory", None), ("mapped", tmp_path / "store")):
         seed_everything(0)
@@ -237,3 +241,4 @@ def test_a_memory_mapped_score_store_plans_exactly_like_the_in_memory_one(tmp_pa
     mapped = runs["mapped"][1]
     assert mapped.path == tmp_path / "store" / "rank0" and (mapped.path / "loss.bin").stat().st_size == 40 * 4
     assert torch.equal(mapped.loss.nan_to_num(-1), runs["memory"][1].loss.nan_to_num(-1))
+    assert held_in_memory == [0]  # mapped before anything sized it in memory

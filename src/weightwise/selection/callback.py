@@ -139,8 +139,11 @@ class DataPruning(SampleWeightCallback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_train_start(trainer, pl_module)
         sampler = self.sampler = self.find_sampler(trainer)
+        assert self.reducer is not None
+        if self.score_store_path is not None:  # before anything sizes the store in process memory
+            self.reducer.scores.memory_map(self.score_store_path / f"rank{trainer.global_rank}", sampler.num_samples)
+        super().on_train_start(trainer, pl_module)
         if self._pending_sampler_state is not None:
             sampler.load_state_dict(self._pending_sampler_state)
             self._pending_sampler_state = None
@@ -148,11 +151,8 @@ class DataPruning(SampleWeightCallback):
             if trainer.max_epochs is None or trainer.max_epochs < 0:
                 raise MisconfigurationException("InfoBatchSampler needs num_epochs= when Trainer(max_epochs) is unset")
             sampler.num_epochs = trainer.max_epochs
-        assert self.reducer is not None
         self.reducer.scores.require(*sampler.store_fields)
         sampler.attach_scores(self.reducer.scores)
-        if self.score_store_path is not None:
-            self.reducer.scores.memory_map(self.score_store_path / f"rank{trainer.global_rank}", sampler.num_samples)
         sampler.set_epoch(trainer.current_epoch)
         if self._pending_mid_epoch is not None:  # Lightning calls no on_train_epoch_start when it restarts mid-epoch
             state, self._pending_mid_epoch = self._pending_mid_epoch, None
