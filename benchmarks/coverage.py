@@ -34,19 +34,13 @@ import argparse
 import json
 import os
 import statistics
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-ROOT = Path(__file__).resolve().parents[1]
 
 import lightning.pytorch as pl
-import torch
-from torch.utils.data import DataLoader, TensorDataset
 
-from benchmarks.pruning_accuracy import EmbeddingClassifier, cached_embeddings
-from examples.bbc_news import flip_labels
-from weightwise import IndexedDataset
+from benchmarks.pruning_accuracy import embeddings_task, fit_timed
 from weightwise.callbacks import DataPruning
 from weightwise.samplers import CoverageSampler, EpochSampler, ScorePruningSampler
 
@@ -71,38 +65,13 @@ def make(method: str, n: int, rate: float, beta: float, warmup: int, seed: int) 
 
 
 def run(method: str | None, rate: float, noise: float, seed: int, args: argparse.Namespace) -> dict[str, float]:
-    features, labels = cached_embeddings()
-    gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(labels), generator=gen)
-    test, train = order[:445], order[445:]
-    noisy, _ = flip_labels(labels[train], noise, 5, gen)
-    train_set = TensorDataset(features[train], noisy)
-    n = len(train_set)
     pl.seed_everything(seed, verbose=False)
-    sampler = None if method is None else make(method, n, rate, args.betas[rate], args.warmup, seed)
-    loader = DataLoader(IndexedDataset(train_set), batch_size=32, shuffle=sampler is None, sampler=sampler)
-    val = DataLoader(TensorDataset(features[test], labels[test]), batch_size=256)
-    model = EmbeddingClassifier(features.shape[1], per_sample_loss=method is not None)
+    sampler_for = None if method is None else lambda n: make(method, n, rate, args.betas[rate], args.warmup, seed)
+    model, loader, val, n = embeddings_task(seed, noise, sampler_for)
     pruning = DataPruning() if method else None
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=args.epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        check_val_every_n_epoch=args.epochs,
-        callbacks=[pruning] if pruning else [],
-    )
-    start = time.perf_counter()
-    trainer.fit(model, loader, val)
+    trainer, seconds = fit_timed(model, loader, val, args.epochs, pruning)
     visited = pruning.ledger["samples_visited"] if pruning else n * args.epochs
-    return {
-        "accuracy": float(trainer.callback_metrics["val_acc"]),
-        "passes": visited / (n * args.epochs),
-        "seconds": time.perf_counter() - start,
-    }
+    return {"accuracy": float(trainer.callback_metrics["val_acc"]), "passes": visited / (n * args.epochs), "seconds": seconds}
 
 
 def main() -> None:

@@ -34,6 +34,7 @@ import argparse
 import os
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -55,7 +56,7 @@ from examples.bbc_news import (
 from weightwise import IndexedDataset
 from weightwise.callbacks import DataPruning
 from weightwise.losses import el2n
-from weightwise.samplers import make_sampler
+from weightwise.samplers import EpochSampler, make_sampler
 
 # benchmark row name -> (weightwise.samplers.make_sampler policy, its arguments)
 VARIANTS = {
@@ -119,17 +120,46 @@ class EmbeddingClassifier(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
 
 
-def embeddings_run(policy: str | None, args: argparse.Namespace):
+def embeddings_task(seed: int, noise: float, sampler_for: Callable[[int], EpochSampler] | None):
+    """The frozen-embedding task for one seed: ``(model, train loader, clean test loader, N)``.
+
+    ``sampler_for(N)`` builds the training sampler; ``None`` trains on shuffled full data with a
+    mean loss. The seed draws the 445 test articles and the flipped labels.
+    """
     features, labels = cached_embeddings()
-    gen = torch.Generator().manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(labels), generator=gen)
     test, train = order[:445], order[445:]
-    noisy, _ = flip_labels(labels[train], args.noise, 5, gen)
+    noisy, _ = flip_labels(labels[train], noise, 5, gen)
     train_set = TensorDataset(features[train], noisy)
-    sampler = None if policy is None else make_sampler(VARIANTS[policy][0], len(train_set), seed=args.seed, **VARIANTS[policy][1])
+    sampler = None if sampler_for is None else sampler_for(len(train_set))
     loader = DataLoader(IndexedDataset(train_set), batch_size=32, shuffle=sampler is None, sampler=sampler)
     val = DataLoader(TensorDataset(features[test], labels[test]), batch_size=256)
-    return EmbeddingClassifier(features.shape[1], per_sample_loss=policy is not None), loader, val, len(train_set)
+    return EmbeddingClassifier(features.shape[1], per_sample_loss=sampler is not None), loader, val, len(train_set)
+
+
+def fit_timed(model: pl.LightningModule, train: DataLoader, val: DataLoader, epochs: int, pruning: DataPruning | None):
+    """Fit for ``epochs`` (validating once, at the end); returns the trainer and the fit's seconds."""
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        check_val_every_n_epoch=epochs,
+        callbacks=[pruning] if pruning else [],
+    )
+    start = time.perf_counter()
+    trainer.fit(model, train, val)
+    return trainer, time.perf_counter() - start
+
+
+def embeddings_run(policy: str | None, args: argparse.Namespace):
+    settings = VARIANTS.get(policy)
+    sampler_for = None if settings is None else lambda n: make_sampler(settings[0], n, seed=args.seed, **settings[1])
+    return embeddings_task(args.seed, args.noise, sampler_for)
 
 
 def bbc_run(policy: str | None, args: argparse.Namespace):
@@ -143,20 +173,7 @@ def run(policy: str | None, args: argparse.Namespace) -> dict[str, float]:
     pl.seed_everything(args.seed, verbose=False)
     model, train, val, n = (bbc_run if args.task == "bbc" else embeddings_run)(policy, args)
     pruning = DataPruning() if policy else None
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=args.epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        check_val_every_n_epoch=args.epochs,
-        callbacks=[pruning] if pruning else [],
-    )
-    start = time.perf_counter()
-    trainer.fit(model, train, val)
-    seconds = time.perf_counter() - start
+    trainer, seconds = fit_timed(model, train, val, args.epochs, pruning)
     ledger = pruning.ledger if pruning else {"samples_visited": n * args.epochs, "samples_scored": 0, "scoring_seconds": 0.0}
     return {
         "accuracy": float(trainer.callback_metrics["val_acc"]), "seconds": seconds, "visited": ledger["samples_visited"],
