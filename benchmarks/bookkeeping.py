@@ -20,13 +20,12 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import platform
-import statistics
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
+from benchmarks.timing import median_seconds
 from weightwise import SampleScoreStore
 from weightwise.callbacks import DataPruning
 from weightwise.samplers import InfoBatchSampler
@@ -34,14 +33,7 @@ from weightwise.weighting.reducer import PerSampleLossReducer, StepOutput
 
 
 def median_us(fn, repeats: int) -> float:
-    for _ in range(min(20, repeats)):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e6 * statistics.median(times)
+    return 1e6 * median_seconds(fn, repeats, warmup=min(20, repeats))
 
 
 def official_infobatch(path: Path, n: int):

@@ -17,24 +17,17 @@ import os
 import platform
 import resource
 import shutil
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
+from benchmarks.timing import median_seconds
 from weightwise import SampleScoreStore
 from weightwise.samplers import InfoBatchSampler
 
 
 def median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+    return 1000 * median_seconds(fn, repeats)
 
 
 def peak_rss_gib() -> float:
