@@ -207,21 +207,21 @@ class OnlineBatchSelection(SampleWeightCallback):
         return None  # it chooses rows; the kept rows are not reweighted
 
     def _window(self, trainer: pl.Trainer) -> tuple[float, float]:
-        total = trainer.estimated_stepping_batches
-        bound = lambda value: value * total if isinstance(value, float) and value <= 1.0 else value  # noqa: E731
-        return bound(self.start), bound(self.end)
-
-    @override
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_train_start(trainer, pl_module)
-        fractional = [value for value in (self.start, self.end) if isinstance(value, float) and 0.0 < value <= 1.0]
         total = trainer.estimated_stepping_batches  # inf, or max_steps (-1 when unset) for a stream without a length
-        if fractional and not (math.isfinite(total) and total > 0):
+        fractional = lambda value: isinstance(value, float) and value <= 1.0  # noqa: E731
+        if any(fractional(value) and value > 0.0 for value in (self.start, self.end)) and not (math.isfinite(total) and total > 0):
             raise MisconfigurationException(
                 f"OnlineBatchSelection(start={self.start}, end={self.end}) gives its window as fractions of the run, but this"
                 " run's length is unknown (an endless stream without max_steps): set Trainer(max_steps=...) or give the"
                 " window in steps, e.g. start=1000, end=9000"
             )
+        first, last = (value * total if fractional(value) else value for value in (self.start, self.end))
+        return first, last
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._window(trainer)  # a window the run cannot place is refused now, not at the first step
 
     def active(self, trainer: pl.Trainer, batch_idx: int) -> bool:
         """Whether this step selects (Composer's ``should_selective_backprop``)."""
