@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 from tests.support.models import Classifier, TokenLossLM, blobs, indexed_loader, padded_token_batches
 from tests.support.training import trainer
 from weightwise.callbacks import LossReweighting, OnlineBatchSelection, SampleWeightCallback
-from weightwise.selection.online import select_indices, slice_batch
+from weightwise.selection.online import row_scores, select_indices, slice_batch
 
 
 def test_top_keeps_the_highest_scores_as_rho_loss():
@@ -133,6 +133,15 @@ class Endless(torch.utils.data.IterableDataset):
         x, y = blobs(8).tensors
         while True:
             yield from zip(x, y)
+
+
+def test_row_scores_are_token_means_and_refuse_token_losses_without_a_matching_mask():
+    losses, mask = torch.tensor([[1.0, 3.0, 8.0], [2.0, 5.0, 9.0]]), torch.tensor([[True, True, False], [False, False, False]])
+    assert row_scores({"loss": losses, "mask": mask}).tolist() == [2.0, 0.0]  # padding never counts; an empty row scores 0
+    with pytest.raises(ValueError, match="without a 'mask'"):
+        row_scores({"loss": losses})
+    with pytest.raises(ValueError, match="same shape"):
+        row_scores({"loss": losses, "mask": mask[:, :2]})
 
 
 def test_bad_settings():

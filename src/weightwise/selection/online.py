@@ -51,12 +51,13 @@ def row_scores(output: Any) -> Tensor:
     the row's documents - and a row without a valid token scores 0 (nothing to learn there).
 
     Raises:
-        ValueError: token losses without a mask; see :func:`~weightwise.weighting.reducer.parse_step_output`.
+        ValueError: a mask of another shape than the token losses; other outputs are read - and
+            refused - by :func:`~weightwise.weighting.reducer.parse_step_output`.
     """
-    if isinstance(output, Mapping) and isinstance(output.get("loss"), Tensor) and output["loss"].ndim == 2:
-        losses, mask = output["loss"], output.get("mask")
-        if not isinstance(mask, Tensor) or mask.shape != losses.shape:
-            raise ValueError("token losses [B, T] need a 'mask' of the same shape: return {'loss': token_losses, 'mask': labels != -100}")
+    losses, mask = (output.get("loss"), output.get("mask")) if isinstance(output, Mapping) else (None, None)
+    if isinstance(losses, Tensor) and losses.ndim == 2 and isinstance(mask, Tensor):
+        if mask.shape != losses.shape:
+            raise ValueError(f"token losses {tuple(losses.shape)} need a 'mask' of the same shape, got {tuple(mask.shape)}")
         mask = mask.bool()
         counts = mask.sum(dim=1)
         sums = torch.where(mask, losses.detach().float(), 0.0).sum(dim=1)
