@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from benchmarks.memory.models import Shape, build
-from benchmarks.memory.tracking import FakeAccelerator
+from benchmarks.memory.tracking import Accelerator
 from weightwise.layers import (
     HostMasters,
     ISTLayers,
@@ -80,7 +80,6 @@ DEFAULT_METHODS = (
     "lisa_layers+bf16frozen+ckpt+fused+linearce",
     "lora+bf16frozen+ckpt+linearce",
 )
-HOST = torch.device("meta")  # where the simulation parks host-memory copies (not the accelerator)
 HAND_LAYERS = (0, 1)  # the trainable layers of "lisa_hand" (with trainable embeddings, which ones does not matter)
 LISA_LAYERS = 2
 IST_FRACTION = 0.25
@@ -163,11 +162,22 @@ def cast_frozen_to_bf16(model: nn.Module) -> None:
             param.data = param.data.to(torch.bfloat16)
 
 
-def prepare(recipe: Recipe, shape: Shape, accelerator: FakeAccelerator) -> Prepared:
-    """Build the fake model and optimizer of a method (inside ``accelerator``'s fake mode)."""
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Checkpoint every decoder layer (non-reentrant). transformers 5.24 names it
+    ``activation_checkpointing_enable`` (``gradient_checkpointing_enable`` is its deprecated alias);
+    older releases have only ``gradient_checkpointing_enable``."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable()
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def prepare(recipe: Recipe, shape: Shape, accelerator: Accelerator) -> Prepared:
+    """Build the model and optimizer of a method on ``accelerator`` (fake tensors under simulation,
+    real CUDA tensors under :mod:`benchmarks.memory.measure`)."""
     model = build(shape, accelerator, lora=recipe.base in ("lora", "ist_lora"))
     if "ckpt" in recipe.ingredients:
-        model.activation_checkpointing_enable()
+        enable_activation_checkpointing(model)
     _, stack = find_layer_stack(model)
     in_stack = set(stack.parameters())
     if recipe.base == "lisa_hand":
@@ -186,9 +196,9 @@ def prepare(recipe: Recipe, shape: Shape, accelerator: FakeAccelerator) -> Prepa
     with accelerator.real():  # policies keep and draw host tensors, as in a real run
         policy = make_policy(recipe.base, len(stack))
         schedule = None if policy is None else layer_schedule(policy)
-    # weightwise's frozen_dtype path; the fp32 masters go to "host" memory - the meta device here,
-    # which the tracker does not count as the accelerator's.
-    masters = HostMasters(torch.bfloat16, host=HOST) if "bf16frozen" in recipe.ingredients and schedule is not None else None
+    # weightwise's frozen_dtype path; the fp32 masters go to host memory (under simulation the meta
+    # device, which the tracker does not count as the accelerator's).
+    masters = HostMasters(torch.bfloat16, host=accelerator.host) if "bf16frozen" in recipe.ingredients and schedule is not None else None
     outside = [p for p in model.parameters() if p not in in_stack and not p.requires_grad]
 
     def before_step(step: int) -> None:
@@ -207,7 +217,7 @@ def prepare(recipe: Recipe, shape: Shape, accelerator: FakeAccelerator) -> Prepa
     return Prepared(model, optimizer, loss, schedule, before_step)
 
 
-def weightwise_loss(model: nn.Module, ids: Tensor, accelerator: FakeAccelerator, *, from_hidden: bool) -> Tensor:
+def weightwise_loss(model: nn.Module, ids: Tensor, accelerator: Accelerator, *, from_hidden: bool) -> Tensor:
     """The per-sample reduction of weightwise: per-sequence losses, Sow et al.'s ``linupper`` weights,
     the weighted mean.
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from benchmarks.memory.tracking import FakeAccelerator
+from benchmarks.memory.tracking import Accelerator
 
 
 @dataclass(frozen=True)
@@ -50,8 +50,8 @@ LORA_TARGETS = ("q_proj", "v_proj")
 LORA_RANK = 8
 
 
-def build(shape: Shape, accelerator: FakeAccelerator, *, lora: bool = False) -> nn.Module:
-    """A randomly-shaped (never initialised) ``LlamaForCausalLM`` in fp32 on the fake accelerator,
+def build(shape: Shape, accelerator: Accelerator, *, lora: bool = False) -> nn.Module:
+    """A ``LlamaForCausalLM`` of ``shape`` in fp32 on ``accelerator`` (values: see its ``materialize``),
     optionally wrapped in a peft LoRA model (base weights frozen, adapters trainable)."""
     with torch.device("meta"):
         model: nn.Module = LlamaForCausalLM(shape.config())

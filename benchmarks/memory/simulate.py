@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import time
 import traceback
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -12,9 +14,9 @@ from typing import Any
 import torch
 
 import weightwise
-from benchmarks.memory.methods import Recipe, prepare
-from benchmarks.memory.models import SHAPES
-from benchmarks.memory.tracking import FakeAccelerator, tracking
+from benchmarks.memory.methods import Prepared, Recipe, prepare
+from benchmarks.memory.models import SHAPES, Shape
+from benchmarks.memory.tracking import Accelerator, FakeAccelerator, tracking
 from weightwise.layers import find_layer_stack, optimizer_state_bytes
 from weightwise.losses import loss_weights, reduce_token_losses
 
@@ -61,6 +63,32 @@ class Simulation:
         return {**asdict(self), "peak_phase": self.peak_phase, "peak": self.peak, "total": self.total}
 
 
+def train_steps(
+    run: Prepared, shape: Shape, accelerator: Accelerator, phase: Callable[[str, str], AbstractContextManager[None]]
+) -> tuple[list[int], list[int]]:
+    """Train ``run`` for :data:`STEPS` steps on random tokens under bf16 autocast, each part of a step
+    inside ``phase(step, stage)`` (``step``: ``"step 1"``...; ``stage``: ``"layer switch"`` (from step 2),
+    ``"forward/backward"``, ``"optimizer"``). Returns the trainable parameters and
+    :func:`weightwise.layers.optimizer_state_bytes` after each step."""
+    trainable, state = [], []
+    for index in range(STEPS):
+        step = f"step {index + 1}"
+        if index > 0:
+            with phase(step, "layer switch"):  # release/thaw (and casts) between the steps
+                run.before_step(index)
+        with phase(step, "forward/backward"):
+            ids = torch.randint(0, shape.vocab_size, (shape.batch, shape.seq), device=accelerator.device)
+            with torch.autocast(accelerator.device.type, dtype=torch.bfloat16):
+                loss = run.loss(ids)
+            loss.backward()
+        with phase(step, "optimizer"):
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+        trainable.append(sum(p.numel() for p in run.model.parameters() if p.requires_grad))
+        state.append(optimizer_state_bytes(run.optimizer))
+    return trainable, state
+
+
 def simulate(model: str, method: str) -> Simulation:
     """Simulate ``method`` (a name as in :mod:`benchmarks.memory.methods`) on the model ``model``
     (a key of :data:`benchmarks.memory.models.SHAPES`): bf16 autocast, fp32 parameters, AdamW,
@@ -68,28 +96,21 @@ def simulate(model: str, method: str) -> Simulation:
     start = time.perf_counter()
     recipe = Recipe.parse(method)
     shape = SHAPES[model]
-    trainable, state = [], []
     with FakeAccelerator() as accelerator:
         run = prepare(recipe, shape, accelerator)
         run.before_step(0)  # step 1's layers and dtypes, as a run would load them: not a peak of the run
         with tracking(run.model, run.optimizer) as tracker:
-            for step in range(STEPS):
-                tracker.step = f"step {step + 1}"
-                if step > 0:
-                    tracker.stage = "layer switch"  # release/thaw (and casts) between the steps
-                    run.before_step(step)
+
+            @contextmanager
+            def phase(step: str, stage: str) -> Iterator[None]:
+                tracker.step, tracker.stage = step, stage
+                yield
+                if stage == "layer switch":
                     tracker.track_external(run.model)  # parameters cast by before_step are parameters again
-                tracker.stage = "forward/backward"
-                ids = torch.randint(0, shape.vocab_size, (shape.batch, shape.seq))
-                with torch.autocast("cpu", dtype=torch.bfloat16):
-                    loss = run.loss(ids)
-                loss.backward()
-                tracker.stage = "optimizer"
-                run.optimizer.step()
-                run.optimizer.zero_grad(set_to_none=True)
-                tracker.reset_mod_stats()  # MemTracker refuses a second forward of a module it has stats for
-                trainable.append(sum(p.numel() for p in run.model.parameters() if p.requires_grad))
-                state.append(optimizer_state_bytes(run.optimizer))
+                elif stage == "optimizer":
+                    tracker.reset_mod_stats()  # MemTracker refuses a second forward of a module it has stats for
+
+            trainable, state = train_steps(run, shape, accelerator, phase)
         _, stack = find_layer_stack(run.model)
         in_stack = set(stack.parameters())
         outside = [p.numel() * p.element_size() for p in run.model.parameters() if p not in in_stack]

@@ -25,9 +25,10 @@ count it either).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -53,11 +54,26 @@ _KIND_OF: dict[_RefType, str] = {
 }
 
 
+class Accelerator(Protocol):
+    """Where a method's model trains: :class:`FakeAccelerator` (simulated) or
+    :class:`benchmarks.memory.measure.CudaAccelerator` (a real GPU)."""
+
+    device: torch.device  # the accelerator's tensors' device
+    host: torch.device  # where host-memory copies go (weightwise's HostMasters)
+
+    def materialize(self, module: nn.Module) -> nn.Module: ...
+
+    def real(self) -> contextlib.AbstractContextManager[None]: ...
+
+    def from_real(self, compute: Callable[[], Tensor]) -> Tensor: ...
+
+
 class FakeAccelerator:
     """A fake-tensor world standing in for one accelerator: models, inputs and optimizer state live
     here with their true shapes and dtypes and no storage."""
 
     device = torch.device("cpu")
+    host = torch.device("meta")  # host-memory copies: not on the simulated accelerator, so not counted
 
     def __init__(self) -> None:
         self.mode = FakeTensorMode()
