@@ -64,6 +64,23 @@ def test_deepspeed_settings_the_rebuild_cannot_carry_are_each_named():
     assert ds.unsupported_settings({"zero_optimization": {"stage": 3}, "bf16": {"enabled": True}}) == []
 
 
+def test_deepspeed_fp16_is_refused_from_the_trainer_precision_before_lightning_writes_the_config():
+    # Trainer(strategy=DeepSpeedStrategy(...), precision="16-mixed"): the callbacks' setup sees a config without "fp16".
+    config = {"zero_optimization": {"stage": 2}}
+    for precision in ("16-mixed", "16-true"):
+        assert any("fp16" in problem for problem in ds.unsupported_settings(config, precision))
+    assert ds.unsupported_settings(config, "bf16-mixed") == []
+
+
+def test_a_compiled_deepspeed_engine_is_refused_by_name():
+    class CompiledEngine:
+        is_compiled = True
+        optimizer = None
+
+    with pytest.raises(ValueError, match=r"engine.compile\(\)"):
+        ds.check_engine(CompiledEngine())
+
+
 def test_torch_lr_schedulers_read_the_flag_mark_stepped_sets():
     parameter = torch.nn.Parameter(torch.zeros(1))
     for marked in (False, True):

@@ -52,3 +52,29 @@ class MoEDecoder(torch.nn.Module):
 def test_an_moe_blocks_expert_list_is_never_the_stack():
     name, stack = find_layer_stack(MoEDecoder())
     assert name == "layers" and len(stack) == 3  # not layers.0.mlp.experts (8 long)
+
+
+class MoEBlock(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mlp = ExpertsAsModuleList()
+
+
+class AttentionBlock(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = torch.nn.Linear(4, 4)
+
+
+class HybridMoEDecoder(torch.nn.Module):
+    """A decoder list of two layer classes (attention and MoE blocks, as hybrid models have), or of one layer."""
+
+    def __init__(self, layers: int = 4):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(MoEBlock() if i % 2 == 0 else AttentionBlock() for i in range(layers))
+
+
+@pytest.mark.parametrize("layers", [4, 1])
+def test_an_expert_list_is_not_taken_for_the_stack_of_a_mixed_or_one_layer_decoder(layers):
+    with pytest.raises(ValueError, match="pass layers="):
+        find_layer_stack(HybridMoEDecoder(layers))

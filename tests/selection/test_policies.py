@@ -91,12 +91,27 @@ def test_infobatch_keeps_the_floor_of_the_well_learned_share_and_rescales_nomina
     assert float(realised.epoch_weights()[0]) == pytest.approx(11 / 5) and float(nominal.epoch_weights()[0]) == 2.0
 
 
-def test_infobatch_may_prune_every_well_learned_sample_without_dividing_by_zero():
-    sampler = InfoBatchSampler(20, prune_ratio=0.9, num_epochs=10)  # int((1 - 0.9) * 10) = 0 of 10 kept
+def test_infobatch_at_the_largest_prune_ratio_keeps_what_the_reference_keeps():
+    # The reference's keep_ratio = max(0.1, 1 - 0.9) = 0.1 keeps int(0.1 * 10) = 1 of the 10 well-learned;
+    # int((1 - 0.9) * 10) would be int(0.999...) = 0.
+    sampler = InfoBatchSampler(20, prune_ratio=0.9, num_epochs=10)
     sampler.attach_scores(store_with(torch.arange(20, dtype=torch.float32)))
     sampler.set_epoch(1)
-    assert sorted(sampler) == list(range(10, 20))  # the 10 above the mean, none of the others
-    assert torch.equal(sampler.epoch_weights()[10:], torch.ones(10))
+    visited = sorted(sampler)
+    assert visited[1:] == list(range(10, 20)) and visited[0] < 10  # the 10 above the mean and 1 of the others
+    assert float(sampler.epoch_weights()[visited[0]]) == pytest.approx(10.0)  # the 9 pruned are carried by it
+    nominal = InfoBatchSampler(20, prune_ratio=0.9, num_epochs=10, rescale="nominal")
+    nominal.attach_scores(store_with(torch.arange(20, dtype=torch.float32)))
+    nominal.set_epoch(1)
+    assert float(nominal.epoch_weights()[sorted(nominal)[0]]) == pytest.approx(10.0)  # the reference's 1 / keep_ratio
+
+
+def test_infobatch_may_prune_every_well_learned_sample_without_dividing_by_zero():
+    sampler = InfoBatchSampler(12, prune_ratio=0.9, num_epochs=10)  # int(0.1 * 2) = 0 of the 2 well-learned kept
+    sampler.attach_scores(store_with(torch.tensor([0.0, 1.0] + [10.0] * 10)))
+    sampler.set_epoch(1)
+    assert sorted(sampler) == list(range(2, 12))
+    assert torch.equal(sampler.epoch_weights()[2:], torch.ones(10))
 
 
 def test_infobatch_keeps_unscored_samples_and_rounds_to_world_size():

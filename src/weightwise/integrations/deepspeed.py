@@ -82,15 +82,23 @@ def check_engine(engine: Any) -> None:
     Raises:
         UnsupportedVersionError: an attribute is missing.
         TypeError: the engine's optimizer is not a ZeRO optimizer (see :func:`master_partitions`).
+        ValueError: the engine was compiled (``engine.compile()``): the per-period rebuild was not tested with it.
     """
+    if getattr(engine, "is_compiled", False):
+        raise ValueError(
+            "the DeepSpeed engine was compiled (engine.compile()), which the per-period ZeRO rebuild of LayerwiseSampling"
+            " was not tested with: leave the engine uncompiled (torch.compile the LightningModule's submodules instead)"
+        )
     master_partitions(engine.optimizer)  # the type check
     expected = _ENGINE_ATTRIBUTES.get(type(engine.optimizer).__name__, ())
     missing = [f"{type(engine.optimizer).__name__}.{name}" for name in expected if not hasattr(engine.optimizer, name)]
     require("deepspeed", MINIMUM, TESTED, missing, purpose=_PURPOSE)
 
 
-def unsupported_settings(config: Mapping[str, Any]) -> list[str]:
-    """What in a DeepSpeed config the per-period ZeRO rebuild does not support, each with its fix."""
+def unsupported_settings(config: Mapping[str, Any], precision: str | None = None) -> list[str]:
+    """What in a DeepSpeed config (and the Trainer's ``precision``) the per-period ZeRO rebuild does not
+    support, each with its fix. Lightning writes the ``fp16`` section into the config only when the
+    strategy is set up, after the callbacks' ``setup``: ``precision`` catches fp16 before that."""
     zero = config.get("zero_optimization") or {}
     offload = (zero.get("offload_optimizer") or {}).get("device", "none")
     problems = [
@@ -98,7 +106,10 @@ def unsupported_settings(config: Mapping[str, Any]) -> list[str]:
         (offload not in ("none", None), "ZeRO-Offload (offload_optimizer): remove it"),
         ("optimizer" in config, "an optimizer in the DeepSpeed config: return it from configure_optimizers instead"),
         # A rebuild creates a fresh loss scaler: fp16's dynamic scale would restart at its initial value.
-        (bool((config.get("fp16") or {}).get("enabled")), "fp16 (its dynamic loss scale would restart every period): use bf16"),
+        (
+            bool((config.get("fp16") or {}).get("enabled")) or str(precision) in ("16", "16-mixed", "16-true"),
+            "fp16 (its dynamic loss scale would restart every period): use bf16 (Trainer(precision='bf16-mixed'))",
+        ),
         (bool(zero.get("mics_shard_size", -1) > 0), "MiCS (zero_optimization.mics_shard_size): remove it"),
         ("zenflow" in zero or "zenflow" in config, "ZenFlow: remove it"),
         (bool((config.get("compile") or {}).get("deepcompile")), "DeepCompile: remove compile.deepcompile"),

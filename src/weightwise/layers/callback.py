@@ -246,11 +246,11 @@ class LayerwiseSampling(Callback):
                     f" (now precision={trainer.precision!r}, frozen_dtype={self.masters.dtype})"
                 )
         if is_deepspeed(trainer):
-            self._hook_deepspeed(trainer.strategy, pl_module)
+            self._hook_deepspeed(trainer.strategy, pl_module, str(trainer.precision))
         else:
             require_single_device_or_ddp(trainer, "LayerwiseSampling")
 
-    def _hook_deepspeed(self, strategy: Any, pl_module: pl.LightningModule) -> None:
+    def _hook_deepspeed(self, strategy: Any, pl_module: pl.LightningModule, precision: str) -> None:
         """Wrap (on the instances, for this fit) the two moments the ZeRO layout is decided.
 
         ``configure_optimizers``: DeepSpeed builds its engine from the returned optimizer right away,
@@ -263,7 +263,7 @@ class LayerwiseSampling(Callback):
         from weightwise.integrations import deepspeed
 
         deepspeed.check_version()
-        problems = deepspeed.unsupported_settings(strategy.config or {})
+        problems = deepspeed.unsupported_settings(strategy.config or {}, precision)
         if self.masters is not None:
             problems.append("frozen_dtype (ZeRO keeps the fp32 masters of the trainable parameters itself): remove it")
         if self.stash.mode != "release":
@@ -367,7 +367,14 @@ class LayerwiseSampling(Callback):
         if self._zero is not None:  # the engine exists now: give it the per-layer groups right away
             from weightwise.integrations import deepspeed
 
-            deepspeed.check_engine(trainer.strategy.deepspeed_engine)  # type: ignore[attr-defined]
+            # The config is complete now (Lightning adds its precision sections after the callbacks' setup).
+            problems = deepspeed.unsupported_settings(trainer.strategy.config or {}, str(trainer.precision))  # type: ignore[attr-defined]
+            if problems:
+                raise MisconfigurationException("LayerwiseSampling under DeepSpeed does not support " + "; ".join(problems))
+            try:
+                deepspeed.check_engine(trainer.strategy.deepspeed_engine)  # type: ignore[attr-defined]
+            except ValueError as error:
+                raise MisconfigurationException(str(error)) from error
             self._rebuild_zero(trainer.strategy)
         self._discover(pl_module)
         if self._masters_to_load is not None and self.masters is not None:  # resumed: the exact fp32 weights come back

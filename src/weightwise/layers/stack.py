@@ -12,8 +12,10 @@ def find_layer_stack(model: nn.Module, path: str | None = None) -> tuple[str, nn
     ``nn.ModuleList`` whose children all have one class - the decoder/encoder stack of every
     transformers model (``model.layers`` for Llama, Qwen2/3, Mistral, Mixtral, OLMoE;
     ``transformer.h`` for GPT-2; ``encoder.layer`` for BERT/MiniLM) and of most hand-written ones.
-    Lists inside a layer are never the stack: a Mixture-of-Experts block of transformers 4.x keeps
-    its experts in a ``ModuleList`` that can be longer than the stack itself.
+    Lists inside another ``ModuleList`` are never the stack: a Mixture-of-Experts block of
+    transformers 4.x keeps its experts in a ``ModuleList`` that can be longer than the stack itself,
+    and with a decoder list of mixed layer classes (hybrid models) or of one layer it would be the
+    only uniform list; such models need ``layers=``.
 
     Raises:
         ValueError: no such stack (or ``path`` is not a ModuleList); the message names the fix.
@@ -23,15 +25,15 @@ def find_layer_stack(model: nn.Module, path: str | None = None) -> tuple[str, nn
         if not isinstance(module, nn.ModuleList) or len(module) < 2:
             raise ValueError(f"{path!r} is a {type(module).__name__}, not a ModuleList of at least 2 layers")
         return path, module
-    candidates = [
-        (name, module)
-        for name, module in model.named_modules()
-        if isinstance(module, nn.ModuleList) and len(module) >= 2 and len({type(m) for m in module}) == 1
-    ]
+    lists = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.ModuleList)]
+    # A list inside another list (of any length or classes) is inside a layer: with a mixed-class or
+    # one-layer decoder list, an MoE block's expert list would otherwise be the only uniform candidate.
     outermost = [
         (name, module)
-        for name, module in candidates
-        if not any(other is not module and name.startswith(f"{other_name}.") for other_name, other in candidates if other_name)
+        for name, module in lists
+        if len(module) >= 2
+        and len({type(m) for m in module}) == 1
+        and not any(other is not module and name.startswith(f"{other_name}.") for other_name, other in lists if other_name)
     ]
     if not outermost:
         raise ValueError(

@@ -12,6 +12,7 @@ Rescale = Literal["realised", "nominal"]
 
 MAX_PRUNE_RATIO = 0.9
 """The reference caps the prune ratio: ``keep_ratio = min(1, max(0.1, 1 - prune_ratio))``."""
+MIN_KEEP_RATIO = 0.1  # the reference's floor, written as 0.1 (1 - 0.9 is 0.0999... in floating point)
 
 
 class InfoBatchSampler(EpochSampler):
@@ -81,6 +82,9 @@ class InfoBatchSampler(EpochSampler):
         if rescale not in ("realised", "nominal"):
             raise ValueError(f"rescale must be 'realised' or 'nominal', got {rescale!r}")
         self.prune_ratio = prune_ratio
+        # As the reference computes it (min(1, max(0.1, 1 - r))): at r = 0.9 the floor also absorbs the
+        # float error of 1 - 0.9 = 0.0999..., so int(keep_ratio * 10) keeps 1 sample, not 0.
+        self.keep_ratio = min(1.0, max(MIN_KEEP_RATIO, 1.0 - prune_ratio))
         self.num_epochs = num_epochs
         self.anneal = anneal
         self.score = score
@@ -99,7 +103,7 @@ class InfoBatchSampler(EpochSampler):
             return self.full_epoch(generator)
         well_learned = scores < torch.nanmean(scores)  # nan (never scored) compares False: kept
         n_candidates = int(well_learned.sum())
-        n_kept_candidates = int((1.0 - self.prune_ratio) * n_candidates)  # the reference's int(keep_ratio * n)
+        n_kept_candidates = int(self.keep_ratio * n_candidates)  # the reference's int(keep_ratio * n)
         wanted = self.num_samples - (n_candidates - n_kept_candidates)
         n_pruned = self.num_samples - self.subset_size(wanted / self.num_samples)  # a multiple of the world size
         n_pruned = min(max(n_pruned, 0), n_candidates)
@@ -111,7 +115,7 @@ class InfoBatchSampler(EpochSampler):
         if not n_pruned or n_pruned == n_candidates:  # nothing pruned, or no candidate left to carry a factor
             factor = 1.0
         elif self.rescale == "nominal":
-            factor = 1.0 / (1.0 - self.prune_ratio)
+            factor = 1.0 / self.keep_ratio
         else:
             factor = n_candidates / (n_candidates - n_pruned)
         weights = torch.where(well_learned, factor, 1.0)
