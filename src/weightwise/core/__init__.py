@@ -1,6 +1,6 @@
 """The small core every capability builds on: sample identity, the score store, collectives.
 
-* :mod:`~weightwise.core.ids` - batches carry their samples' dataset indices (contract 2).
+* :mod:`~weightwise.core.ids` - batches carry their samples' dataset indices (docs/architecture.md, contract 2).
 * :mod:`~weightwise.core.store` - :class:`SampleScoreStore`, per-sample history, equal on every rank.
 * :mod:`~weightwise.core.collectives` - gathers and reductions every rank calls in lock-step.
 """

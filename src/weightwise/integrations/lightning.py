@@ -8,6 +8,8 @@ Lightning 2.4-2.6):
   small model's step, so per-step values are computed only on logging steps.
 * ``trainer.fit_loop.max_batches`` - the epoch length Lightning sized once from the first epoch;
   a pruned epoch is shorter (:func:`set_epoch_length`).
+* ``DistributedSamplerWrapper``'s ``dataset._sampler`` - the sampler Lightning wrapped, to refuse a
+  weightwise sampler sharded twice with an error naming the fix (:func:`distributed_wrapped_sampler`).
 
 Methods replaced on live objects, for one fit, as instance attributes (the classes are untouched
 and :meth:`MethodPatch.restore` puts the originals back at teardown):
@@ -33,6 +35,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from lightning.pytorch.strategies import (
     DDPStrategy,
     DeepSpeedStrategy,
@@ -58,6 +61,8 @@ def check_trainer(trainer: pl.Trainer) -> None:
         missing.append("Trainer._logger_connector.should_update_logs")
     if not hasattr(trainer.fit_loop, "max_batches"):
         missing.append("Trainer.fit_loop.max_batches")
+    if distributed_wrapped_sampler(DistributedSamplerWrapper([0], num_replicas=1, rank=0)) != [0]:
+        missing.append("DistributedSamplerWrapper's dataset._sampler")
     require("lightning", MINIMUM, TESTED, missing, purpose="weightwise's Lightning callbacks")
 
 
@@ -99,6 +104,12 @@ class MethodPatch:
     def restore(self) -> None:
         """Remove the wrapper (safe to call more than once)."""
         vars(self.owner).pop(self.name, None)
+
+
+def distributed_wrapped_sampler(sampler: object) -> object | None:
+    """The sampler inside Lightning's ``DistributedSamplerWrapper`` (its dataset's private ``_sampler``),
+    or ``None`` when ``sampler`` is not such a wrapper."""
+    return getattr(getattr(sampler, "dataset", None), "_sampler", None)
 
 
 def is_deepspeed(trainer: pl.Trainer) -> bool:

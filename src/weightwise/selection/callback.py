@@ -17,7 +17,7 @@ from typing_extensions import override
 
 from weightwise.core.checkpoints import state_version, with_version
 from weightwise.core.ids import SAMPLE_ID_KEY, sample_ids_from_batch
-from weightwise.integrations.lightning import parameters_for_direct_forward, set_epoch_length
+from weightwise.integrations.lightning import distributed_wrapped_sampler, parameters_for_direct_forward, set_epoch_length
 from weightwise.selection.base import EpochPlan, EpochSampler
 from weightwise.selection.infobatch import InfoBatchSampler
 from weightwise.selection.scoring import ScoreFn, gather_scores, score_dataset, training_step_scores
@@ -126,7 +126,7 @@ class DataPruning(SampleWeightCallback):
         for sampler in candidates:
             if isinstance(sampler, EpochSampler):
                 return sampler
-            wrapped = getattr(getattr(sampler, "dataset", None), "_sampler", None)
+            wrapped = distributed_wrapped_sampler(sampler)
             if isinstance(wrapped, EpochSampler):
                 raise MisconfigurationException(
                     "Lightning wrapped the weightwise sampler in a DistributedSampler, which would shard it twice."
