@@ -11,8 +11,10 @@ What is measured, and how (every number is measured unless its table says "analy
    :func:`~weightwise.losses.token_cross_entropy`) and from the last hidden states
    (:func:`~weightwise.losses.linear_cross_entropy`), each reweighted (``loss_weights`` "linupper",
    ``weighted_mean``) as :func:`benchmarks.memory.methods.weightwise_loss` does.
-2. **The loss head alone** at the same shapes: the hidden states ``[4, 512, 4096]`` to the scalar
-   loss and back, fake tensors; the logits, their fp32 copy and the cross-entropy's buffers.
+2. **The loss head alone** at the same shapes - the hidden states ``[4, 512, 4096]`` to the scalar
+   loss and back, fake tensors; the logits, their fp32 copy and the cross-entropy's buffers - and at
+   a 128k vocabulary (Llama-3-8B's head: hidden 4096, vocabulary 128256, batch 4 x 2048, the case
+   :mod:`weightwise.weighting.losses` cites: a ``[B, T, V]`` fp32 copy of 4 GiB).
 3. **The reducer's step** (:class:`weightwise.weighting.reducer.PerSampleLossReducer` with
    ``LossReweighting``, its all-gather, weights, score-store update and the backward through the
    weighted mean), on *real* tensors - the reducer reads values in Python (``float(losses.sum())``,
@@ -89,8 +91,13 @@ LOSSES = {
 HEAD_LOSSES = {
     **LOSSES,
     "weightwise_labels_shifted": "as `weightwise`, but `sequence_loss(logits, F.pad(ids[:, 1:], (0, 1), value=-100))`"
-    " (the labels shifted, as HF's loss does) instead of `shift=True` (which slices the logits `[:, :-1]`, so that"
-    " `reshape(-1, V)` copies them): a check that this bf16 copy costs nothing at the peak",
+    " (the labels shifted by hand, as HF's loss does) instead of `shift=True`: a check that `shift=True` costs the"
+    " same (it shifts the labels too; earlier versions sliced the logits `[:, :-1]`, so that `reshape(-1, V)` copied"
+    " them: +1 bf16 `[B, T-1, V]` at the forward peak)",
+}
+HEAD_SHAPES = {
+    "7b": "Llama-2-7B's head, as in part 1: hidden 4096, vocabulary 32000, batch 4 x 512",
+    "128k": "Llama-3-8B's head: hidden 4096, vocabulary 128256, batch 4 x 2048",
 }
 
 
@@ -147,15 +154,24 @@ def loss_path(recipe_name: str, loss: str) -> dict[str, Any]:
     }
 
 
-def loss_head(loss: str, trainable_head: bool) -> dict[str, Any]:
-    """The loss head alone at the 7B shapes: fp32 last hidden states ``[B, T, H]`` (requiring grad, as
-    in the model) and the fp32 output embedding ``[V, H]``, to the scalar loss and back, under bf16
-    autocast on fake tensors. Bytes above the inputs: held after the forward pass, and the peak."""
+def _head_dims(shape_name: str) -> tuple[int, int, int, int]:
+    """``(B, T, H, V)`` of a :data:`HEAD_SHAPES` entry."""
+    if shape_name == "128k":
+        return 4, 2048, 4096, 128256
     from benchmarks.memory.models import SHAPES
-    from benchmarks.memory.tracking import FakeAccelerator
 
     shape = SHAPES[LOSS_MODEL]
-    b, t, h, v = shape.batch, shape.seq, shape.hidden_size, shape.vocab_size
+    return shape.batch, shape.seq, shape.hidden_size, shape.vocab_size
+
+
+def loss_head(loss: str, trainable_head: bool, shape_name: str = "7b") -> dict[str, Any]:
+    """The loss head alone at one of :data:`HEAD_SHAPES`: fp32 last hidden states ``[B, T, H]``
+    (requiring grad, as in the model) and the fp32 output embedding ``[V, H]``, to the scalar loss and
+    back, under bf16 autocast on fake tensors. Bytes above the inputs: held after the forward pass, and
+    the peak."""
+    from benchmarks.memory.tracking import FakeAccelerator
+
+    b, t, h, v = _head_dims(shape_name)
     with FakeAccelerator() as accelerator:
         hidden = torch.empty(b, t, h, requires_grad=True)
         weight = nn.Parameter(torch.empty(v, h), requires_grad=trainable_head)
@@ -183,6 +199,7 @@ def loss_head(loss: str, trainable_head: bool) -> dict[str, Any]:
             value.backward()
     grads = hidden.numel() * 4 + (weight.numel() * 4 if trainable_head else 0)
     return {
+        "shape": shape_name,
         "loss": loss,
         "trainable_head": trainable_head,
         "forward_peak": forward_peak,
@@ -568,6 +585,7 @@ def loss_section(runs: list[dict[str, Any]]) -> str:
 def head_section(rows: list[dict[str, Any]]) -> str:
     body = [
         [
+            r.get("shape", "7b"),
             r["loss"],
             "trainable" if r["trainable_head"] else "frozen",
             mib(r["forward_peak"]),
@@ -577,9 +595,20 @@ def head_section(rows: list[dict[str, Any]]) -> str:
         ]
         for r in rows
     ]
-    legend = "\n".join(f"- `{name}`: {text}" for name, text in HEAD_LOSSES.items() if name not in LOSSES)
-    head = ["loss", "lm_head", "forward peak MiB", "held after forward MiB", "peak MiB (fwd+bwd)", "of which input grads MiB"]
-    return f"{legend}\n\n{_table(head, body, 'llrrrr')}"
+    legend = "\n".join(
+        [f"- shape `{name}`: {text}" for name, text in HEAD_SHAPES.items()]
+        + [f"- `{name}`: {text}" for name, text in HEAD_LOSSES.items() if name not in LOSSES]
+    )
+    head = [
+        "shape",
+        "loss",
+        "lm_head",
+        "forward peak MiB",
+        "held after forward MiB",
+        "peak MiB (fwd+bwd)",
+        "of which input grads MiB",
+    ]
+    return f"{legend}\n\n{_table(head, body, 'lllrrrr')}"
 
 
 def reducer_section(results: dict[str, list[dict[str, Any]]]) -> str:
@@ -740,7 +769,7 @@ def markdown(results: dict[str, Any], header: str) -> str:
         parts += ["## (a) The per-sample loss path in a 7B training step (fake tensors, measured)", loss_section(results["loss"])]
     if "head" in results:
         parts += [
-            "## (a) The loss head alone, 7B shapes, bytes above its inputs (fake tensors, measured)",
+            "## (a) The loss head alone, 7B shapes and a 128k vocabulary, bytes above its inputs (fake tensors, measured)",
             head_section(results["head"]),
         ]
     if "reducer" in results:
@@ -796,8 +825,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 results["loss"].append(loss_path(recipe, loss))
                 say(f"7b {recipe} {loss}: peak {gib(results['loss'][-1]['peak'])} GiB")
     if "head" in parts:
-        results["head"] = [loss_head(loss, trainable) for trainable in (False, True) for loss in HEAD_LOSSES]
-        say("loss head")
+        results["head"] = []
+        for shape_name in HEAD_SHAPES:
+            results["head"] += [loss_head(loss, trainable, shape_name) for trainable in (False, True) for loss in HEAD_LOSSES]
+            say(f"loss head {shape_name}")
     if "reducer" in parts:
         results["reducer"] = {str(world): reducer_world(world) for world in (1, REDUCER_WORLD)}
         say("reducer")

@@ -3,11 +3,14 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from weightwise.losses import (
     document_ids_from_positions,
     linear_cross_entropy,
     reduce_token_losses,
+    sequence_loss,
     token_cross_entropy,
     token_shares,
 )
@@ -36,6 +39,94 @@ def test_chunked_cross_entropy_equals_the_plain_one_with_gradients(shift, chunk)
     logits.grad = None
     (expected * expected_mask).sum().backward()
     torch.testing.assert_close(grad, logits.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk", [1, 4, 1000])
+@pytest.mark.parametrize("ignore_index", [-100, 0])
+def test_shift_equals_cross_entropy_on_the_shifted_logits_values_and_gradients(dtype, chunk, ignore_index):
+    """shift=True is F.cross_entropy(logits[:, :-1], labels[:, 1:], reduction='none'): values, mask and
+    gradients, with padding and ignored tokens; the last position, which predicts nothing, gets no gradient."""
+    torch.manual_seed(0)
+    b, t, v = 3, 7, 13
+    logits = torch.randn(b, t, v, dtype=dtype, requires_grad=True)
+    labels = torch.randint(1, v, (b, t))
+    labels[0, 5:] = ignore_index  # padding
+    labels[1, 2] = ignore_index  # a token without a target mid-sequence
+    labels[2, 0] = ignore_index  # the first label is never a target
+    losses, mask = token_cross_entropy(logits, labels, ignore_index=ignore_index, shift=True, chunk_tokens=chunk)
+    shifted = labels[:, 1:]
+    expected = F.cross_entropy(
+        logits[:, :-1].reshape(-1, v).float(), shifted.reshape(-1), ignore_index=ignore_index, reduction="none"
+    ).view(b, t - 1)
+    assert losses.shape == mask.shape == (b, t - 1) and losses.dtype == torch.float32
+    assert torch.equal(mask, shifted != ignore_index) and mask.sum() == (b * (t - 1) - 3)
+    torch.testing.assert_close(losses, expected, rtol=0, atol=0)
+    assert torch.all(losses[~mask] == 0)
+    weights = torch.rand(b, t - 1)
+    (losses * weights).sum().backward()
+    grad, logits.grad = logits.grad.clone(), None
+    (expected * weights).sum().backward()
+    torch.testing.assert_close(grad, logits.grad, rtol=0, atol=0)
+    assert torch.all(grad[:, -1] == 0)
+    # and per sequence
+    torch.testing.assert_close(
+        sequence_loss(logits, labels, ignore_index=ignore_index, shift=True, chunk_tokens=chunk),
+        (expected * mask).sum(1) / mask.sum(1),
+    )
+
+
+def test_shift_of_a_single_position_leaves_no_token():
+    losses, mask = token_cross_entropy(torch.randn(2, 1, 5, requires_grad=True), torch.ones(2, 1, dtype=torch.long), shift=True)
+    assert losses.shape == mask.shape == (2, 0)
+
+
+class _LargeAllocations(TorchDispatchMode):
+    """Records every tensor an op returns whose storage holds at least ``limit`` bytes, unless it is
+    the storage of one of ``inputs`` (a view of them)."""
+
+    def __init__(self, limit: int, *inputs: torch.Tensor) -> None:
+        super().__init__()
+        self.limit, self.allowed, self.found = limit, {t.untyped_storage().data_ptr() for t in inputs}, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                storage = tensor.untyped_storage()
+                if storage.nbytes() >= self.limit and storage.data_ptr() not in self.allowed:
+                    self.found.append((str(func), tuple(tensor.shape), tensor.dtype))
+        return out
+
+
+@pytest.mark.parametrize("shift", [False, True])
+@pytest.mark.parametrize("grad", [False, True])
+def test_chunked_cross_entropy_never_copies_the_logits(shift, grad):
+    """No op of the forward pass allocates a tensor the size of the [B, T - 1, V] logits (the copy that
+    flattening logits[:, :-1] would make, and that the checkpointed chunks would keep until backward):
+    the chunks read a view of the logits themselves."""
+    b, t, v, chunk = 2, 16, 64, 4
+    logits = torch.randn(b, t, v, requires_grad=grad)
+    labels = torch.randint(0, v, (b, t))
+    with _LargeAllocations(b * (t - 1) * v * logits.element_size() // 2, logits) as tracker:
+        losses, _ = token_cross_entropy(logits, labels, shift=shift, chunk_tokens=chunk)
+        sequence_loss(logits, labels, shift=shift, chunk_tokens=chunk)
+    assert tracker.found == []
+    assert losses.shape == (b, t - 1 if shift else t)
+    if grad:  # the backward pass recomputes each chunk from the same view
+        losses.sum().backward()
+        assert logits.grad.shape == logits.shape
+
+
+@pytest.mark.parametrize("shift", [False, True])
+def test_linear_cross_entropy_never_copies_the_hidden_states(shift):
+    b, t, h, v, chunk = 2, 16, 32, 16, 4
+    hidden = torch.randn(b, t, h, requires_grad=True)
+    weight = torch.randn(v, h, requires_grad=True)
+    labels = torch.randint(0, v, (b, t))
+    with _LargeAllocations(b * (t - 1) * h * hidden.element_size() // 2, hidden, weight) as tracker:
+        linear_cross_entropy(hidden, weight, labels, shift=shift, chunk_tokens=chunk)
+    assert tracker.found == []
 
 
 def test_linear_cross_entropy_never_needs_the_logits_and_matches():

@@ -57,8 +57,25 @@ def _chunked_token_losses(
     return torch.cat(pieces) if pieces else labels.new_zeros(0, dtype=torch.float32)
 
 
-def _shifted(tensor: Tensor, labels: Tensor, shift: bool) -> tuple[Tensor, Tensor]:
-    return (tensor[:, :-1], labels[:, 1:]) if shift else (tensor, labels)
+def _flat_targets(labels: Tensor, ignore_index: int, shift: bool) -> Tensor:
+    """The flat ``[B * T]`` target of every position. With ``shift`` the labels move left - position t's
+    target is ``labels[:, t + 1]`` and the last position's is ``ignore_index`` - so that the logits (or
+    hidden states) are flattened as they are: slicing them ``[:, :-1]`` first would make the flattening a
+    ``[B, T - 1, V]`` copy, which the checkpointed chunks would then keep alive until the backward pass."""
+    if not shift:
+        return labels.reshape(-1)
+    targets = labels.new_full(labels.shape, ignore_index)
+    targets[:, :-1] = labels[:, 1:]
+    return targets.view(-1)
+
+
+def _unflattened(losses: Tensor, labels: Tensor, ignore_index: int, shift: bool) -> tuple[Tensor, Tensor]:
+    """Flat token losses back to ``[B, T]`` - ``[B, T - 1]`` with ``shift``, without the last position,
+    which has no target - and the mask of the tokens that have one."""
+    losses = losses.view(labels.shape)
+    if shift:
+        return losses[:, :-1].contiguous(), labels[:, 1:] != ignore_index
+    return losses, labels != ignore_index
 
 
 def token_cross_entropy(
@@ -68,14 +85,16 @@ def token_cross_entropy(
 
     The logits stay in their dtype (e.g. bf16); each chunk of ``chunk_tokens`` tokens is upcast,
     reduced and - under autograd - recomputed in the backward pass, so no ``[B, T, V]`` float32
-    copy is ever held.
+    copy is ever held. Contiguous logits are not copied at all, with or without ``shift`` (they
+    are read as a ``[B * T, V]`` view; ``shift`` moves the labels, not the logits).
 
     Args:
         logits: ``[B, T, V]``.
         labels: ``[B, T]`` target ids, ``ignore_index`` where no loss is taken (padding, prompts).
         ignore_index: label value without a target (HF convention: -100).
         shift: ``True`` for causal LMs whose labels are the inputs (HF ``labels=input_ids``):
-            position t predicts token t + 1; the outputs then have ``T - 1`` columns.
+            position t predicts token t + 1; the outputs then have ``T - 1`` columns (the last
+            position, which has no next token, is left out).
         chunk_tokens: tokens per chunk.
 
     Raises:
@@ -83,12 +102,11 @@ def token_cross_entropy(
     """
     if logits.ndim != 3 or labels.ndim != 2 or logits.shape[:2] != labels.shape:
         raise ValueError(f"expected logits [B, T, V] and labels [B, T], got {tuple(logits.shape)} and {tuple(labels.shape)}")
-    logits, labels = _shifted(logits, labels, shift)
-    flat_logits, flat_labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
+    flat_logits, flat_labels = logits.reshape(-1, logits.shape[-1]), _flat_targets(labels, ignore_index, shift)
     losses = _chunked_token_losses(
         flat_labels.numel(), flat_labels, ignore_index, chunk_tokens, lambda a, b: flat_logits[a:b], flat_logits
     )
-    return losses.view(labels.shape), labels != ignore_index
+    return _unflattened(losses, labels, ignore_index, shift)
 
 
 def linear_cross_entropy(
@@ -126,13 +144,12 @@ def linear_cross_entropy(
             f"expected hidden [B, T, H], weight [V, H], labels [B, T]; got {tuple(hidden.shape)}, {tuple(weight.shape)},"
             f" {tuple(labels.shape)}"
         )
-    hidden, labels = _shifted(hidden, labels, shift)
-    flat_hidden, flat_labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    flat_hidden, flat_labels = hidden.reshape(-1, hidden.shape[-1]), _flat_targets(labels, ignore_index, shift)
     inputs = (flat_hidden, weight) if bias is None else (flat_hidden, weight, bias)
     losses = _chunked_token_losses(
         flat_labels.numel(), flat_labels, ignore_index, chunk_tokens, lambda a, b: F.linear(flat_hidden[a:b], weight, bias), *inputs
     )
-    return losses.view(labels.shape), labels != ignore_index
+    return _unflattened(losses, labels, ignore_index, shift)
 
 
 def document_ids_from_positions(position_ids: Tensor) -> Tensor:
