@@ -9,11 +9,12 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader
 
-from tests.support.models import Classifier, blobs, indexed_loader
+from tests.support.models import Classifier, TokenLossLM, blobs, indexed_loader, padded_token_batches
 from tests.support.training import trainer
-from weightwise.callbacks import LossReweighting, SampleWeightCallback
+from weightwise import IndexedDataset
+from weightwise.callbacks import LossReweighting, SampleReport, SampleWeightCallback
 from weightwise.core.store import FIELDS
-from weightwise.losses import loss_weights
+from weightwise.losses import document_ids_from_positions, loss_weights
 
 
 class IdFactor(SampleWeightCallback):
@@ -71,6 +72,52 @@ def test_weights_from_the_batch_need_no_sample_ids_but_history_does():
     assert len(reweighting.reducer.scores) == 0  # nothing to keep history by
     with pytest.raises(ValueError, match="IndexedDataset"):  # a callback that keeps per-sample history
         trainer(max_steps=1, callbacks=[IdFactor()]).fit(Classifier(), DataLoader(blobs(16), batch_size=8))
+
+
+def packed_rows_with_row_ids() -> DataLoader:
+    """Rows of 3 packed documents each (``TokenLossLM("packed", document_length=5)``); the batches
+    carry the *rows'* dataset indices, which name no document."""
+    return DataLoader(IndexedDataset(padded_token_batches().dataset), batch_size=2)
+
+
+class PackedWithDocumentIds(TokenLossLM):
+    """Packed rows whose output names each document: row id * 3 + its index in the row, for every
+    document with a valid token, in row order then document order."""
+
+    def __init__(self):
+        super().__init__("packed", document_length=5)
+
+    def training_step(self, batch, batch_idx):
+        output = super().training_step(batch, batch_idx)
+        documents = batch["sample_id"][:, None] * 3 + document_ids_from_positions(output["position_ids"])
+        return {**output, "sample_ids": torch.unique(documents[output["mask"]])}
+
+
+@pytest.mark.parametrize(
+    "callbacks, named",
+    [
+        (lambda: [LossReweighting(warmup_steps=0, store_fields=("loss",))], "LossReweighting"),
+        (lambda: [LossReweighting(warmup_steps=0), SampleReport()], "SampleReport"),
+    ],
+)
+def test_packed_documents_without_their_ids_fail_where_history_needs_them(callbacks, named):
+    # The batch's ids are the rows': taking them for the documents would file losses under the wrong
+    # samples, and dropping them would keep no history at all - both silently.
+    with pytest.raises(ValueError, match=rf"5 packed documents.*but {named} keeps per-sample history.*'sample_ids'"):
+        trainer(max_steps=1, callbacks=callbacks()).fit(TokenLossLM("packed", document_length=5), packed_rows_with_row_ids())
+
+
+def test_packed_documents_train_without_ids_and_keep_history_with_them():
+    reweighting, module = LossReweighting("linupper", warmup_steps=0), TokenLossLM("packed", document_length=5)
+    trainer(max_steps=2, callbacks=[reweighting]).fit(module, packed_rows_with_row_ids())
+    assert len(reweighting.reducer.scores) == 0 and all(torch.isfinite(p).all() for p in module.parameters())
+    # With the documents' ids in the output (what the error asks for), every document with a valid
+    # token is recorded under its own id: rows 1 and 3 end in padding, so documents 5 and 11 are not.
+    reweighting = LossReweighting("linupper", warmup_steps=0, store_fields=("loss", "count"))
+    trainer(max_steps=2, callbacks=[reweighting]).fit(PackedWithDocumentIds(), packed_rows_with_row_ids())
+    store = reweighting.reducer.scores
+    assert store.seen.nonzero().squeeze(1).tolist() == [0, 1, 2, 3, 4, 6, 7, 8, 9, 10]
+    assert store.count[store.seen].tolist() == [1] * 10 and bool(store.loss[store.seen].isfinite().all())
 
 
 def poison_second_sample(losses, batch_idx):

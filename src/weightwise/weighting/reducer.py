@@ -72,6 +72,10 @@ class StepOutput:
     packed: bool = False  # samples are documents of packed rows: the batch's row ids do not name them
 
 
+_NO_SCORES: Mapping[str, Tensor] = {}
+_KNOWN_KEYS = frozenset(("loss", "mask", "document_ids", "position_ids", "tokens", "sample_ids", "scores"))
+
+
 def parse_step_output(output: Any) -> StepOutput:
     """Read a ``training_step`` output (see :meth:`PerSampleLossReducer.reduce` for the forms).
 
@@ -79,12 +83,11 @@ def parse_step_output(output: Any) -> StepOutput:
         MisconfigurationException: a dict without ``"loss"``.
         ValueError: token losses without a mask, or scores/token counts of another shape.
     """
-    if not isinstance(output, Mapping):
+    if isinstance(output, Tensor) or not isinstance(output, Mapping):  # a Tensor first: the common case, and cheap to test
         return StepOutput(check_per_sample_loss(output))
     if "loss" not in output:
         raise MisconfigurationException("training_step returned a dict without a 'loss' key")
-    known = ("loss", "mask", "document_ids", "position_ids", "tokens", "sample_ids", "scores")
-    extra = {k: v for k, v in output.items() if k not in known}
+    extra = {k: v for k, v in output.items() if k not in _KNOWN_KEYS}
     losses, tokens, packed = output["loss"], output.get("tokens"), False
     if isinstance(losses, Tensor) and losses.ndim == 2:
         mask = output.get("mask")
@@ -102,20 +105,17 @@ def parse_step_output(output: Any) -> StepOutput:
     losses = check_per_sample_loss(losses)
     if tokens is not None and (not isinstance(tokens, Tensor) or tokens.shape != losses.shape):
         raise ValueError(f"'tokens' must be a [B] tensor of token counts like the loss {tuple(losses.shape)}")
-    scores = output.get("scores", {})
-    if not isinstance(scores, Mapping) or not all(isinstance(v, Tensor) and v.shape == losses.shape for v in scores.values()):
-        raise ValueError(
-            "training_step's 'scores' must be a dict of per-sample tensors shaped like the per-sample loss"
-            f" {tuple(losses.shape)}, e.g. {{'el2n': weightwise.losses.el2n(logits, y)}}"
-        )
-    return StepOutput(
-        losses,
-        tokens,
-        output.get("sample_ids"),
-        {name: v.detach().float().to(losses.device) for name, v in scores.items()},
-        extra,
-        packed and output.get("sample_ids") is None,
-    )
+    scores: dict[str, Tensor] = {}
+    if "scores" in output:
+        given = output["scores"]
+        if not isinstance(given, Mapping) or not all(isinstance(v, Tensor) and v.shape == losses.shape for v in given.values()):
+            raise ValueError(
+                "training_step's 'scores' must be a dict of per-sample tensors shaped like the per-sample loss"
+                f" {tuple(losses.shape)}, e.g. {{'el2n': weightwise.losses.el2n(logits, y)}}"
+            )
+        scores = {name: v.detach().float().to(losses.device) for name, v in given.items()}
+    sample_ids = output.get("sample_ids")
+    return StepOutput(losses, tokens, sample_ids, scores, extra, packed and sample_ids is None)
 
 
 _REDUCERS: weakref.WeakKeyDictionary[pl.LightningModule, PerSampleLossReducer] = weakref.WeakKeyDictionary()
@@ -189,6 +189,8 @@ class PerSampleLossReducer:
 
         def make_training_step(original: Any) -> Any:
             def training_step(*args: Any, **kwargs: Any) -> Any:
+                if args and not reducer.selectors:  # the usual step: the module's own, reduced
+                    return reducer.reduce(original(*args, **kwargs), args[0])
                 batch = args[0] if args else kwargs["batch"]
                 rest, options = (args[1:], kwargs) if args else ((), {k: v for k, v in kwargs.items() if k != "batch"})
                 for selector in reducer.selectors:  # online batch selection: the rows this step trains on
@@ -217,22 +219,34 @@ class PerSampleLossReducer:
         Accepted outputs (docs/architecture.md, contract 1): per-sample losses ``[B]``; or a dict with
         ``"loss"`` (``[B]``, or token losses ``[B, T]`` with ``"mask"`` and optionally
         ``"document_ids"`` or ``"position_ids"`` for packed rows), optional ``"tokens"`` (``[B]`` token
-        counts of per-sequence losses), ``"sample_ids"`` and ``"scores"`` (named per-sample signals);
-        other keys pass through to Lightning.
+        counts of per-sequence losses), ``"sample_ids"`` (the samples' ids when the batch does not
+        carry them - for packed rows, one per document with a valid token, since the batch's ids name
+        rows) and ``"scores"`` (named per-sample signals); other keys pass through to Lightning.
 
         Raises:
             MisconfigurationException: a dict without ``"loss"``.
             ValueError: losses of the wrong shape, token losses without a mask, sample ids missing
-                where a callback keeps per-sample history (the message names the fix).
+                where a callback keeps per-sample history - packed documents without their own
+                ``"sample_ids"`` included (the message names the fix).
         """
         if output is None:  # Lightning's "skip this step"
             return None
+        if isinstance(output, Tensor):  # per-sample losses [B], ids from the batch: the common step, kept short
+            losses = check_per_sample_loss(output)
+            ids = self._ids_from_batch(batch)
+            if ids is not None and ids.numel() != losses.numel():
+                check_per_sample_loss(losses, batch_size=int(ids.numel()))  # raises, naming the fix
+            return self._weighted_loss(losses, ids)
         step = parse_step_output(output)
-        if step.sample_ids is None and not step.packed:
-            step.sample_ids = self._ids_from_batch(batch)
-        if step.sample_ids is not None:
-            check_per_sample_loss(step.losses, batch_size=int(step.sample_ids.numel()))
-        loss = self._weighted_loss(step)
+        ids = step.sample_ids
+        if ids is None:
+            if not step.packed:
+                ids = self._ids_from_batch(batch)
+            elif self.needs_sample_ids:
+                raise ValueError(self._packed_without_ids(step.losses.numel()))
+        if ids is not None and ids.numel() != step.losses.numel():
+            check_per_sample_loss(step.losses, batch_size=int(ids.numel()))  # raises, naming the fix
+        loss = self._weighted_loss(step.losses, ids, step.tokens, step.scores)
         return loss if step.extra is None else {"loss": loss, **step.extra}
 
     def _ids_from_batch(self, batch: Any) -> Tensor | None:
@@ -243,43 +257,67 @@ class PerSampleLossReducer:
                 raise
             return None  # a stream without ids: weights from the batch's own losses need none
 
-    def _weighted_loss(self, step: StepOutput) -> Tensor:
+    def _packed_without_ids(self, documents: int) -> str:
+        needing = sorted({type(cb).__name__ for cb in self.trainer.callbacks if getattr(cb, "needs_sample_ids", False)})
+        who = f"{', '.join(needing)} {'keeps' if len(needing) == 1 else 'keep'}" if needing else "a callback keeps"
+        return (
+            f"training_step returned the losses of {documents} packed documents (from 'document_ids' or 'position_ids'),"
+            f" but {who} per-sample history by sample id, and a batch's sample ids name its rows, not the documents"
+            " packed in them. Return each document's dataset index with the losses: {'loss': token_losses, 'mask': mask,"
+            " 'position_ids': position_ids, 'sample_ids': ids}, one id per document that has a valid token, in row order"
+            " then document order (the order of weightwise.losses.reduce_token_losses); or train without per-sample"
+            " history (no store_fields, SampleReport or pruning sampler)."
+        )
+
+    def _weighted_loss(
+        self, losses: Tensor, ids: Tensor | None, tokens: Tensor | None = None, scores: Mapping[str, Tensor] = _NO_SCORES
+    ) -> Tensor:
         # The per-step path: every op here runs once per step for every rank, so only what this run
         # needs is gathered and computed (benchmarks/bookkeeping.py measures it against InfoBatch's).
-        losses, ids = step.losses, step.sample_ids
+        device = losses.device
+        detached = losses.detach()
+        if detached.dtype != torch.float32:
+            detached = detached.float()
+        if ids is not None and (ids.dtype != torch.long or ids.device != device):
+            ids = ids.to(device, torch.long)
+        if tokens is not None:
+            tokens = tokens.to(device).float()
         world = collectives.world_size()
-        columns = [losses.detach().float()]
-        if ids is not None:
-            columns.append(ids if ids.dtype == torch.long and ids.device == losses.device else ids.to(losses.device, torch.long))
-        if step.tokens is not None:
-            columns.append(step.tokens.to(losses.device).float())
-            if world > 1:
-                columns.append(torch.full_like(columns[0], float(collectives.rank())))
-        columns += step.scores.values()
-        if world > 1:
-            gathered, local = collectives.all_gather_variable(*columns)
+        if world == 1:  # one process: the gather is the identity
+            global_losses, global_ids, global_tokens, global_ranks = detached, ids, tokens, None
+            global_signals, local = list(scores.values()), slice(None)
         else:
-            gathered, local = columns, slice(None)
-        global_losses, rest = gathered[0], iter(gathered[1:])
-        global_ids = next(rest) if ids is not None else None
-        global_tokens = next(rest) if step.tokens is not None else None
-        global_ranks = next(rest) if step.tokens is not None and world > 1 else None
-        global_signals = list(rest)
+            columns = [detached]
+            if ids is not None:
+                columns.append(ids)
+            if tokens is not None:
+                columns += [tokens, torch.full_like(detached, float(collectives.rank()))]
+            columns += scores.values()
+            gathered, local = collectives.all_gather_variable(*columns)
+            global_losses, rest = gathered[0], iter(gathered[1:])
+            global_ids = next(rest) if ids is not None else None
+            global_tokens = next(rest) if tokens is not None else None
+            global_ranks = next(rest) if tokens is not None else None
+            global_signals = list(rest)
 
-        # One reduction and one host read per step: the sum is finite unless a loss is not (or overflows).
-        if not math.isfinite(float(global_losses.sum())):
+        # One reduction and one host read per step: the dot product (one kernel, the cheapest
+        # reduction) is finite unless a loss is not, or it overflows - then _drop_nonfinite looks closer.
+        if not math.isfinite(float(global_losses.dot(global_losses))):
             global_losses, global_ids, global_tokens, global_ranks, global_signals, losses, local = self._drop_nonfinite(
                 global_losses, global_ids, global_tokens, global_ranks, global_signals, losses, local
             )
         if global_ids is not None:
-            for name, values in zip(step.scores, global_signals):
+            for name, values in zip(scores, global_signals):
                 self.scores.record(name, global_ids, values)
 
         weights: Tensor | None = None
         for contributor in self.contributors:
             factor = contributor.sample_weights(global_losses, global_ids, self.trainer)
             if factor is not None:
-                factor = factor.detach() if factor.dtype == global_losses.dtype else factor.detach().to(global_losses.dtype)
+                if factor.requires_grad:
+                    factor = factor.detach()
+                if factor.dtype != global_losses.dtype:
+                    factor = factor.to(global_losses.dtype)
                 weights = factor if weights is None else weights * factor
         if global_ids is not None:
             recorded = weights if weights is not None or "weight" not in self.scores.fields else torch.ones_like(global_losses)
@@ -291,10 +329,12 @@ class PerSampleLossReducer:
             weights = shares if weights is None else weights * shares
 
         # Each rank's share of the global mean; DDP's gradient average over R ranks completes it.
+        if world == 1:
+            return losses.mean() if weights is None else weighted_mean(losses, weights)
         denominator = global_losses.numel() / world
         if weights is None:
             return losses.mean() if denominator == losses.numel() else losses.sum() / denominator
-        return weighted_mean(losses, weights if world == 1 else weights[local], denominator=denominator)
+        return weighted_mean(losses, weights[local], denominator=denominator)
 
     def _drop_nonfinite(
         self,
