@@ -1,8 +1,9 @@
 """Plausible one-line mistakes in the core (the score store, the collectives) that the suite must catch.
 
 Each test names the mistake it guards against (benchmarks/mutations.py plants them one at a time).
-The collectives are exercised as one rank of two without processes: :class:`TwoRanks` stands in for
-``torch.distributed`` inside :mod:`weightwise.core.collectives` and plays the other rank's part.
+The collectives are exercised as one rank of two without processes: ``TwoRanks``
+(``tests/support/ranks.py``) stands in for ``torch.distributed`` inside
+:mod:`weightwise.core.collectives` and plays the other rank's part.
 """
 
 from __future__ import annotations
@@ -10,54 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.support.ranks import TwoRanks
 from weightwise import SampleScoreStore
 from weightwise.core import collectives
-
-
-class TwoRanks:
-    """``torch.distributed`` as one rank of a 2-process group sees it; the other rank holds ``other``.
-
-    ``other`` is the other rank's tensor for each tensor this rank gathers, in order: an
-    ``all_gather_variable`` call gathers the lengths first, then every column padded to the
-    longest, so the other rank's columns are padded here exactly as that rank would pad them.
-    ``all_reduce`` adds ``reduce_other(tensor)`` (default: the same values, a rank with the same data).
-    """
-
-    class ReduceOp:
-        SUM = "sum"
-
-    def __init__(self, rank: int, other: list[torch.Tensor] | None = None, reduce_other=None) -> None:
-        self.rank = rank
-        self.other = other or []
-        self.reduce_other = reduce_other or (lambda tensor: tensor.clone())
-        self.calls = 0
-
-    def is_available(self) -> bool:
-        return True
-
-    def is_initialized(self) -> bool:
-        return True
-
-    def get_world_size(self) -> int:
-        return 2
-
-    def get_rank(self) -> int:
-        return self.rank
-
-    def all_gather(self, buffers: list[torch.Tensor], tensor: torch.Tensor) -> None:
-        position = self.calls % (len(self.other) + 1)
-        self.calls += 1
-        if position == 0:  # the lengths
-            theirs = torch.tensor([self.other[0].numel()], dtype=tensor.dtype)
-        else:
-            values = self.other[position - 1]
-            theirs = tensor.new_zeros(tensor.numel())
-            theirs[: values.numel()] = values.to(tensor.dtype)
-        buffers[self.rank].copy_(tensor)
-        buffers[1 - self.rank].copy_(theirs)
-
-    def all_reduce(self, tensor: torch.Tensor, op=None) -> None:
-        tensor += self.reduce_other(tensor)
 
 
 def test_store_ema_weights_the_history_by_decay_and_the_new_loss_by_one_minus_decay():

@@ -1,4 +1,4 @@
-"""Real 2-process DDP runs on CPU (gloo); the jobs are listed in ``tests/distributed/conftest.py``."""
+"""Real 2-process DDP runs on CPU (gloo); the jobs are listed in ``tests/support/distributed.py``."""
 
 import pytest
 import torch
@@ -7,6 +7,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from tests.scripts import ddp_jobs
 from tests.support.contracts import CASES
+from tests.support.distributed import ACCUMULATION_MICRO_BATCHES, assert_equal_decisions
 from tests.support.models import Classifier, blobs
 from tests.support.training import flat_params, trainer
 from weightwise import IndexedDataset
@@ -23,11 +24,14 @@ def test_all_gather_variable_with_unequal_lengths(ddp_runs):
         assert rank["local"] == local
 
 
-def single_process_reweighting(strategy: str, batches: list[list[int]], n_samples: int) -> tuple[torch.Tensor, LossReweighting]:
+def single_process_reweighting(
+    strategy: str, batches: list[list[int]], n_samples: int, **trainer_kwargs
+) -> tuple[torch.Tensor, LossReweighting]:
     """One process fed each step's *global* batch, for comparison with the 2-process run."""
     seed_everything(0)
     single, callback = Classifier(lr=0.5), LossReweighting(strategy, warmup_steps=0, store_fields=FIELDS)
-    trainer(max_epochs=1, callbacks=[callback]).fit(single, DataLoader(IndexedDataset(blobs(n_samples)), batch_sampler=batches))
+    fit = trainer(max_epochs=1, callbacks=[callback], **trainer_kwargs)
+    fit.fit(single, DataLoader(IndexedDataset(blobs(n_samples)), batch_sampler=batches))
     return flat_params(single), callback
 
 
@@ -75,6 +79,26 @@ def test_checkpoint_resume_continues_the_same_run(ddp_runs):
 def test_uniform_with_gradient_accumulation_trains_like_plain_ddp(ddp_runs):
     for rank in ddp_runs("accumulation"):
         assert torch.equal(rank["uniform"], rank["plain"])
+
+
+def test_reweighting_with_gradient_accumulation_normalises_each_micro_batchs_global_batch(ddp_runs):
+    """accumulate_grad_batches=2, ranks with 3 and 5 samples a micro-batch: the weights are those of
+    each micro-batch's global batch (8 samples) on its own, as one process fed those global
+    micro-batches with the same accumulation computes them (docs/methods.md, gradient accumulation)."""
+    ranks = ddp_runs("accumulation_reweighting")
+    n = ACCUMULATION_MICRO_BATCHES
+    micro_batches = [ddp_jobs.global_batch(m) for m in range(n)]
+    params, callback = single_process_reweighting("linupper", micro_batches, 8 * n, accumulate_grad_batches=2)
+    assert ranks[0]["steps"] == n // 2
+    for rank in ranks:
+        torch.testing.assert_close(rank["params"], params, rtol=0, atol=1e-6)
+        torch.testing.assert_close(rank["weights"], callback.reducer.scores.weight, rtol=0, atol=1e-6)
+    # The test tells the micro-batch from the optimizer step: weights normalised over both
+    # micro-batches of a step (16 samples) train otherwise.
+    steps = [micro_batches[m] + micro_batches[m + 1] for m in range(0, n, 2)]
+    merged, merged_callback = single_process_reweighting("linupper", steps, 8 * n)
+    assert not torch.allclose(merged_callback.reducer.scores.weight.float(), callback.reducer.scores.weight.float(), atol=1e-2)
+    assert not torch.allclose(merged, params, atol=1e-4)
 
 
 def test_token_losses_under_ddp_train_like_the_plain_language_model_loss(ddp_runs):
@@ -128,17 +152,6 @@ def test_layerwise_sampling_trains_only_active_layers_in_lock_step(ddp_runs):
             assert moved == (layer in active), (step, layer)
             # gradients of the active layers were averaged across ranks: both ranks hold the same values
             assert torch.equal(snapshots[step + 1][layer], ranks[1]["snapshots"][step + 1][layer])
-
-
-def assert_equal_decisions(first, second, path=""):
-    if isinstance(first, torch.Tensor):
-        assert isinstance(second, torch.Tensor) and torch.equal(first.nan_to_num(-1), second.nan_to_num(-1)), path
-    elif isinstance(first, dict):
-        assert first.keys() == second.keys(), path
-        for key in first:
-            assert_equal_decisions(first[key], second[key], f"{path}.{key}")
-    else:
-        assert first == second, path
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)

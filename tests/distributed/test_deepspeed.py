@@ -6,16 +6,15 @@ sharded checkpoints are the real ones. The data jobs (``tests.scripts.deepspeed_
 LossReweighting (scores gathered over ranks) with DataPruning (a self-sharding InfoBatch sampler);
 the layer jobs (``deepspeed_jobs.layerwise``) train a tiny Llama with LayerwiseSampling, whose ZeRO
 optimizer is rebuilt every period. Both are compared with DDP. The jobs are listed in
-``tests/distributed/conftest.py`` and run in one launch.
+``tests/support/distributed.py`` and run in one launch.
 """
 
 import pytest
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from tests.distributed.conftest import ZERO3_AGREEMENT
-from tests.distributed.test_ddp import assert_equal_decisions
 from tests.support.contracts import CASES
+from tests.support.distributed import FIT_EPOCHS, ZERO3_AGREEMENT, assert_equal_decisions, assert_same_training
 from tests.support.models import Classifier, TinyLlama, logits
 from tests.support.strategies import CPUDeepSpeedStrategy
 from tests.support.training import trainer
@@ -23,24 +22,14 @@ from weightwise.callbacks import ExpertUpcycling, LayerwiseSampling
 from weightwise.integrations.deepspeed import read_client_state
 
 pytestmark = pytest.mark.slow
-EPOCHS = 2
-
-
-def assert_same_training(ranks: list[dict], reference: list[dict], epochs: range) -> None:
-    for rank, expected in zip(ranks, reference):
-        assert torch.allclose(rank["params"], expected["params"], atol=1e-6)
-        for field, value in expected["scores"].items():
-            if isinstance(value, torch.Tensor):
-                assert torch.equal(rank["scores"][field], value), field
-        assert [rank["ids"][e] for e in epochs] == [expected["ids"][e] for e in epochs]
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_stage_trains_exactly_like_ddp(sharded_runs, stage):
     ranks, ddp_run = sharded_runs(f"fit/zero{stage}"), sharded_runs("fit/ddp")
-    assert_same_training(ranks, ddp_run, range(EPOCHS))
+    assert_same_training(ranks, ddp_run, range(FIT_EPOCHS))
     # The sampler sharded itself: the ranks' samples are disjoint in every epoch, and pruned.
-    for epoch in range(EPOCHS):
+    for epoch in range(FIT_EPOCHS):
         assert not set(ranks[0]["ids"][epoch]) & set(ranks[1]["ids"][epoch])
     assert ranks[0]["ledger"]["samples_visited"] < ranks[0]["ledger"]["samples_full"]
     # Both ranks saw every sample's loss: the score store is global.
@@ -61,7 +50,7 @@ def test_sharded_checkpoint_carries_callback_state_and_resumes_exactly(sharded_r
     assert states["weightwise"]["scores"]["count"].sum() > 0  # the score store travels with the shards
 
     resumed = sharded_runs(f"sharded/zero{stage}/resumed")
-    assert_same_training(resumed, sharded_runs("fit/ddp"), range(1, EPOCHS))
+    assert_same_training(resumed, sharded_runs("fit/ddp"), range(1, FIT_EPOCHS))
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "zero2"])

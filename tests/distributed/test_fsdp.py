@@ -3,16 +3,14 @@
 The strategy is Lightning's own with its CUDA-only device plumbing bridged
 (``tests.support.strategies.CPUFSDPStrategy``); FSDP's sharding and state dicts are PyTorch's. The
 jobs (``tests.scripts.deepspeed_jobs.fit`` with ``name="fsdp"``, the agreement cases) run in the
-sharded group's launch (``tests/distributed/conftest.py``) and are compared with its DDP run.
+sharded group's launch (``tests/support/distributed.py``) and are compared with its DDP run.
 """
 
 import pytest
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from tests.distributed.conftest import FSDP_AGREEMENT
-from tests.distributed.test_ddp import assert_equal_decisions
-from tests.distributed.test_deepspeed import EPOCHS, assert_same_training
+from tests.support.distributed import FIT_EPOCHS, FSDP_AGREEMENT, assert_equal_decisions, assert_same_training
 from tests.support.models import Classifier
 from tests.support.strategies import CPUFSDPStrategy
 from tests.support.training import trainer
@@ -23,8 +21,8 @@ pytestmark = pytest.mark.slow
 
 def test_fsdp_trains_exactly_like_ddp_with_reweighting_pruning_and_the_report(sharded_runs):
     ranks, ddp = sharded_runs("fit/fsdp"), sharded_runs("fit/ddp")
-    assert_same_training(ranks, ddp, range(EPOCHS))
-    for epoch in range(EPOCHS):  # the sampler sharded itself
+    assert_same_training(ranks, ddp, range(FIT_EPOCHS))
+    for epoch in range(FIT_EPOCHS):  # the sampler sharded itself
         assert not set(ranks[0]["ids"][epoch]) & set(ranks[1]["ids"][epoch])
     assert ranks[0]["ledger"]["samples_visited"] < ranks[0]["ledger"]["samples_full"]
     assert ranks[0]["report"] == ranks[1]["report"] == ddp[0]["report"] and len(ranks[0]["report"]) == 6
@@ -36,7 +34,7 @@ def test_fsdp_checkpoint_carries_callback_state_and_resumes_exactly(sharded_runs
     checkpoint = torch.load(directory / "meta.pt", weights_only=False)
     assert {"LossReweighting", "DataPruning"} <= set(checkpoint["callbacks"])
     assert checkpoint["weightwise"]["scores"]["count"].sum() > 0
-    assert_same_training(sharded_runs("sharded/fsdp/resumed"), sharded_runs("fit/ddp"), range(1, EPOCHS))
+    assert_same_training(sharded_runs("sharded/fsdp/resumed"), sharded_runs("fit/ddp"), range(1, FIT_EPOCHS))
 
 
 def test_fsdp_mid_epoch_checkpoint_resumes_the_pruned_epoch_where_it_stopped(sharded_runs):

@@ -9,8 +9,8 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from tests.core.test_mistakes import TwoRanks
 from tests.support.models import TinyLlama, token_batches
+from tests.support.ranks import TwoRanks
 from tests.support.training import trainer
 from weightwise.callbacks import LayerwiseSampling
 from weightwise.core import collectives

@@ -102,7 +102,7 @@ def gather(out_dir: str) -> None:
 
 
 class RankBatches(pl.LightningDataModule):
-    """Per-rank loaders of different batch sizes: rank 0 trains batches of 3, rank 1 of 5."""
+    """Per-rank loaders of different batch sizes: rank 0 trains batches of 3, rank 1 of 5 (``n_steps`` batches)."""
 
     def __init__(self, n_steps: int = 4):
         super().__init__()
@@ -139,6 +139,18 @@ def accumulation(out_dir: str) -> None:
         fit.fit(model, indexed_loader(64, 4, shuffle=True) if name == "uniform" else DataLoader(blobs(64), batch_size=4, shuffle=True))
         results[name] = flat_params(model)
     save(out_dir, fit.global_rank, results)
+
+
+def accumulation_reweighting(out_dir: str, micro_batches: int) -> None:
+    """LossReweighting("linupper") at accumulate_grad_batches=2, ranks with 3 and 5 samples a micro-batch:
+    each micro-batch's global batch (``global_batch(m)``, 8 samples) is normalised on its own."""
+    seed_everything(0)
+    model, callback = Classifier(lr=0.5), LossReweighting("linupper", warmup_steps=0, store_fields=("weight",))
+    fit = trainer(
+        devices=2, strategy="ddp", max_epochs=1, accumulate_grad_batches=2, callbacks=[callback], use_distributed_sampler=False
+    )
+    fit.fit(model, datamodule=RankBatches(n_steps=micro_batches))
+    save(out_dir, fit.global_rank, {"params": flat_params(model), "weights": callback.reducer.scores.weight, "steps": fit.global_step})
 
 
 def tokens(out_dir: str) -> None:

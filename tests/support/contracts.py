@@ -21,7 +21,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
-from tests.support.models import Classifier, TinyLlama, TinyMoELM, TokenLossLM, indexed_loader
+from tests.support.models import Classifier, TinyLlama, TinyMoELM, TokenLossLM, blobs, indexed_loader
 from weightwise import IndexedDataset
 from weightwise.callbacks import (
     DataPruning,
@@ -33,6 +33,7 @@ from weightwise.callbacks import (
 )
 from weightwise.samplers import (
     CoverageSampler,
+    DSIRSampler,
     ImportanceSampler,
     InfoBatchSampler,
     PerplexityBandSampler,
@@ -150,6 +151,35 @@ def pruning(sampler: Callable[[], Any], **module_kwargs: Any) -> dict[str, Any]:
     )
 
 
+DSIR_TARGET = ["shares in the firm rose after quarterly profits beat forecasts", "analysts said profits and sales rose"]
+"""The target texts of the DSIR cases: business news."""
+
+DSIR_TOPICS = (
+    ["shares", "profits", "forecasts", "analysts", "sales", "the firm", "quarterly", "rose", "fell", "said"],
+    ["def", "return", "sorted", "argv", "import", "self", "None", "lambda", "(", "):"],
+    ["the", "match", "goal", "season", "coach", "striker", "won", "league", "fans", "after"],
+)
+"""Words of the DSIR cases' corpus, one list per class of :func:`tests.support.models.blobs`."""
+
+
+def dsir_texts(n: int = 48) -> list[str]:
+    """A text per sample of ``blobs(n)``, from its class' words (class 0: news-like, 1: code, 2: sport);
+    each sample picks its own words, so that the importance weights differ within a class too."""
+    labels = blobs(n).tensors[1].tolist()
+    generator = torch.Generator().manual_seed(0)
+    texts = []
+    for label in labels:
+        words = DSIR_TOPICS[label]
+        picks = torch.randint(0, len(words), (int(torch.randint(4, 12, (1,), generator=generator)),), generator=generator)
+        texts.append(" ".join(words[i] for i in picks.tolist()))
+    return texts
+
+
+def dsir(mode: str, **options: Any) -> DSIRSampler:
+    """DSIR over :func:`dsir_texts` toward :data:`DSIR_TARGET` (short texts: no length filter)."""
+    return DSIRSampler.from_texts(dsir_texts(), DSIR_TARGET, mode=mode, min_length=0, **options)
+
+
 CASES: list[Case] = [
     Case(
         "reweighting",
@@ -211,6 +241,22 @@ CASES: list[Case] = [
         self_sharding=True,
         epochs=3,
         checkpoint=8,
+        mid_epoch=True,
+    ),
+    Case(
+        "dsir_resample",
+        callbacks=lambda: [DataPruning()],
+        **pruning(lambda: dsir("resample", fraction=0.5)),
+        epochs=3,
+        checkpoint=6,  # one process: 24 samples an epoch, 4 steps; stops mid-epoch 1
+        mid_epoch=True,
+    ),
+    Case(
+        "dsir_weight",
+        callbacks=lambda: [DataPruning()],
+        **pruning(lambda: dsir("weight", max_weight=3.0)),
+        epochs=2,
+        checkpoint=10,  # one process: 48 weighted samples an epoch, 8 steps; stops mid-epoch 1
         mid_epoch=True,
     ),
     Case(

@@ -12,8 +12,8 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from tests.core.test_mistakes import TwoRanks
 from tests.support.models import Classifier, blobs, indexed_loader
+from tests.support.ranks import TwoRanks
 from tests.support.training import trainer
 from weightwise.callbacks import LossReweighting
 from weightwise.core import collectives
