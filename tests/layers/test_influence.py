@@ -1,7 +1,6 @@
 """Block influence (ShortGPT) against hand-computed cases and the reference's formula, the
 ``"block_influence"`` policy's draw, and the policy in a real Trainer run."""
 
-import doctest
 import math
 
 import pytest
@@ -11,7 +10,7 @@ from torch import nn
 from tests.support.models import TinyLlama, token_batches
 from tests.support.training import trainer
 from weightwise.callbacks import LayerwiseSampling
-from weightwise.layers import BlockInfluenceLayers, block_influence, influence, influence_totals, redundant_layers
+from weightwise.layers import BlockInfluenceLayers, block_influence, influence_totals, redundant_layers
 from weightwise.layers.callback import POLICIES
 
 
@@ -172,6 +171,3 @@ def test_bad_block_influence_settings_fail_at_construction():
     with pytest.raises(ValueError, match="temperature"):
         LayerwiseSampling("block_influence", temperature=-1.0)
 
-
-def test_examples_run():
-    assert doctest.testmod(influence, raise_on_error=False).failed == 0

@@ -1,7 +1,6 @@
 """Perplexity pruning with a reference model (Ankner et al., 2024): the perplexity against hand
 computation and transformers' own loss, the bands, and a real Trainer run with one scoring pass."""
 
-import doctest
 import math
 
 import pytest
@@ -14,7 +13,6 @@ from tests.support.training import flat_params, trainer
 from weightwise import IndexedDataset, SampleScoreStore
 from weightwise.callbacks import DataPruning
 from weightwise.samplers import PerplexityBandSampler, make_sampler, reference_perplexity, sequence_perplexity
-from weightwise.selection import perplexity
 
 
 def test_perplexity_by_hand_with_padding_and_ignored_labels():
@@ -97,6 +95,3 @@ def test_one_scoring_pass_with_the_reference_model_then_the_band_every_epoch():
     assert torch.equal(flat_params(reference), before)  # the reference is not trained
     assert not torch.equal(flat_params(module), start)
 
-
-def test_examples_run():
-    assert doctest.testmod(perplexity, raise_on_error=False).failed == 0

@@ -52,6 +52,19 @@ class IndexedDataset(Dataset):
     Args:
         dataset: any map-style dataset with ``__len__`` and ``__getitem__``.
         key: the mapping key under which the index travels.
+
+    Raises:
+        TypeError: ``dataset`` has no ``__len__`` (an iterable dataset yields its own ids, or none).
+        KeyError: (on access) a mapping item already has ``key``; pass another ``key=``.
+
+    Example::
+
+        >>> import torch
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> data = IndexedDataset(TensorDataset(torch.zeros(4, 2), torch.tensor([0, 1, 0, 1])))
+        >>> x, y, ids = next(iter(DataLoader(data, batch_size=4)))
+        >>> ids
+        tensor([0, 1, 2, 3])
     """
 
     def __init__(self, dataset: Dataset, key: str = SAMPLE_ID_KEY) -> None:

@@ -29,6 +29,17 @@ class SampleReport(Callback):
 
     Needs a weightwise weighting callback (``LossReweighting``, ``DataPruning``) in the same Trainer:
     their score store is what is reported.
+
+    Raises:
+        ValueError: ``k`` < 1.
+        MisconfigurationException: (at fit start) no weightwise weighting callback in the Trainer.
+
+    Example::
+
+        >>> import lightning.pytorch as pl
+        >>> from weightwise.callbacks import LossReweighting, SampleReport
+        >>> report = SampleReport(k=10, describe=lambda i: {"text": f"article {i}"})
+        >>> trainer = pl.Trainer(callbacks=[LossReweighting("uniform"), report], logger=False)
     """
 
     needs_sample_ids = True  # it reports the score store, which is kept by sample id

@@ -56,6 +56,13 @@ class EpochPlan:
     Attributes:
         indices: sample ids in visiting order (ids may repeat when a policy samples with replacement).
         weights: ``[N]`` loss factor per sample id for this epoch, or ``None`` for all ones.
+
+    Example::
+
+        >>> import torch
+        >>> plan = EpochPlan(torch.tensor([3, 0, 2]), weights=torch.tensor([2.0, 1.0, 1.0, 2.0]))
+        >>> plan.weights[plan.indices]  # the factor each visited sample's loss gets
+        tensor([2., 2., 1.])
     """
 
     indices: Tensor
@@ -73,6 +80,19 @@ class EpochSampler(Sampler[int]):
         seed: base seed; epoch e draws from ``seed + e``.
         num_replicas: data-parallel world size (default: from ``torch.distributed``, else 1).
         rank: this process' rank (default: from ``torch.distributed``, else 0).
+
+    Raises:
+        ValueError: ``num_samples`` not positive.
+
+    Example (a policy is one method: the epoch's ids, and optionally their loss weights)::
+
+        >>> import torch
+        >>> class EveryOther(EpochSampler):
+        ...     def plan_epoch(self, epoch, generator):
+        ...         return EpochPlan(torch.arange(epoch % 2, self.num_samples, 2))
+        >>> sampler = EveryOther(6, num_replicas=1, rank=0)
+        >>> sampler.set_epoch(1); list(sampler)
+        [1, 3, 5]
     """
 
     def __init__(self, num_samples: int, *, seed: int = 0, num_replicas: int | None = None, rank: int | None = None) -> None:

@@ -40,6 +40,15 @@ class ImportanceSampler(EpochSampler):
     Raises:
         ValueError: a fraction or ``uniform_mix`` outside (0, 1]; when planning, a signal with
             negative values.
+
+    Example (in a Trainer, ``DataPruning`` attaches the store and multiplies ``1 / (N p)`` into the loss)::
+
+        >>> from torch.utils.data import DataLoader
+        >>> from weightwise import IndexedDataset
+        >>> sampler = ImportanceSampler(1000, fraction=0.5)
+        >>> loader = DataLoader(IndexedDataset(list(range(1000))), batch_size=32, sampler=sampler)
+        >>> len(sampler)  # half the dataset per epoch
+        500
     """
 
     def __init__(

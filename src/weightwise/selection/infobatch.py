@@ -56,6 +56,17 @@ class InfoBatchSampler(EpochSampler):
 
     Raises:
         ValueError: ``prune_ratio`` outside [0, 0.9], ``anneal`` outside [0, 1], an unknown ``rescale``.
+
+    Example::
+
+        >>> import torch
+        >>> from weightwise import SampleScoreStore
+        >>> store = SampleScoreStore(10)
+        >>> store.update(torch.arange(10), torch.arange(10.0), step=0)  # losses 0..9: mean 4.5
+        >>> sampler = InfoBatchSampler(10, prune_ratio=0.5, num_epochs=4, num_replicas=1, rank=0)
+        >>> sampler.attach_scores(store); sampler.set_epoch(1)
+        >>> len(sampler), sorted(sampler)[-5:]  # 2 of the 5 well-learned (< 4.5) kept, all the others
+        (7, [5, 6, 7, 8, 9])
     """
 
     def __init__(

@@ -29,6 +29,16 @@ class RandomSubsetSampler(EpochSampler):
             the reference's 0.1).
         replacement: whether subsets are drawn independently across epochs.
         seed, num_replicas, rank: see :class:`EpochSampler`.
+
+    Raises:
+        ValueError: ``fraction`` outside (0, 1], or ``num_samples`` not positive.
+
+    Example::
+
+        >>> sampler = RandomSubsetSampler(100, fraction=0.1, num_replicas=1, rank=0)
+        >>> sampler.set_epoch(0); first = set(sampler)
+        >>> sampler.set_epoch(1); len(first), len(first & set(sampler))  # no sample twice before all are seen
+        (10, 0)
     """
 
     def __init__(

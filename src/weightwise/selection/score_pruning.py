@@ -54,6 +54,12 @@ class ScorePruningSampler(EpochSampler):
 
     Raises:
         ValueError: a bad setting (the message names it).
+
+    Example (EL2N scores from a forward-only pass after one epoch, the top half kept)::
+
+        >>> sampler = ScorePruningSampler(1000, keep_fraction=0.5, score="el2n", warmup_epochs=1)
+        >>> sampler.needs_scoring(0), sampler.needs_scoring(1)  # the first epoch is full; then a scoring pass
+        (False, True)
     """
 
     def __init__(

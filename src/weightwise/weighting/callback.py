@@ -49,6 +49,15 @@ class SampleWeightCallback(Callback):
 
     Raises:
         ValueError: an unknown ``nonfinite`` policy or ``token_weighting``.
+
+    Example (a callback of your own: its factor multiplies into the one combined weight)::
+
+        >>> import torch
+        >>> class CapOutliers(SampleWeightCallback):  # weight 0 above 3x the batch's median loss
+        ...     def sample_weights(self, losses, sample_ids, trainer):
+        ...         return (losses <= 3 * losses.median()).float()
+        >>> CapOutliers().sample_weights(torch.tensor([1.0, 1.2, 9.0]), None, trainer=None)
+        tensor([1., 1., 0.])
     """
 
     needs_sample_ids = False

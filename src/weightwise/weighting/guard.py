@@ -16,7 +16,21 @@ from typing_extensions import override
 
 
 class PerSampleLossGuard(Callback):
-    """Raise before backward when the loss is not a scalar."""
+    """Raise before backward when the loss is not a scalar.
+
+    Attached to every Trainer by the entry point (nothing to add by hand).
+
+    Raises:
+        ValueError: (before backward) the loss is not a scalar; the message names the callback to add.
+
+    Example::
+
+        >>> import torch
+        >>> PerSampleLossGuard().on_before_backward(None, None, torch.ones(4))
+        Traceback (most recent call last):
+        ...
+        ValueError: training_step returned a loss of shape (4,), but only a scalar can be backpropagated. ...
+    """
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
