@@ -57,6 +57,13 @@ def test_resume_from_a_checkpoint_written_after_upcycling(tmp_path):
     assert module.model.config.num_experts == 8 and fit.global_step == 12
 
 
+def test_defaults_follow_the_reference_where_a_choice_exists():
+    duplicate, granular, early = ExpertUpcycling(at_step=100), ExpertUpcycling(at_step=100, method="granular"), ExpertUpcycling(at_step=5)
+    assert (duplicate.selection, duplicate.utility_window) == ("utility", 20)  # copies by utility, averaged over 20 steps
+    assert granular.selection == "uniform"  # a split treats every expert alike: no choice to make
+    assert early.utility_window == 5  # the window never reaches before the run's first step
+
+
 def test_refuses_bad_settings():
     with pytest.raises(ValueError, match="at_step"):
         ExpertUpcycling(at_step=0)

@@ -24,11 +24,15 @@ from weightwise.integrations.lightning import (
 )
 from weightwise.reporting.histograms import log_histogram
 
+DEFAULT_UTILITY_WINDOW = 20
+"""Optimizer steps of utility averaged before the surgery when ``utility_window`` is not given."""
+
 
 class ExpertUpcycling(Callback):
     """At optimizer step ``at_step``, upcycle every MoE block of the model (see :mod:`weightwise.experts`).
 
-    * With ``selection="utility"``, expert utilities (``||grad||^2`` of each expert's gate/up
+    * With ``selection="utility"`` (the default with ``method="duplicate"``, as the reference
+      allocates copies), expert utilities (``||grad||^2`` of each expert's gate/up
       projection by default: the gradient-based score the reference's README recommends; its
       configuration's default is ``weight_norm``, available as ``utility_metric``) are averaged over the ``utility_window`` optimizer
       steps before ``at_step`` - measured on the gradients the optimizer applies, so accumulated and
@@ -48,12 +52,17 @@ class ExpertUpcycling(Callback):
 
     Args:
         at_step: global step at which to grow the experts.
-        factor, method, selection, noise_target, preserve_function, optimizer_state, allocation, cap: see
+        factor, method, noise_target, preserve_function, optimizer_state, allocation, cap: see
             :func:`weightwise.experts.upcycle_experts`.
+        selection: ``"utility"`` (copies by measured utility, the reference's; the default with
+            ``method="duplicate"``) or ``"uniform"`` (m copies each; the default, and the only choice,
+            with ``"granular"``, which splits every expert alike). :func:`~weightwise.experts.upcycle_experts`
+            and ``weightwise upcycle`` default to ``"uniform"``: they see no gradients.
         router_noise: see :func:`~weightwise.experts.upcycle_experts`. Its default there is 0 (the
             reference's plain router copy); here 1e-2, because copies that keep training inside a
             fit must receive different tokens to grow apart - identical router rows tie forever.
-        utility_window: optimizer steps before ``at_step`` over which utility is averaged.
+        utility_window: optimizer steps before ``at_step`` over which utility is averaged (default:
+            20, or ``at_step`` when that is earlier; the reference scores 1).
         utility_metric, utility_projection: see :class:`weightwise.experts.ExpertUtility`.
         seed: seed of the router noise (identical on every rank).
 
@@ -64,7 +73,10 @@ class ExpertUpcycling(Callback):
 
         >>> import lightning.pytorch as pl
         >>> from weightwise.callbacks import ExpertUpcycling
-        >>> trainer = pl.Trainer(callbacks=[ExpertUpcycling(at_step=5_000, factor=2, selection="utility")], logger=False)
+        >>> upcycling = ExpertUpcycling(at_step=5_000, factor=2)  # 8 -> 16 experts, copies by utility
+        >>> upcycling.selection, upcycling.utility_window
+        ('utility', 20)
+        >>> trainer = pl.Trainer(callbacks=[upcycling], logger=False)
     """
 
     STATE_VERSION = 1
@@ -75,10 +87,10 @@ class ExpertUpcycling(Callback):
         factor: int = 2,
         *,
         method: Method = "duplicate",
-        selection: Selection = "uniform",
+        selection: Selection | None = None,
         router_noise: float = 1e-2,
         noise_target: NoiseTarget = "weight",
-        utility_window: int = 20,
+        utility_window: int | None = None,
         utility_metric: Metric = "gradient_squared",
         utility_projection: Projection = "gate_up",
         allocation: Allocation = "greedy",
@@ -93,6 +105,10 @@ class ExpertUpcycling(Callback):
             raise ValueError(f"factor must be an integer >= 2, got {factor!r}")
         if method not in ("duplicate", "granular"):
             raise ValueError(f"method must be 'duplicate' or 'granular', got {method!r}")
+        if selection is None:
+            selection = "utility" if method == "duplicate" else "uniform"
+        if utility_window is None:
+            utility_window = min(DEFAULT_UTILITY_WINDOW, at_step)
         if selection not in ("uniform", "utility"):
             raise ValueError(f"selection must be 'uniform' or 'utility', got {selection!r}")
         if selection == "utility" and method != "duplicate":
