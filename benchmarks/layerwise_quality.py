@@ -62,13 +62,16 @@ from examples.bbc_news import BBCNewsDataModule, MiniLMClassifier, load_bbc_news
 from examples.language_modeling import CausalLM, Windows, stdlib_bytes
 from weightwise.callbacks import LayerwiseSampling
 
-METHODS = ("full", "lora", "lisa", "ist", "badam", "loss_credit")
+METHODS = ("full", "lora", "lisa", "ist", "badam", "loss_credit", "block_influence")
 """Layer-sampling methods run with LayerwiseSampling at their reference defaults except where noted:
 "lisa" 2 layers / ``--interval``; "ist" a quarter of the layers re-drawn every step, probes every 10
-steps; "badam" one layer, descending, ``--interval``; "loss_credit" (weightwise 0.1's "ist") as "lisa"."""
-MEMORY_OPTIONS = ("lisa_layers", "lisa_bf16frozen", "lisa_bf16mixed")
-"""LISA with issue 13's memory options (and its bf16-mixed control); not in the default ``--methods``."""
-BF16_MIXED = ("lisa_bf16frozen", "lisa_bf16mixed")
+steps; "badam" one layer, descending, ``--interval``; "loss_credit" (weightwise 0.1's "ist") as "lisa";
+"block_influence" LISA's budget with layers drawn by ShortGPT's block influence."""
+MEMORY_OPTIONS = ("lisa_layers", "lisa_bf16frozen", "lisa_bf16mixed", "lisa_bf16frozen_ckpt", "ist_lora")
+"""LISA with issue 13's memory options (and its bf16-mixed control), the combination that meets the
+memory goal (bf16 frozen layers + activation checkpointing), and IST over LoRA adapters; not in the
+default ``--methods``."""
+BF16_MIXED = ("lisa_bf16frozen", "lisa_bf16mixed", "lisa_bf16frozen_ckpt")
 """Methods trained under ``Trainer(precision="bf16-mixed")``."""
 LORA_LR_FACTOR = 5.0
 
@@ -88,13 +91,13 @@ def trainer(callbacks: list, method: str = "", **limits) -> pl.Trainer:
 
 
 def layerwise(method: str, args: argparse.Namespace, probe_loss=None) -> list:
-    if method in ("lisa", "loss_credit", "lisa_bf16mixed"):
+    if method in ("lisa", "loss_credit", "lisa_bf16mixed", "block_influence"):
         return [LayerwiseSampling(method.removesuffix("_bf16mixed"), n_layers=2, interval=args.interval, seed=args.seed)]
     if method == "lisa_layers":
         return [LayerwiseSampling("lisa", n_layers=2, interval=args.interval, seed=args.seed, train_outside_stack=False)]
-    if method == "lisa_bf16frozen":
+    if method in ("lisa_bf16frozen", "lisa_bf16frozen_ckpt"):
         return [LayerwiseSampling("lisa", n_layers=2, interval=args.interval, seed=args.seed, frozen_dtype=torch.bfloat16)]
-    if method == "ist":
+    if method in ("ist", "ist_lora"):
         return [LayerwiseSampling("ist", seed=args.seed, probe_loss=probe_loss)]
     if method == "badam":
         return [LayerwiseSampling("badam", interval=args.interval, seed=args.seed)]
@@ -146,11 +149,13 @@ def lm(method: str, args: argparse.Namespace) -> float:
     weights = pretrained_lm(args)
     train_bytes, val_bytes = news_bytes()
     pl.seed_everything(args.seed, verbose=False)
-    lr = 3e-4 * (LORA_LR_FACTOR if method.startswith("lora") else 1.0)
+    lr = 3e-4 * (LORA_LR_FACTOR if "lora" in method else 1.0)
     model = CausalLM(hidden_size=128, num_layers=8, lr=lr)
     model.load_state_dict(weights)
-    if method == "lora":
+    if method in ("lora", "ist_lora"):
         with_lora(model, "model", ["q_proj", "k_proj", "v_proj", "o_proj"])
+    if method == "lisa_bf16frozen_ckpt":
+        model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if method == "lora_all":  # LoRA on every projection, embeddings and head trained fully (as LISA trains them)
         with_lora(model, "model", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                   modules_to_save=["embed_tokens", "lm_head"])
