@@ -158,6 +158,10 @@ def test_sequences_and_packed_documents_are_reduced_over_their_own_valid_tokens(
     # a document with no valid token is left out
     mask[0, 5] = False
     assert reduce_token_losses(token_losses, mask, documents)[1].tolist() == [3, 2, 5]
+    # a row that starts inside a document (positions carried across rows): its head is a document too
+    documents = document_ids_from_positions(torch.tensor([[4, 5, 6, 0, 1, 0], [9, 10, 11, 12, 13, 14]]))
+    losses, tokens = reduce_token_losses(token_losses, torch.ones(2, 6, dtype=torch.bool), documents)
+    assert losses.tolist() == [1.0, 3.5, 5.0, 8.5] and tokens.tolist() == [3, 2, 1, 6]
 
 
 def test_token_shares_turn_sequence_means_into_token_means():

@@ -153,11 +153,22 @@ def linear_cross_entropy(
 
 
 def document_ids_from_positions(position_ids: Tensor) -> Tensor:
-    """Document index of every token of packed rows, ``[B, T]``: a document starts where its
-    position id is 0 (the packing convention of HF's ``DataCollatorWithFlattening``)."""
+    """Document index of every token of packed rows, ``[B, T]``, from 0 in each row: a document
+    starts where its position id is 0 (the packing convention of HF's ``DataCollatorWithFlattening``).
+
+    A row that begins inside a document (a packer that carries positions across rows) starts with
+    that document's tail: it is the row's document 0, a sample of its own, not padding.
+
+    Example::
+
+        >>> document_ids_from_positions(torch.tensor([[0, 1, 0, 1, 2], [7, 8, 0, 1, 0]]))
+        tensor([[0, 0, 1, 1, 1],
+                [0, 0, 1, 1, 2]])
+    """
     if position_ids.ndim != 2:
         raise ValueError(f"position_ids must be [B, T], got {tuple(position_ids.shape)}")
-    return torch.cumsum((position_ids == 0).long(), dim=1) - 1
+    starts = position_ids == 0
+    return torch.cumsum(starts.long(), dim=1) - starts[:, :1].long()
 
 
 def reduce_token_losses(token_losses: Tensor, mask: Tensor, document_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
