@@ -165,9 +165,20 @@ def test_layerwise_sampling_measures_block_influence_on_the_batch_and_draws_by_i
     assert not torch.equal(refreshed.importance, expected)  # measured again on a trained model and another batch
 
 
+def test_block_influence_measured_on_fixed_calibration_batches():
+    calibration = [batch for _, batch in zip(range(3), token_batches(n=24, length=12))]
+    sampling = LayerwiseSampling("block_influence", n_layers=2, interval=2, influence_data=calibration)
+    trainer(max_epochs=1, callbacks=[sampling]).fit(TinyLlama(), token_batches())
+    # measured once, before period 0, on the untrained model: the three calibration batches' tokens pooled
+    torch.testing.assert_close(sampling.importance, block_influence(TinyLlama().model, calibration), atol=1e-6, rtol=0)
+    assert not torch.equal(sampling.importance, block_influence(TinyLlama().model, [next(iter(token_batches()))]))
+
+
 def test_bad_block_influence_settings_fail_at_construction():
     with pytest.raises(ValueError, match="refresh_every"):
         LayerwiseSampling("block_influence", refresh_every=0)
     with pytest.raises(ValueError, match="temperature"):
         LayerwiseSampling("block_influence", temperature=-1.0)
+    with pytest.raises(ValueError, match="influence_data is for policy='block_influence'"):
+        LayerwiseSampling("lisa", influence_data=[])
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
@@ -86,7 +87,8 @@ class LayerwiseSampling(Callback):
     * ``"block_influence"`` - ShortGPT's block influence (Men et al., 2024; ``icip-cas/ShortGPT``,
       ``shortgpt/metrics.py``), ``BI = 1 - E[cos(layer input, layer output)]``: 2 layers every 20 steps
       (LISA's budget) drawn with probability proportional to ``BI ** (1 / temperature)``
-      (:class:`~weightwise.layers.policies.BlockInfluenceLayers`). BI is measured on the step's batch
+      (:class:`~weightwise.layers.policies.BlockInfluenceLayers`). BI is measured on the step's batch,
+      or on ``influence_data`` (a few fixed batches, as ShortGPT measures on a calibration set)
       (eval mode, no gradients, padding masked by the batch's ``attention_mask``) before period 0
       and before every ``refresh_every``-th period; the sums are added over every rank before the
       mean is taken, so all ranks draw the same layers. A measurement costs one forward pass.
@@ -133,6 +135,9 @@ class LayerwiseSampling(Callback):
         beta, temperature: ``"loss_credit"``'s score smoothing and sampling temperature (``temperature``
             is also ``"block_influence"``'s).
         refresh_every: ``"block_influence"``: periods between measurements of block influence (5).
+        influence_data: ``"block_influence"``: batches to measure on (e.g. a list of a few held-out
+            batches, or a small DataLoader), moved to the module's device; default: each rank's
+            training batch of the step. Iterated at every measurement.
         probe_every, probes, suppression, ist_learning_rate: IST's 10, 3, 0.25 and 10.
         frozen_dtype: store frozen layers in this type (``torch.bfloat16``) with their fp32 weights parked
             in host memory until they train again (:class:`weightwise.layers.freezing.HostMasters`): on
@@ -169,6 +174,7 @@ class LayerwiseSampling(Callback):
         beta: float = 0.5,
         temperature: float = 1.0,
         refresh_every: int = 5,
+        influence_data: Iterable[Any] | None = None,
         probe_every: int = 10,
         probes: int = 3,
         suppression: float = 0.25,
@@ -193,6 +199,9 @@ class LayerwiseSampling(Callback):
         self.masters = None if frozen_dtype is None else HostMasters(frozen_dtype)
         if self.masters is not None and self.stash.mode == "keep":
             raise ValueError("frozen_dtype changes a frozen parameter's dtype, so its optimizer state cannot be kept: use optimizer_state='release'")
+        if influence_data is not None and policy != "block_influence":
+            raise ValueError(f"influence_data is for policy='block_influence', not {policy!r}")
+        self.influence_data = influence_data
         self.seed = seed
         self.policy_options: dict[str, Any] = {
             "badam": {"order": order},
@@ -420,10 +429,11 @@ class LayerwiseSampling(Callback):
         self._probed = step
 
     def _measure_influence(self, pl_module: pl.LightningModule, batch: Any, period: int) -> None:
-        """Block influence on this step's batch (eval mode, no gradients), the token sums of every
-        rank added before the mean is taken, so every rank records the same values."""
+        """Block influence on this step's batch or on ``influence_data`` (eval mode, no gradients),
+        the token sums of every rank added before the mean is taken, so every rank records the same values."""
         assert isinstance(self.chooser, BlockInfluenceLayers)
-        totals, tokens = influence_totals(pl_module, [batch], self.stack, forward=self.probe_loss)
+        batches = [batch] if self.influence_data is None else (move_data_to_device(b, pl_module.device) for b in self.influence_data)
+        totals, tokens = influence_totals(pl_module, batches, self.stack, forward=self.probe_loss)
         reduced = collectives.all_reduce_sum(torch.cat([totals, tokens.reshape(1)]))
         self.chooser.record_influence(period, (reduced[:-1] / reduced[-1].clamp(min=1.0)).cpu())
 
