@@ -1,6 +1,6 @@
 """Reporting: what weightwise did, for people - histograms in the logger and the sample table.
 
 :mod:`~weightwise.reporting.histograms` (distributions for W&B and TensorBoard) and
-:mod:`~weightwise.reporting.report` (``SampleReport``: the samples weighted lowest and found
-hardest, as a W&B Table or a CSV).
+:mod:`~weightwise.reporting.report` (``suspicious_samples``, the functional core: the samples weighted
+lowest and found hardest; ``SampleReport``, its callback: them as a W&B Table or a CSV).
 """

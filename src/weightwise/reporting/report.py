@@ -12,11 +12,41 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor
 from typing_extensions import override
 
+from weightwise.core.store import SampleScoreStore
 from weightwise.weighting.callback import SampleWeightCallback
 
 COLUMNS = ["view", "sample_id", "last_weight", "loss_ema", "visits"]
+
+
+def suspicious_samples(scores: SampleScoreStore, k: int) -> dict[str, Tensor]:
+    """The ids of the ``k`` seen samples with the lowest last weight and of the ``k`` with the highest
+    loss EMA - in practice, where mislabelled or odd data hides. Usable on any store, in any loop.
+
+    Args:
+        scores: a store that keeps ``"weight"`` and ``"ema"``.
+        k: samples per view (fewer when fewer were seen).
+
+    Returns:
+        ``{"lowest weight": ids, "highest loss": ids}``, each ``[<= k]`` on the CPU, most suspicious first.
+
+    Example::
+
+        >>> from weightwise import SampleScoreStore
+        >>> store = SampleScoreStore(4, fields=("weight", "ema"))
+        >>> store.update(torch.arange(4), torch.tensor([0.1, 3.0, 0.2, 0.4]), step=0, weights=torch.tensor([1.2, 0.1, 1.0, 0.9]))
+        >>> suspicious_samples(store, 2)
+        {'lowest weight': tensor([1, 3]), 'highest loss': tensor([1, 3])}
+    """
+    seen = scores.seen.nonzero().squeeze(1).cpu()
+    weight, ema = scores.weight.cpu()[seen], scores.ema.cpu()[seen]
+    k = min(k, seen.numel())
+    return {
+        "lowest weight": seen[torch.argsort(weight.nan_to_num(float("inf")))[:k]],
+        "highest loss": seen[torch.argsort(ema, descending=True)[:k]],
+    }
 
 
 class SampleReport(Callback):
@@ -69,17 +99,9 @@ class SampleReport(Callback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        source = self._source(trainer)
-        scores = source.reducer.scores
-        seen = scores.seen.nonzero().squeeze(1).cpu()
-        weight, ema = scores.weight.cpu()[seen], scores.ema.cpu()[seen]
-        k = min(self.k, seen.numel())
-        views = {
-            "lowest weight": seen[torch.argsort(weight.nan_to_num(float("inf")))[:k]],
-            "highest loss": seen[torch.argsort(ema, descending=True)[:k]],
-        }
+        scores = self._source(trainer).reducer.scores
         self.rows = []
-        for view, ids in views.items():
+        for view, ids in suspicious_samples(scores, self.k).items():
             for i in ids.tolist():
                 extra = self.describe(i) if self.describe else {}
                 row = [view, i, float(scores.weight[i]), float(scores.ema[i]), int(scores.count[i]), *extra.values()]
