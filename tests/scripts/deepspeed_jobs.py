@@ -110,6 +110,20 @@ class Recorder(pl.Callback):
 
     def __init__(self) -> None:
         self.lrs, self.memory, self.buffers, self.fp32_detail = [], [], [], []
+        self.optimizers: list[weakref.ref] = []  # every ZeRO optimizer a step used
+        self.alive_at_build: list[int] = []  # of those, how many were still alive as a new one was built
+
+    def on_fit_start(self, trainer, pl_module):
+        # After LayerwiseSampling's on_fit_start: observes the rebuilds at the later periods.
+        if isinstance(trainer.strategy, DeepSpeedStrategy):
+            engine = trainer.strategy.deepspeed_engine
+            configure = engine._configure_optimizer
+
+            def observed(*args, **kwargs):
+                self.alive_at_build.append(sum(ref() is not None for ref in self.optimizers))
+                return configure(*args, **kwargs)
+
+            engine._configure_optimizer = observed
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         # Runs after LayerwiseSampling's hook (which rebuilds ZeRO at a new period): per split group,
@@ -130,6 +144,8 @@ class Recorder(pl.Callback):
         self.memory.append({"state": optimizer_state_bytes(optimizer), "master": master_partition_bytes(optimizer) if deepspeed else 0})
         if deepspeed:
             self.buffers.append(weakref.ref(flat_buffers(optimizer)[0]))
+            if not any(ref() is optimizer for ref in self.optimizers):
+                self.optimizers.append(weakref.ref(optimizer))
 
     def buffer_counts(self) -> tuple[int, int]:
         """(flat buffers seen, flat buffers still alive); weakref.ref returns one object per referent."""
@@ -174,6 +190,7 @@ def layerwise(out_dir: str, name: str, epochs: int, resume_from: str | None = No
             "layer_params": [sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in layer.parameters()) for layer in sampling.stack],
             "importance": sampling.importance,
             "flat_buffers": recorder.buffer_counts(),
+            "alive_at_build": recorder.alive_at_build,
             "fp32_detail": recorder.fp32_detail,
             "partitioned": sum(p.ds_tensor.numel() < p.ds_numel for p in module.parameters() if hasattr(p, "ds_tensor")),
         },

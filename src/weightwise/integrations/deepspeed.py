@@ -28,12 +28,14 @@ Uses DeepSpeed's engine method ``_configure_optimizer`` (private; the one ``deep
 calls) and the ZeRO optimizers' ``destroy()``, master partitions (``single_partition_of_fp32_groups``,
 ZeRO-3 ``fp32_partitioned_groups_flat``, ``sub_group_to_group_id``) and parameter lists
 (``bit16_groups``, ``bit16_groups_flat``, ``fp16_groups``, ``fp16_partitioned_groups_flat``,
-``ds_tensor``). :func:`check_version` and :func:`check_engine` verify them at start-up; tested with
+``ds_tensor``), and ZeRO-3's link from every parameter to its optimizer (``_z3_optimizer``, cleared
+so the old optimizer is freed before the new one is built). :func:`check_version` and :func:`check_engine` verify them at start-up; tested with
 DeepSpeed 0.19 (a rebuild leaks the previous optimizer's buffers before 0.14.5, the minimum).
 """
 
 from __future__ import annotations
 
+import gc
 import inspect
 import os
 from collections.abc import Mapping, Sequence
@@ -92,6 +94,8 @@ def check_engine(engine: Any) -> None:
     master_partitions(engine.optimizer)  # the type check
     expected = _ENGINE_ATTRIBUTES.get(type(engine.optimizer).__name__, ())
     missing = [f"{type(engine.optimizer).__name__}.{name}" for name in expected if not hasattr(engine.optimizer, name)]
+    if _is_stage3(engine.optimizer) and not all(getattr(p, "_z3_optimizer", None) is engine.optimizer for p in engine.module.parameters()):
+        missing.append("Parameter._z3_optimizer (ZeRO-3's link from a parameter to its optimizer)")
     require("deepspeed", MINIMUM, TESTED, missing, purpose=_PURPOSE)
 
 
@@ -192,7 +196,20 @@ class ZeroLayerOptimizer:
                         p.ds_tensor.data = p.ds_tensor.data.clone()  # ZeRO-3: the rank's partition of p
                     else:
                         p.data = p.data.clone()
-        engine._configure_optimizer(self._basic_optimizer(wanted), None)
+        # Let the old optimizer go before the new one allocates its buffers, which would otherwise exist
+        # twice for a moment (on an H200 under ZeRO-3, LISA and IST peaked above full fine-tuning before
+        # this; benchmarks/RESULTS.md). Only the carried masters and states stay. The caller drops its own references first
+        # (LayerwiseSampling: Lightning's strategy.optimizers).
+        basic = self._basic_optimizer(wanted)
+        self._restore_proxy_groups()
+        if stage3:  # ZeRO-3 links every parameter to its optimizer (p._z3_optimizer); the new one links them anew
+            for p in engine.module.parameters():
+                p._z3_optimizer = None
+        del old, old_masters
+        engine.optimizer = engine.basic_optimizer = None
+        if stage3:
+            gc.collect()  # ZeRO-3 optimizers hold reference cycles (ZeRO-1/2 ones go with their last reference)
+        engine._configure_optimizer(basic, None)
         new = engine.optimizer
         for group, target in zip(new.optimizer.param_groups, master_partitions(new)):
             if group[GROUP_KEY] not in carried:
@@ -203,13 +220,15 @@ class ZeroLayerOptimizer:
             target.data.copy_(master)
             if state:
                 new.optimizer.state[target] = state
-        # The proxy gets all its groups back, with the model's parameters instead of the first
-        # engine's (now freed) partitions.
+        return True
+
+    def _restore_proxy_groups(self) -> None:
+        """The proxy gets all its groups back, with the model's parameters instead of the first
+        engine's partitions (so it no longer holds them)."""
         self.proxy.param_groups[:] = self.groups
         for group, params in zip(self.groups, self.members):
             group["params"] = params
         self.proxy.state.clear()
-        return True
 
     def _basic_optimizer(self, wanted: Sequence[tuple[GroupKey, list[nn.Parameter]]]) -> torch.optim.Optimizer:
         """A fresh optimizer of the user's class with one param group per split group."""

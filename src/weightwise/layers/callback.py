@@ -368,8 +368,9 @@ class LayerwiseSampling(Callback):
     def _rebuild_zero(self, strategy: Any) -> None:
         """A ZeRO optimizer for the parameters that require grad now; Lightning steps the new one."""
         assert self._zero is not None
-        if self._zero.rebuild(strategy.deepspeed_engine):
-            strategy.optimizers = [strategy.deepspeed_engine.optimizer]
+        strategy.optimizers = []  # Lightning's reference to the old ZeRO optimizer: gone before the new one is built
+        self._zero.rebuild(strategy.deepspeed_engine)
+        strategy.optimizers = [strategy.deepspeed_engine.optimizer]  # the new one, or the old when nothing changed
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
