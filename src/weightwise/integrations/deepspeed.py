@@ -161,11 +161,11 @@ class ZeroLayerOptimizer:
                     split.setdefault((g, self.layer_of[p]), []).append(p)
         return sorted(split.items(), key=lambda item: (item[0][0], -1 if item[0][1] is None else item[0][1]))
 
-    def rebuild(self, engine: Any) -> bool:
+    def rebuild(self, engine: Any) -> None:
         """Give ``engine`` a ZeRO optimizer for the parameters that require grad now.
 
-        State of groups that stay trainable is carried; state of the others is released. Returns
-        ``False`` (and does nothing) when the engine's optimizer already has this layout.
+        State of groups that stay trainable is carried; state of the others is released. Nothing
+        happens when the engine's optimizer already has this layout.
         """
         old = engine.optimizer
         old_masters = master_partitions(old)
@@ -173,7 +173,7 @@ class ZeroLayerOptimizer:
         if not wanted:
             raise RuntimeError("no parameter requires grad: nothing left to train")
         if [group.get(GROUP_KEY) for group in old.optimizer.param_groups] == [key for key, _ in wanted]:
-            return False
+            return
         keep = {key for key, _ in wanted}
         carried: dict[GroupKey, tuple[torch.Tensor, dict[str, Any]]] = {}
         for group, master in zip(old.optimizer.param_groups, old_masters):
@@ -220,7 +220,6 @@ class ZeroLayerOptimizer:
             target.data.copy_(master)
             if state:
                 new.optimizer.state[target] = state
-        return True
 
     def _restore_proxy_groups(self) -> None:
         """The proxy gets all its groups back, with the model's parameters instead of the first

@@ -61,7 +61,7 @@ def check_trainer(trainer: pl.Trainer) -> None:
         missing.append("Trainer._logger_connector.should_update_logs")
     if not hasattr(trainer.fit_loop, "max_batches"):
         missing.append("Trainer.fit_loop.max_batches")
-    if distributed_wrapped_sampler(DistributedSamplerWrapper([0], num_replicas=1, rank=0)) != [0]:
+    if not _wrapped_sampler_is_readable():
         missing.append("DistributedSamplerWrapper's dataset._sampler")
     require("lightning", MINIMUM, TESTED, missing, purpose="weightwise's Lightning callbacks")
 
@@ -110,6 +110,13 @@ def distributed_wrapped_sampler(sampler: object) -> object | None:
     """The sampler inside Lightning's ``DistributedSamplerWrapper`` (its dataset's private ``_sampler``),
     or ``None`` when ``sampler`` is not such a wrapper."""
     return getattr(getattr(sampler, "dataset", None), "_sampler", None)
+
+
+@functools.cache
+def _wrapped_sampler_is_readable() -> bool:
+    """Whether :func:`distributed_wrapped_sampler` finds the sampler in this Lightning's wrapper (probed
+    once per process: it is a property of the installed Lightning, and every callback's setup asks)."""
+    return distributed_wrapped_sampler(DistributedSamplerWrapper([0], num_replicas=1, rank=0)) == [0]
 
 
 def is_deepspeed(trainer: pl.Trainer) -> bool:

@@ -67,6 +67,11 @@ POLICIES: dict[str, PolicyDefaults] = {
 }
 
 
+def _unsupported_under_deepspeed(problems: list[str]) -> MisconfigurationException:
+    """The refusal of DeepSpeed settings the per-period ZeRO rebuild does not support, each with its fix."""
+    return MisconfigurationException("LayerwiseSampling under DeepSpeed does not support " + "; ".join(problems))
+
+
 class LayerwiseSampling(Callback):
     """Every ``interval`` steps, choose ``n_layers`` layers of the stack to train; freeze the others.
 
@@ -281,7 +286,7 @@ class LayerwiseSampling(Callback):
                 " and keeps state per rank partition)"
             )
         if problems:
-            raise MisconfigurationException("LayerwiseSampling under DeepSpeed does not support " + "; ".join(problems))
+            raise _unsupported_under_deepspeed(problems)
 
         def make_configure_optimizers(configure_optimizers: Any) -> Any:
             def layerwise_configure_optimizers() -> Any:
@@ -380,7 +385,7 @@ class LayerwiseSampling(Callback):
             # The config is complete now (Lightning adds its precision sections after the callbacks' setup).
             problems = deepspeed.unsupported_settings(trainer.strategy.config or {}, str(trainer.precision))  # type: ignore[attr-defined]
             if problems:
-                raise MisconfigurationException("LayerwiseSampling under DeepSpeed does not support " + "; ".join(problems))
+                raise _unsupported_under_deepspeed(problems)
             try:
                 deepspeed.check_engine(trainer.strategy.deepspeed_engine)  # type: ignore[attr-defined]
             except ValueError as error:
