@@ -32,10 +32,9 @@ from torch import Tensor, nn
 
 from benchmarks.memory.methods import DEFAULT_METHODS, Recipe, prepare
 from benchmarks.memory.models import SHAPES
+from benchmarks.memory.report import GIB, gib
 from benchmarks.memory.run import DEFAULT_OUT
 from benchmarks.memory.simulate import train_steps
-
-GIB = 2**30
 
 
 class CudaAccelerator:
@@ -110,16 +109,14 @@ def table(rows: list[dict], simulated: dict[tuple[str, str], dict]) -> str:
     for row in rows:
         sim = simulated.get((row["model"], row["method"]))
         if "error" in row:
-            lines.append(f"| {row['model']} | {row['method']} | {sim['total'] / GIB if sim else float('nan'):.2f} | {row['error']} | | | |")
+            lines.append(f"| {row['model']} | {row['method']} | {gib(sim['total']) if sim else '-'} | {row['error']} | | | |")
             continue
-        measured = row["peak"] / GIB
         if sim is None:
-            lines.append(f"| {row['model']} | {row['method']} | - | {measured:.2f} | - | - | {row['peak_phase']} |")
+            lines.append(f"| {row['model']} | {row['method']} | - | {gib(row['peak'])} | - | - | {row['peak_phase']} |")
             continue
-        simulated_gib = sim["total"] / GIB
-        error = (simulated_gib - measured) / measured
+        error = sim["total"] / row["peak"] - 1
         lines.append(
-            f"| {row['model']} | {row['method']} | {simulated_gib:.2f} | {measured:.2f} | {error:+.1%} | {sim['peak_phase']} | {row['peak_phase']} |"
+            f"| {row['model']} | {row['method']} | {gib(sim['total'])} | {gib(row['peak'])} | {error:+.1%} | {sim['peak_phase']} | {row['peak_phase']} |"
         )
     return "\n".join(lines)
 
