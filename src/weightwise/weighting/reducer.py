@@ -83,7 +83,7 @@ def parse_step_output(output: Any) -> StepOutput:
         MisconfigurationException: a dict without ``"loss"``.
         ValueError: token losses without a mask, or scores/token counts of another shape.
     """
-    if isinstance(output, Tensor) or not isinstance(output, Mapping):  # a Tensor first: the common case, and cheap to test
+    if not isinstance(output, Mapping):
         return StepOutput(check_per_sample_loss(output))
     if "loss" not in output:
         raise MisconfigurationException("training_step returned a dict without a 'loss' key")
@@ -116,6 +116,12 @@ def parse_step_output(output: Any) -> StepOutput:
         scores = {name: v.detach().float().to(losses.device) for name, v in given.items()}
     sample_ids = output.get("sample_ids")
     return StepOutput(losses, tokens, sample_ids, scores, extra, packed and sample_ids is None)
+
+
+def _require_one_id_per_loss(losses: Tensor, ids: Tensor | None) -> None:
+    """Raise, naming the fix, unless there is one sample id per loss (the check runs in full only on a mismatch)."""
+    if ids is not None and ids.numel() != losses.numel():
+        check_per_sample_loss(losses, batch_size=int(ids.numel()))
 
 
 _REDUCERS: weakref.WeakKeyDictionary[pl.LightningModule, PerSampleLossReducer] = weakref.WeakKeyDictionary()
@@ -234,8 +240,7 @@ class PerSampleLossReducer:
         if isinstance(output, Tensor):  # per-sample losses [B], ids from the batch: the common step, kept short
             losses = check_per_sample_loss(output)
             ids = self._ids_from_batch(batch)
-            if ids is not None and ids.numel() != losses.numel():
-                check_per_sample_loss(losses, batch_size=int(ids.numel()))  # raises, naming the fix
+            _require_one_id_per_loss(losses, ids)
             return self._weighted_loss(losses, ids)
         step = parse_step_output(output)
         ids = step.sample_ids
@@ -244,8 +249,7 @@ class PerSampleLossReducer:
                 ids = self._ids_from_batch(batch)
             elif self.needs_sample_ids:
                 raise ValueError(self._packed_without_ids(step.losses.numel()))
-        if ids is not None and ids.numel() != step.losses.numel():
-            check_per_sample_loss(step.losses, batch_size=int(ids.numel()))  # raises, naming the fix
+        _require_one_id_per_loss(step.losses, ids)
         loss = self._weighted_loss(step.losses, ids, step.tokens, step.scores)
         return loss if step.extra is None else {"loss": loss, **step.extra}
 
