@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.weightwise-installed
 
-.PHONY: demo test quick lint bench clean
+.PHONY: setup demo test quick lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
+
+# The environment alone (.venv with CPU torch and weightwise[dev]), without running anything.
+setup: $(STAMP)
+	@echo "environment ready: $(VENV) (activate with: . $(VENV)/bin/activate)"
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m examples.bbc_news_noisy_labels
