@@ -106,7 +106,7 @@ def test_vectorised_tokens_are_the_regex_tokens_on_any_unicode():
         "\ud800 lone surrogate, tab\tand\u00a0nbsp; 50%-off...",
         "  leading and trailing spaces  ",
     ]
-    features = NgramHasher(ngrams=1, num_buckets=1 << 31)(texts)
+    features = NgramHasher(ngrams=1, num_buckets=1 << 31, ngram_hash="fold")(texts)
     for row, text in enumerate(texts):
         tokens = tokenize(text)
         got = features.buckets[features.offsets[row] : features.offsets[row + 1]].tolist()
@@ -140,9 +140,10 @@ def test_another_process_computes_the_same_buckets():
 
 # ---------------------------------------------------------------------------------------- estimator
 def test_log_weights_match_a_hand_computation():
+    """The defaults are the reference's sha256 buckets: no ngram_hash is passed here."""
     target = ["a a b", "a b"]
     raw = ["a b", "b b c", "c", ""]
-    importance = NgramImportance.fit(target, raw, ngram_hash="sha256")
+    importance = NgramImportance.fit(target, raw)
     grams = ["a", "b", "c", "a a", "a b", "b b", "b c"]
     assert len({sha256_bucket(g, 10_000) for g in grams}) == len(grams)  # no collisions in this example
     # target n-grams: a x3, b x2, "a a", "a b" x2 (8); raw: a, b x3, c x2, "a b", "b b", "b c" (9)
@@ -163,6 +164,8 @@ def test_log_weights_match_a_hand_computation():
     scores = importance.score(raw)
     assert torch.allclose(scores.log_weights, torch.tensor(expected, dtype=torch.float64), rtol=1e-12)
     assert scores.lengths.tolist() == [2, 3, 1, 0]
+    sampler = DSIRSampler.from_texts(raw, target, min_length=0)  # the sampler's defaults too
+    assert torch.allclose(sampler.log_weights, torch.tensor(expected, dtype=torch.float64), rtol=1e-12)
     # top-k takes the two target-like documents; the empty one (weight 1) beats "c" (weight ~1e-8)
     assert resample(scores.log_weights, 2, top_k=True).tolist() == [0, 3]
 
