@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -257,26 +259,76 @@ def test_score_pruning_from_training_steps_has_full_rescoring_epochs():
     assert sorted(sampler) == [0, 1]
 
 
+def nlu_ema(passes, alpha, c):
+    """NLU on Data Diets' fetch_ema by hand: pandas' ewm(alpha, adjust=False) mean + c * std, from its
+    weights w_0 = (1 - a)^t, w_i = a (1 - a)^(t - i) and its bias correction 1 / (1 - sum w^2)."""
+    t = len(passes) - 1
+    w = [(1 - alpha) ** t] + [alpha * (1 - alpha) ** (t - i) for i in range(1, t + 1)]
+    mean = sum(wi * x for wi, x in zip(w, passes))
+    if t == 0 or c == 0:
+        return mean
+    var = sum(wi * (x - mean) ** 2 for wi, x in zip(w, passes)) / (1 - sum(wi**2 for wi in w))
+    return mean + c * math.sqrt(var)
+
+
 @pytest.mark.parametrize(
-    "mode, expected",
+    "mode, std_coef, expected",
     [
-        ("latest", [5.0, 1.0]),
-        ("ema", [0.8 * 5.0 + 0.2 * (0.8 * 3.0 + 0.2 * 1.0), 1.0]),  # s <- 0.8 x + 0.2 s; id 1 first seen in pass 3
-        ("last_k", [(1.0 + 3.0 + 5.0) / 3, 1.0]),
+        ("latest", 1.0, [5.0, 1.0]),
+        # NLU's EMA with its CLI's c = 1 (the default); id 1 is first seen in pass 3: its mean alone
+        ("ema", 1.0, [nlu_ema([1.0, 3.0, 5.0], 0.8, 1.0), 1.0]),
+        ("ema", 0.0, [0.8 * 5.0 + 0.2 * (0.8 * 3.0 + 0.2 * 1.0), 1.0]),  # s <- 0.8 x + 0.2 s, the mean alone
+        ("last_k", 1.0, [(1.0 + 3.0 + 5.0) / 3, 1.0]),
     ],
 )
-def test_passes_combine_as_nlu_on_data_diets(mode, expected):
+def test_passes_combine_as_nlu_on_data_diets(mode, std_coef, expected):
     from weightwise.selection.scoring import ScoreAverager
 
-    store, averager = SampleScoreStore(), ScoreAverager(mode, alpha=0.8, k=3)
+    store, averager = SampleScoreStore(), ScoreAverager(mode, alpha=0.8, k=3, std_coef=std_coef)
     averager.record(store, torch.tensor([0]), {"el2n": torch.tensor([1.0])})
     averager.record(store, torch.tensor([0]), {"el2n": torch.tensor([3.0])})
     store.record("el2n", torch.tensor([0]), torch.tensor([100.0]))  # a training step in between does not leak in
     averager.record(store, torch.tensor([0, 1]), {"el2n": torch.tensor([5.0, 1.0])})
     torch.testing.assert_close(store.signal("el2n"), torch.tensor(expected))
-    restored = ScoreAverager(mode, alpha=0.8, k=3)
+    restored = ScoreAverager(mode, alpha=0.8, k=3, std_coef=std_coef)
     restored.load_state_dict(averager.state_dict())
     assert restored.passes == 3
+
+
+def test_the_nlu_ema_is_the_default_and_resumes():
+    """ScorePruningSampler(averaging="ema") adds the weighted std (c = 1.0) by default; four passes of
+    scores that move by different amounts, against the hand computation; a resumed averager
+    continues exactly; a 0.2 checkpoint (mean only) is refused unless the run asks for the mean alone."""
+    from weightwise.selection.scoring import ScoreAverager
+
+    sampler = ScorePruningSampler(3, averaging="ema", warmup_epochs=0)
+    sampler.attach_scores(SampleScoreStore())
+    passes = torch.tensor([[0.5, 2.0, 1.0], [0.7, 0.1, 1.0], [0.6, 1.9, 1.0], [0.9, 0.3, 1.0]])
+    resumed = None
+    for i, row in enumerate(passes):
+        sampler.record_scores(torch.arange(3), {"el2n": row})
+        if i == 1:
+            resumed = ScorePruningSampler(3, averaging="ema", warmup_epochs=0)
+            resumed.attach_scores(SampleScoreStore())
+            resumed.load_state_dict(sampler.state_dict())
+        elif i > 1:
+            resumed.record_scores(torch.arange(3), {"el2n": row})
+    expected = torch.tensor([nlu_ema(passes[:, j].tolist(), 0.8, 1.0) for j in range(3)])
+    torch.testing.assert_close(sampler.scores.signal("el2n"), expected, rtol=1e-6, atol=0)
+    # the reference's own computation, pandas' ewm(alpha=0.8, adjust=False) mean + std (pandas 3.1.1, run
+    # once elsewhere; float32 here, so rtol 1e-6)
+    pandas_values = torch.tensor([1.0447100083478982, 1.609262766677008, 1.0])
+    torch.testing.assert_close(sampler.scores.signal("el2n"), pandas_values, rtol=1e-6, atol=0)
+    assert torch.equal(resumed.scores.signal("el2n"), sampler.scores.signal("el2n"))
+    assert sampler.scores.signal("el2n")[2] == 1.0  # a score that never moves has no deviation
+    old = {"mode": "ema", "passes": 1, "history": {"el2n": torch.tensor([[1.0, 2.0]])}, "version": 1}
+    with pytest.raises(ValueError, match="ema_std_coef=0.0"):
+        ScoreAverager("ema").load_state_dict(old)
+    mean_only = ScoreAverager("ema", std_coef=0.0)
+    mean_only.load_state_dict(old)
+    store = SampleScoreStore()
+    mean_only.record(store, torch.tensor([0]), {"el2n": torch.tensor([3.0])})
+    assert store.signal("el2n")[0] == pytest.approx(0.8 * 3.0 + 0.2 * 1.0)
 
 
 def test_score_pruning_selection_survives_state_dict():

@@ -205,7 +205,7 @@ class CoverageSampler(ScorePruningSampler):
         skip_hardest: β, the hard cutoff rate (the code's ``mis_ratio``), a fraction of N.
         strata: the number of strata (the reference's 50).
         hardest: ``"high"`` (larger = harder) or ``"low"`` (margins such as AUM).
-        warmup_epochs, rescore_every, scoring, averaging, ema_alpha, last_k, seed, num_replicas, rank:
+        warmup_epochs, rescore_every, scoring, averaging, ema_alpha, ema_std_coef, last_k, seed, num_replicas, rank:
             see :class:`~weightwise.selection.score_pruning.ScorePruningSampler`.
 
     Raises:
@@ -235,6 +235,7 @@ class CoverageSampler(ScorePruningSampler):
         scoring: Scoring = "pass",
         averaging: Averaging = "latest",
         ema_alpha: float = 0.8,
+        ema_std_coef: float = 1.0,
         last_k: int = 3,
         seed: int = 0,
         num_replicas: int | None = None,
@@ -259,6 +260,7 @@ class CoverageSampler(ScorePruningSampler):
             scoring=scoring,
             averaging=averaging,
             ema_alpha=ema_alpha,
+            ema_std_coef=ema_std_coef,
             last_k=last_k,
             seed=seed,
             num_replicas=num_replicas,

@@ -49,7 +49,9 @@ class ScorePruningSampler(EpochSampler):
         rescore_every: ``None`` for static pruning, else the period of rescoring in epochs.
         skip_hardest: fraction of the highest-scored samples excluded before keeping.
         scoring: ``"pass"`` (the papers') or ``"training"`` (see above).
-        averaging, ema_alpha, last_k: how passes combine (:class:`weightwise.selection.scoring.ScoreAverager`).
+        averaging, ema_alpha, ema_std_coef, last_k: how passes combine
+            (:class:`weightwise.selection.scoring.ScoreAverager`; ``"ema"`` is NLU on Data Diets' EMA plus
+            ``ema_std_coef`` = 1.0 times the weighted standard deviation, its command line's default).
         seed, num_replicas, rank: see :class:`EpochSampler`.
 
     Raises:
@@ -74,6 +76,7 @@ class ScorePruningSampler(EpochSampler):
         scoring: Scoring = "pass",
         averaging: Averaging = "latest",
         ema_alpha: float = 0.8,
+        ema_std_coef: float = 1.0,
         last_k: int = 3,
         seed: int = 0,
         num_replicas: int | None = None,
@@ -94,7 +97,7 @@ class ScorePruningSampler(EpochSampler):
         self.rescore_every = rescore_every
         self.skip_hardest = skip_hardest
         self.scoring: Scoring = scoring
-        self.averager = ScoreAverager(averaging, alpha=ema_alpha, k=last_k)
+        self.averager = ScoreAverager(averaging, alpha=ema_alpha, k=last_k, std_coef=ema_std_coef)
         self._selection: torch.Tensor | None = None
         self._selected_after: int | None = None
 

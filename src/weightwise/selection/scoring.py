@@ -96,35 +96,57 @@ class ScoreAverager:
     """Combines the scores of successive passes into the store's signals (NLU on Data Diets).
 
     * ``"latest"``: the last pass only (Data Diet within one run; NLU's default without averaging);
-    * ``"ema"``: ``s <- alpha x + (1 - alpha) s`` (pandas ``ewm(alpha, adjust=False)``; NLU's CLI
-      uses ``alpha = 0.8``), the first pass sets ``s``;
+    * ``"ema"``: NLU's ``fetch_ema`` (``prune_utils.py``): the exponentially weighted mean of the
+      passes *plus* ``std_coef`` times their exponentially weighted standard deviation,
+      ``s = m + c * sd`` - a sample whose score moves between passes ranks higher. ``m`` is pandas'
+      ``ewm(alpha, adjust=False).mean()`` (``m <- alpha x + (1 - alpha) m``, the first pass sets it)
+      and ``sd`` its ``.std()``: with the passes' weights ``w_0 = (1 - alpha)^t``,
+      ``w_i = alpha (1 - alpha)^(t - i)`` (summing to 1), ``sd^2 = sum_i w_i (x_i - m)^2 / (1 - sum_i w_i^2)``
+      (pandas' bias correction). NLU's command line defaults to ``alpha = 0.8`` and ``c = 1.0``
+      (``--prune_ema_var_coef``; its ``PruneConfig`` dataclass says 0.0), so ``std_coef=1.0`` here;
+      ``std_coef=0.0`` is the mean alone (weightwise 0.2's ``"ema"``). As in the reference, one pass
+      adds no deviation (``sd`` is undefined); NLU's ``--prune_ema_use_var`` (the variance instead of
+      the standard deviation) is not offered;
     * ``"last_k"``: the mean of the last ``k`` passes (NLU's ``avg``).
 
-    The averages are kept here (``[N]``, or ``[k, N]`` for ``"last_k"``), apart from the store, whose
-    signal of the same name a training step may overwrite between passes; each pass writes the
-    average into the store, where the samplers read it.
+    The averages are kept here (``[N]`` per statistic, ``[k, N]`` for ``"last_k"``), apart from the
+    store, whose signal of the same name a training step may overwrite between passes; each pass
+    writes the average into the store, where the samplers read it.
 
     Args:
         mode: see above.
         alpha: the EMA's weight of the newest pass.
         k: passes averaged by ``"last_k"``.
+        std_coef: ``c``, the weight of the deviation in ``"ema"``.
 
     Raises:
-        ValueError: an unknown mode, ``alpha`` outside (0, 1] or ``k`` below 1.
+        ValueError: an unknown mode, ``alpha`` outside (0, 1], ``k`` below 1 or a negative ``std_coef``.
+
+    Example (two passes of one sample, 1 then 3; ``m = 2.6``, ``sd^2 = (0.2 * 1.6^2 + 0.8 * 0.4^2) / (1 - 0.68)``)::
+
+        >>> from weightwise import SampleScoreStore
+        >>> store, averager = SampleScoreStore(), ScoreAverager("ema", alpha=0.8, std_coef=1.0)
+        >>> for score in (1.0, 3.0):
+        ...     averager.record(store, torch.tensor([0]), {"el2n": torch.tensor([score])})
+        >>> round(float(store.signal("el2n")[0]), 4)  # 2.6 + sqrt(0.64 / 0.32)
+        4.0142
     """
 
-    STATE_VERSION = 1
+    STATE_VERSION = 2  # 2: "ema" keeps the deviation's statistics (mean, variance, sum of squared weights)
 
-    def __init__(self, mode: Averaging = "latest", *, alpha: float = 0.8, k: int = 3) -> None:
+    def __init__(self, mode: Averaging = "latest", *, alpha: float = 0.8, k: int = 3, std_coef: float = 1.0) -> None:
         if mode not in ("latest", "ema", "last_k"):
             raise ValueError(f"averaging must be 'latest', 'ema' or 'last_k', got {mode!r}")
         if not 0.0 < alpha <= 1.0 or k < 1:
             raise ValueError(f"alpha must be in (0, 1] and k >= 1, got alpha={alpha}, k={k}")
+        if not std_coef >= 0.0:
+            raise ValueError(f"std_coef (the EMA's deviation weight) must be >= 0, got {std_coef}")
         self.mode: Averaging = mode
         self.alpha = alpha
         self.k = k
+        self.std_coef = std_coef
         self.passes = 0
-        self._history: dict[str, Tensor] = {}  # name -> [N] (ema) or [k, N] (last_k), on CPU
+        self._history: dict[str, Tensor] = {}  # name -> [3, N] (ema: mean, variance, sum of w^2) or [k, N] (last_k), on CPU
 
     def record(self, store: SampleScoreStore, ids: Tensor, scores: Mapping[str, Tensor]) -> None:
         """Write one pass' scores into ``store`` (a signal per name), averaged with the earlier passes."""
@@ -136,14 +158,25 @@ class ScoreAverager:
 
     def _average(self, name: str, ids: Tensor, values: Tensor) -> Tensor:
         size = int(ids.max()) + 1 if ids.numel() else 0
-        rows = 1 if self.mode == "ema" else self.k
+        rows = 3 if self.mode == "ema" else self.k
         history = self._history.get(name, torch.full((rows, 0), float("nan")))
         if history.shape[1] < size:
             history = torch.cat([history, torch.full((rows, size - history.shape[1]), float("nan"))], dim=1)
         if self.mode == "ema":
-            previous = history[0, ids]
-            history[0, ids] = torch.where(torch.isfinite(previous), self.alpha * values + (1 - self.alpha) * previous, values)
+            # pandas' ewmcov recursion with adjust=False (weights sum to 1): mean, biased variance, sum of w^2
+            mean, var, squares = history[0, ids], history[1, ids], history[2, ids]
+            seen = torch.isfinite(mean)
+            a = self.alpha
+            new_mean = torch.where(seen, a * values + (1 - a) * mean, values)
+            new_var = (1 - a) * (var + (mean - new_mean) ** 2) + a * (values - new_mean) ** 2
+            history[0, ids] = new_mean
+            history[1, ids] = torch.where(seen, new_var, torch.zeros_like(values))
+            history[2, ids] = torch.where(seen, (1 - a) ** 2 * squares + a**2, torch.ones_like(values))
             averaged = history[0, ids]
+            if self.std_coef > 0:
+                correction = 1.0 - history[2, ids]  # 0 after one pass: no deviation yet, as the reference
+                unbiased = torch.where(correction > 0, history[1, ids] / correction.clamp_min(1e-30), torch.zeros_like(values))
+                averaged = averaged + self.std_coef * unbiased.clamp_min(0).sqrt()
         else:
             history = torch.roll(history, -1, dims=0)
             history[-1] = float("nan")
@@ -154,11 +187,23 @@ class ScoreAverager:
 
     def state_dict(self) -> dict[str, Any]:
         history = {name: values.clone() for name, values in self._history.items()}
-        return with_version({"mode": self.mode, "passes": self.passes, "history": history}, self.STATE_VERSION)
+        state = {"mode": self.mode, "passes": self.passes, "history": history, "std_coef": self.std_coef}
+        return with_version(state, self.STATE_VERSION)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        state_version(state, "ScoreAverager", self.STATE_VERSION)
+        version = state_version(state, "ScoreAverager", self.STATE_VERSION)
         if state["mode"] != self.mode:
             raise ValueError(f"the checkpoint averaged scores by {state['mode']!r}, this run by {self.mode!r}")
+        history = {name: values.clone() for name, values in state["history"].items()}
+        if self.mode == "ema" and version < 2:  # weightwise 0.2 kept the EMA's mean only
+            if self.std_coef > 0 and history:
+                raise ValueError(
+                    "the checkpoint's 'ema' averaging kept the mean of the passes only (weightwise 0.2), not the"
+                    " deviation NLU on Data Diets adds: resume with ema_std_coef=0.0"
+                )
+            history = {name: torch.cat([m, torch.zeros_like(m), torch.ones_like(m)]) for name, m in history.items()}
+        saved_coef = state.get("std_coef", 0.0 if version < 2 else self.std_coef)
+        if self.mode == "ema" and saved_coef != self.std_coef:
+            raise ValueError(f"the checkpoint's EMA added {saved_coef} x std, this run {self.std_coef} x std: pass ema_std_coef={saved_coef}")
         self.passes = int(state["passes"])
-        self._history = {name: values.clone() for name, values in state["history"].items()}
+        self._history = history
