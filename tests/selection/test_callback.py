@@ -1,6 +1,7 @@
 """DataPruning with real Trainer runs: shorter epochs, corrections, ledger, composition, resume."""
 
 import csv
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -14,7 +15,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from tests.support.models import Classifier, blobs, indexed_loader
 from tests.support.training import flat_params, trainer
-from weightwise import SampleScoreStore
+from weightwise import IndexedDataset, SampleScoreStore
 from weightwise.callbacks import DataPruning, LossReweighting
 from weightwise.core.store import FIELDS
 from weightwise.losses import el2n, grand, loss_weights
@@ -211,6 +212,55 @@ def test_data_diet_scores_the_training_set_by_a_forward_only_pass_in_eval_mode()
     expected = el2n(model.net(x), y)
     # the subset is the top half by the eval-mode EL2N of the pass (the training steps' dropout scores differ)
     assert sorted(sampler.plan.indices.tolist()) == sorted(torch.argsort(expected, descending=True)[:32].tolist())
+
+
+class Augmented(torch.utils.data.Dataset):
+    """A training set with a random augmentation: every read adds fresh noise to the features."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        x, y = self.data[i]
+        return x + 3.0 * torch.randn_like(x), y
+
+
+def test_scoring_passes_read_the_unaugmented_view_like_the_references():
+    """Data Diet and CCS score the training set without augmentation: with scoring_dataset= the pass
+    reads it (the training set's ids added), so the scores are the un-augmented data's losses
+    ("eval_loss": only passes write it); without it the pass reads the augmenting training set and
+    says so."""
+    clean = blobs(64)
+    x, y = clean.tensors
+    for scoring_dataset in (clean, None):
+        model = Classifier(el2n=True, lr=0.0)  # frozen: scores are a function of the data read
+        sampler = ScorePruningSampler(64, 0.5, score="el2n", warmup_epochs=1)
+        pruning = DataPruning(scoring_dataset=scoring_dataset)
+        loader = torch.utils.data.DataLoader(IndexedDataset(Augmented(clean)), batch_size=8, sampler=sampler)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer(max_epochs=2, callbacks=[pruning]).fit(model, loader)
+        warned = [w for w in caught if "scoring_dataset" in str(w.message)]
+        model.eval()
+        with torch.no_grad():
+            expected = F.cross_entropy(model.net(x), y, reduction="none")
+        scores = pruning.reducer.scores.signal("eval_loss")
+        if scoring_dataset is not None:
+            torch.testing.assert_close(scores, expected)
+            assert not warned
+        else:
+            assert (scores - expected).abs().max() > 0.05 and len(warned) == 1
+
+
+def test_a_scoring_dataset_of_another_length_is_refused():
+    sampler = ScorePruningSampler(64, 0.5, score="el2n", warmup_epochs=1)
+    with pytest.raises(MisconfigurationException, match="same order, without random augmentation"):
+        trainer(max_epochs=1, callbacks=[DataPruning(scoring_dataset=blobs(32))]).fit(
+            Classifier(el2n=True), indexed_loader(64, 8, sampler=sampler)
+        )
 
 
 def test_grand_scores_through_a_score_function():

@@ -11,16 +11,17 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
 from weightwise.core.checkpoints import state_version, with_version
-from weightwise.core.ids import SAMPLE_ID_KEY, sample_ids_from_batch
+from weightwise.core.ids import SAMPLE_ID_KEY, IndexedDataset, sample_ids_from_batch
 from weightwise.integrations.lightning import distributed_wrapped_sampler, parameters_for_direct_forward, set_epoch_length
 from weightwise.selection.base import EpochPlan, EpochSampler
 from weightwise.selection.infobatch import InfoBatchSampler
-from weightwise.selection.scoring import ScoreFn, gather_scores, score_dataset, training_step_scores
+from weightwise.selection.scoring import ScoreFn, gather_scores, reads_differ, score_dataset, training_step_scores
 from weightwise.weighting.callback import SampleWeightCallback
 from weightwise.weighting.losses import TokenWeighting
 from weightwise.weighting.reducer import NonFinitePolicy
@@ -47,7 +48,12 @@ class DataPruning(SampleWeightCallback):
       training set with the model in eval mode, no gradients; ``score_fn(module, batch)`` gives the
       scores, by default the module's own ``training_step``'s ``"scores"`` and its per-sample loss,
       recorded as ``"eval_loss"``)
-      - each rank its share, gathered, so every rank plans the same;
+      - each rank its share, gathered, so every rank plans the same. The references score the
+      training set *without* augmentation (Data Diet's ``compute_scores`` on the stored training
+      arrays; CCS's ``generate_importance_score.py`` with ``transform_identical``): when the
+      training dataset augments, pass ``scoring_dataset=`` (the same samples in the same order,
+      without random transforms); the pass reads the training loader's dataset otherwise, and warns
+      when two reads of its first item differ (a random augmentation);
     * logs a ledger every epoch: ``weightwise/epoch_samples`` (visited, all ranks),
       ``weightwise/epoch_fraction_skipped``, ``weightwise/samples_skipped_total`` (forward and
       backward passes saved against full-data epochs), ``weightwise/fraction_skipped_total`` and
@@ -64,6 +70,10 @@ class DataPruning(SampleWeightCallback):
     Args:
         score_fn: ``(module, batch) -> {name: [B] scores}`` for scoring passes (default: the
             module's ``training_step``, see above).
+        scoring_dataset: the dataset scoring passes read, indexed like the training set (item i is
+            training sample i) but without random augmentation, as the references score; wrapped in
+            ``IndexedDataset`` (with the training set's key) when the training set is one and it
+            is not. ``None``: the training loader's dataset.
         score_store_path: a directory for a memory-mapped score store, for corpora of 1e8-1e9
             samples (:meth:`weightwise.SampleScoreStore.memory_map`): each rank keeps its copy in
             ``<score_store_path>/rank<global rank>`` - on node-local disk - written in lock-step
@@ -72,7 +82,8 @@ class DataPruning(SampleWeightCallback):
 
     Raises:
         MisconfigurationException: at fit start, a loader without a weightwise sampler, or one that
-            Lightning wrapped in a second ``DistributedSampler`` (the message names the fix).
+            Lightning wrapped in a second ``DistributedSampler`` (the message names the fix); a
+            ``scoring_dataset`` of another length than the sampler's.
 
     Example::
 
@@ -88,6 +99,7 @@ class DataPruning(SampleWeightCallback):
         self,
         *,
         score_fn: ScoreFn | None = None,
+        scoring_dataset: Dataset | None = None,
         nonfinite: NonFinitePolicy = "raise",
         sample_id_key: str = SAMPLE_ID_KEY,
         token_weighting: TokenWeighting = "rank",
@@ -96,6 +108,8 @@ class DataPruning(SampleWeightCallback):
     ) -> None:
         super().__init__(nonfinite=nonfinite, sample_id_key=sample_id_key, token_weighting=token_weighting, store_fields=store_fields)
         self.score_fn: ScoreFn = score_fn or training_step_scores
+        self.scoring_dataset = scoring_dataset
+        self._augmentation_checked = False
         self.score_store_path = None if score_store_path is None else Path(score_store_path)
         self.sampler: EpochSampler | None = None
         self.ledger: dict[str, float] = {
@@ -151,6 +165,11 @@ class DataPruning(SampleWeightCallback):
             if trainer.max_epochs is None or trainer.max_epochs < 0:
                 raise MisconfigurationException("InfoBatchSampler needs num_epochs= when Trainer(max_epochs) is unset")
             sampler.num_epochs = trainer.max_epochs
+        if self.scoring_dataset is not None and len(self.scoring_dataset) != sampler.num_samples:  # type: ignore[arg-type]
+            raise MisconfigurationException(
+                f"scoring_dataset has {len(self.scoring_dataset)} samples, the sampler {sampler.num_samples}: it must"  # type: ignore[arg-type]
+                " hold the training set's samples, in the same order, without random augmentation"
+            )
         self.reducer.scores.require(*sampler.store_fields)
         sampler.attach_scores(self.reducer.scores)
         sampler.set_epoch(trainer.current_epoch)
@@ -191,7 +210,7 @@ class DataPruning(SampleWeightCallback):
         share = list(range(n))
         share += share[: (-n) % ranks]  # equal shares: ZeRO-3 gathers parameters in every forward
         shard = DataLoader(
-            loader.dataset, batch_size=loader.batch_size or 1, sampler=share[rank::ranks], collate_fn=loader.collate_fn,
+            self._scoring_dataset(loader.dataset), batch_size=loader.batch_size or 1, sampler=share[rank::ranks], collate_fn=loader.collate_fn,
             num_workers=loader.num_workers,
         )
         with parameters_for_direct_forward(trainer):
@@ -207,6 +226,22 @@ class DataPruning(SampleWeightCallback):
         self._scored_epoch = epoch
         self.ledger["samples_scored"] += n
         self.ledger["scoring_seconds"] += time.perf_counter() - start
+
+    def _scoring_dataset(self, training: Dataset) -> Dataset:
+        """``scoring_dataset`` (with the training set's ids), or the training set - with a warning,
+        once per fit, when two reads of its first item differ."""
+        if self.scoring_dataset is None:
+            if not self._augmentation_checked and len(training) > 0 and reads_differ(training):  # type: ignore[arg-type]
+                rank_zero_warn(
+                    "DataPruning's scoring pass reads the training dataset, and two reads of its first item differ:"
+                    " the scores come from randomly augmented views, where Data Diet and CCS score un-augmented data."
+                    " Pass DataPruning(scoring_dataset=<the same samples without random transforms>)"
+                )
+            self._augmentation_checked = True
+            return training
+        if isinstance(training, IndexedDataset) and not isinstance(self.scoring_dataset, IndexedDataset):
+            return IndexedDataset(self.scoring_dataset, key=training.key)
+        return self.scoring_dataset
 
     @staticmethod
     def _set_epoch_length(trainer: pl.Trainer) -> None:

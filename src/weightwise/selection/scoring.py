@@ -14,13 +14,15 @@ rank's store - and every rank's next plan - is the same (docs/architecture.md, c
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from weightwise.core import collectives
 from weightwise.core.checkpoints import state_version, with_version
@@ -83,6 +85,34 @@ def score_dataset(
         pl_module.train(was_training)
     device = next(iter(scores.values()))[0].device if scores else torch.device("cpu")
     return torch.cat(ids).to(device) if ids else torch.zeros(0, dtype=torch.long), {n: torch.cat(v) for n, v in scores.items()}
+
+
+def same_item(first: Any, second: Any) -> bool:
+    """Whether two reads of one dataset item are equal (tensors, arrays and containers compared by value)."""
+    if isinstance(first, Tensor) or isinstance(second, Tensor):
+        return isinstance(first, Tensor) and isinstance(second, Tensor) and first.shape == second.shape and torch.equal(first, second)
+    if isinstance(first, Mapping):
+        return isinstance(second, Mapping) and first.keys() == second.keys() and all(same_item(first[k], second[k]) for k in first)
+    if isinstance(first, (list, tuple)):
+        return isinstance(second, (list, tuple)) and len(first) == len(second) and all(map(same_item, first, second))
+    if isinstance(first, np.ndarray) or isinstance(second, np.ndarray):
+        return bool(np.array_equal(first, second))
+    return bool(first == second)
+
+
+def reads_differ(dataset: Dataset, index: int = 0) -> bool:
+    """Whether reading ``dataset[index]`` twice gives two different items - a random augmentation.
+
+    The reads run on forks of the global random generators (torch, numpy, Python), so the check
+    draws nothing from the run's random streams.
+    """
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            return not same_item(dataset[index], dataset[index])
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
 
 
 def gather_scores(ids: Tensor, scores: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
