@@ -13,8 +13,8 @@ seed and schedule trained
 The table: clean-test accuracy, passes over the data and wall time per run, and how well the score
 store's loss EMA finds the flipped labels (the share of flipped labels among the 30% highest-EMA
 articles). Runs log to Weights & Biases offline (``runs/wandb``; ``wandb sync`` uploads them
-later): the weights' histogram, the pruning ledger, and ``SampleReport``'s table of the most
-suspicious articles - text, given label, loss EMA, weight.
+later): the weights' histogram, the pruning ledger (``DataPruning`` logs it, ``weightwise/ledger/*``),
+and ``SampleReport``'s table of the most suspicious articles - text, given label, loss EMA, weight.
 """
 
 from __future__ import annotations
@@ -106,9 +106,7 @@ def train(args: argparse.Namespace, name: str) -> dict[str, object]:
     seconds = time.perf_counter() - start
     pruning = next((cb for cb in callbacks if isinstance(cb, DataPruning)), None)
     passes = 1.0 if pruning is None else pruning.ledger["samples_visited"] / pruning.ledger["samples_full"]
-    if logger:
-        if pruning is not None:
-            logger.experiment.summary.update({f"weightwise/ledger/{key}": value for key, value in pruning.ledger.items()})
+    if logger:  # DataPruning logged its ledger (weightwise/ledger/*) itself: the summary holds the totals
         logger.experiment.finish()
     store = next((cb.reducer.scores for cb in callbacks if isinstance(cb, SampleWeightCallback)), None)
     return {"accuracy": float(trainer.callback_metrics["val_acc"]), "seconds": seconds, "passes": passes,

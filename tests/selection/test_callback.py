@@ -65,6 +65,28 @@ def test_infobatch_epochs_shrink_validation_runs_and_ledger_is_logged(tmp_path):
     rows = [r for r in csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))) if r.get("weightwise/epoch_samples")]
     assert [float(r["weightwise/epoch_samples"]) for r in rows] == [float(s) for s in sizes]
     assert float(rows[-1]["weightwise/samples_skipped_total"]) == 8 * 64 - sum(sizes)
+    # the ledger's running totals, logged by the callback itself (no script needed)
+    assert [float(r["weightwise/ledger/samples_visited"]) for r in rows] == [float(sum(sizes[: e + 1])) for e in range(8)]
+    assert float(rows[-1]["weightwise/ledger/samples_full"]) == 8 * 64 and float(rows[-1]["weightwise/ledger/epochs"]) == 8
+    assert {f"weightwise/ledger/{key}" for key in pruning.ledger} <= set(rows[-1])
+
+
+@pytest.mark.slow  # W&B's service takes ~7 s to start; the CSV test above checks the same metrics in make quick
+def test_the_ledger_lands_in_the_wandb_summary_without_any_script(tmp_path):
+    """README: DataPruning's ledger goes to the run's W&B summary (weightwise/ledger/*) - from the library."""
+    import wandb
+    from lightning.pytorch.loggers import WandbLogger
+
+    logger = WandbLogger(save_dir=tmp_path, offline=True, project="weightwise-tests")
+    pruning = DataPruning()
+    sampler = RandomSubsetSampler(32, fraction=0.5)
+    try:
+        trainer(max_epochs=2, logger=logger, callbacks=[pruning]).fit(Classifier(), indexed_loader(32, 8, sampler=sampler))
+        summary = dict(logger.experiment.summary)
+    finally:
+        wandb.finish()
+    assert summary["weightwise/ledger/samples_visited"] == pruning.ledger["samples_visited"] == 32
+    assert summary["weightwise/ledger/samples_full"] == 64 and summary["weightwise/ledger/epochs"] == 2
 
 
 def test_infobatch_correction_reaches_the_loss_and_composes_with_reweighting():

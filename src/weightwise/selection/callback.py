@@ -57,8 +57,10 @@ class DataPruning(SampleWeightCallback):
     * logs a ledger every epoch: ``weightwise/epoch_samples`` (visited, all ranks),
       ``weightwise/epoch_fraction_skipped``, ``weightwise/samples_skipped_total`` (forward and
       backward passes saved against full-data epochs), ``weightwise/fraction_skipped_total`` and
-      ``weightwise/epoch_seconds``; ``DataPruning.ledger`` also counts the forward-only
-      ``samples_scored`` and their ``scoring_seconds``;
+      ``weightwise/epoch_seconds``, and the running totals of ``DataPruning.ledger`` as
+      ``weightwise/ledger/<key>`` (``epochs``, ``samples_visited``, ``samples_full``, ``seconds``,
+      and the forward-only ``samples_scored`` and their ``scoring_seconds``) - in W&B the last
+      value of each is the run summary's;
     * checkpoints the sampler's state and the ledger (docs/architecture.md, contract 4); a checkpoint written mid-epoch
       (``ModelCheckpoint(every_n_train_steps=...)``) also holds the epoch's plan and how many of
       this rank's samples already trained, so a resumed run trains exactly the rest of the epoch
@@ -276,6 +278,7 @@ class DataPruning(SampleWeightCallback):
             "weightwise/samples_skipped_total": float(skipped_total),
             "weightwise/fraction_skipped_total": skipped_total / self.ledger["samples_full"],
             "weightwise/epoch_seconds": seconds,
+            **{f"weightwise/ledger/{key}": float(value) for key, value in self.ledger.items()},
         }
         pl_module.log_dict({k: torch.tensor(v) for k, v in metrics.items()}, on_step=False, on_epoch=True)
 
