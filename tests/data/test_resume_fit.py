@@ -1,0 +1,59 @@
+"""A real Lightning fit over a PackedDocumentStream, checkpointed mid-run and resumed: bit for bit."""
+
+import pytest
+import torch
+from lightning.pytorch import seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from tests.support.models import TinyLlama, real_bytes
+from tests.support.training import flat_params, trainer
+from weightwise.data import PackedDocumentStream, StreamLoader, StreamResume
+
+
+def documents() -> list[torch.Tensor]:
+    """40 documents of 5-40 tokens of real text (vocabulary 64, the tiny Llama's)."""
+    text, out, offset = real_bytes(4000) % 64, [], 0
+    for i in range(40):
+        length = 5 + (7 * i) % 36
+        out.append(text[offset : offset + length])
+        offset += length
+    return out
+
+
+class Recorder(TinyLlama):
+    """The tiny Llama on packed rows, recording every batch it trains."""
+
+    def __init__(self):
+        super().__init__(layers=2)
+        self.seen: list[torch.Tensor] = []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append(batch["input_ids"].clone())
+        return self.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"], use_cache=False).loss
+
+
+def fit(tmp_path, max_steps, num_workers=0, ckpt_path=None, save_every=None, callbacks=None):
+    seed_everything(0)
+    model = Recorder()
+    loader = StreamLoader(PackedDocumentStream(documents(), 16, seed=1), batch_size=2, num_workers=num_workers)
+    extra = [] if save_every is None else [ModelCheckpoint(tmp_path, every_n_train_steps=save_every, save_top_k=-1, filename="{step}")]
+    run = trainer(max_steps=max_steps, callbacks=[StreamResume(), *extra] if callbacks is None else callbacks,
+                  enable_checkpointing=save_every is not None)
+    run.fit(model, loader, ckpt_path=ckpt_path)
+    return model
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_fit_resumed_mid_stream_ends_with_the_uninterrupted_parameters(tmp_path, num_workers):
+    straight = fit(tmp_path, 9, num_workers)
+    fit(tmp_path, 3, num_workers, save_every=3)  # a run that stopped after its checkpoint at step 3 (odd: workers rotate)
+    resumed = fit(tmp_path, 9, num_workers, ckpt_path=tmp_path / "step=3.ckpt")
+    assert len(resumed.seen) == 6
+    for got, want in zip(resumed.seen, straight.seen[3:]):
+        assert torch.equal(got, want)  # exactly the batches that were next: none lost, none twice
+    assert torch.equal(flat_params(resumed), flat_params(straight))
+
+
+def test_a_checkpoint_without_stream_resume_is_refused_naming_the_callback(tmp_path):
+    with pytest.raises(RuntimeError, match="StreamResume"):
+        fit(tmp_path, 4, save_every=2, callbacks=[ModelCheckpoint(tmp_path, every_n_train_steps=2)])
