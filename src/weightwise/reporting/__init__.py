@@ -4,3 +4,7 @@
 :mod:`~weightwise.reporting.report` (``suspicious_samples``, the functional core: the samples weighted
 lowest and found hardest; ``SampleReport``, its callback: them as a W&B Table or a CSV).
 """
+
+from weightwise.reporting.report import SampleReport, suspicious_samples
+
+__all__ = ["SampleReport", "suspicious_samples"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import torch
@@ -16,7 +16,9 @@ from torch import Tensor
 from typing_extensions import override
 
 from weightwise.core.store import SampleScoreStore
-from weightwise.weighting.callback import SampleWeightCallback
+
+if TYPE_CHECKING:
+    from weightwise.weighting.callback import SampleWeightCallback
 
 COLUMNS = ["view", "sample_id", "last_weight", "loss_ema", "visits"]
 
@@ -24,6 +26,10 @@ COLUMNS = ["view", "sample_id", "last_weight", "loss_ema", "visits"]
 def suspicious_samples(scores: SampleScoreStore, k: int) -> dict[str, Tensor]:
     """The ids of the ``k`` seen samples with the lowest last weight and of the ``k`` with the highest
     loss EMA - in practice, where mislabelled or odd data hides. Usable on any store, in any loop.
+
+    Ties in weight - all of them where nothing reweights (RS2, Data Diet, CCS and online selection
+    give every sample weight 1) - are broken by the higher loss EMA, so the "lowest weight" view
+    then lists the hardest samples rather than the lowest ids.
 
     Args:
         scores: a store that keeps ``"weight"`` and ``"ema"``.
@@ -43,10 +49,9 @@ def suspicious_samples(scores: SampleScoreStore, k: int) -> dict[str, Tensor]:
     seen = scores.seen.nonzero().squeeze(1).cpu()
     weight, ema = scores.weight.cpu()[seen], scores.ema.cpu()[seen]
     k = min(k, seen.numel())
-    return {
-        "lowest weight": seen[torch.argsort(weight.nan_to_num(float("inf")))[:k]],
-        "highest loss": seen[torch.argsort(ema, descending=True)[:k]],
-    }
+    by_ema = torch.argsort(ema.nan_to_num(float("-inf")), descending=True, stable=True)
+    by_weight = by_ema[torch.argsort(weight[by_ema].nan_to_num(float("inf")), stable=True)]  # ties keep the EMA order
+    return {"lowest weight": seen[by_weight[:k]], "highest loss": seen[by_ema[:k]]}
 
 
 class SampleReport(Callback):
@@ -86,6 +91,8 @@ class SampleReport(Callback):
     """The score-store fields the report reads."""
 
     def _source(self, trainer: pl.Trainer) -> SampleWeightCallback:
+        # imported here: the reducer imports weightwise.reporting (histograms), whose face exports this module
+        from weightwise.weighting.callback import SampleWeightCallback
         source = next((cb for cb in trainer.callbacks if isinstance(cb, SampleWeightCallback) and cb.reducer), None)
         if source is None:
             raise MisconfigurationException(
