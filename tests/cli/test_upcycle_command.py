@@ -25,3 +25,27 @@ def test_cli_rejects_bad_arguments():
     assert done.returncode == 2 and "invalid choice" in done.stderr
     with pytest.raises(SystemExit):
         main(["upcycle"])
+
+
+@pytest.mark.slow
+def test_upcycle_from_dense_writes_a_moe_that_loads_as_its_class(tmp_path, capsys):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    dense = Qwen3ForCausalLM(
+        Qwen3Config(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    ).eval()
+    dense.save_pretrained(tmp_path / "dense")
+    ids = torch.randint(0, 97, (2, 7))
+    main(["upcycle", "--from-dense", str(tmp_path / "dense"), str(tmp_path / "moe"), "--experts", "4", "--top-k", "2", "--method", "granular"])
+    assert "4 experts" in capsys.readouterr().out
+    moe = AutoModelForCausalLM.from_pretrained(tmp_path / "moe").eval()
+    assert type(moe).__name__ == "Qwen3MoeForCausalLM" and moe.config.moe_intermediate_size == 24
+    assert (logits(moe, ids) - logits(dense, ids)).abs().max() <= 1e-5
+
+
+def test_cli_refuses_methods_of_the_other_path():
+    with pytest.raises(SystemExit):
+        main(["upcycle", "a", "b", "--method", "drop"])
+    with pytest.raises(SystemExit):
+        main(["upcycle", "--from-dense", "a", "b", "--method", "duplicate"])

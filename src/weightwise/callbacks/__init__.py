@@ -5,11 +5,13 @@
 * :class:`OnlineBatchSelection` - backpropagate only the most useful rows of each batch (:mod:`weightwise.selection`).
 * :class:`LayerwiseSampling` - a few layers train at a time (:mod:`weightwise.layers`).
 * :class:`ExpertUpcycling` - grow a Mixture-of-Experts mid-fit (:mod:`weightwise.experts`).
+* :class:`DenseUpcycling` - turn a dense model into a Mixture-of-Experts mid-fit (:mod:`weightwise.experts`).
 * :class:`SampleReport` - the samples weighted lowest and found hardest (:mod:`weightwise.reporting`).
 * :class:`SampleWeightCallback` - the base class of callbacks that contribute a weight factor.
 """
 
 from weightwise.experts.callback import ExpertUpcycling
+from weightwise.experts.dense_callback import DenseUpcycling
 from weightwise.layers.callback import LayerwiseSampling
 from weightwise.reporting.report import SampleReport
 from weightwise.selection.callback import DataPruning
@@ -20,6 +22,7 @@ from weightwise.weighting.reducer import PerSampleLossReducer, reducer_of
 
 __all__ = [
     "DataPruning",
+    "DenseUpcycling",
     "ExpertUpcycling",
     "LayerwiseSampling",
     "LossReweighting",

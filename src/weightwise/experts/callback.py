@@ -7,28 +7,23 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
 from weightwise.core.checkpoints import state_version, with_version
 from weightwise.experts.adapters import find_moe_blocks
+from weightwise.experts.resume import RestructuringCallback
 from weightwise.experts.surgery import Method, NoiseTarget, Selection, StateHandling, UpcycleReport, upcycle_experts
 from weightwise.experts.utility import METRICS, PROJECTIONS, Allocation, ExpertUtility, Metric, Projection
-from weightwise.integrations.lightning import (
-    MethodPatch,
-    check_trainer,
-    require_rewrappable_strategy,
-    rewrap_ddp,
-)
+from weightwise.integrations.lightning import require_rewrappable_strategy, rewrap_ddp
 from weightwise.reporting.histograms import log_histogram
 
 DEFAULT_UTILITY_WINDOW = 20
 """Optimizer steps of utility averaged before the surgery when ``utility_window`` is not given."""
 
 
-class ExpertUpcycling(Callback):
+class ExpertUpcycling(RestructuringCallback):
     """At optimizer step ``at_step``, upcycle every MoE block of the model (see :mod:`weightwise.experts`).
 
     * With ``selection="utility"`` (the default with ``method="duplicate"``, as the reference
@@ -147,34 +142,11 @@ class ExpertUpcycling(Callback):
         self.measurements: dict[str, dict[str, Any] | None] = {}
         self.utility: ExpertUtility | None = None
         self._pending_utility: dict | None = None
-        self._patch: MethodPatch | None = None
 
     # ------------------------------------------------------------------ resume
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        # Lightning loads the module's weights before any callback state, right after the module's own
-        # on_load_checkpoint hook. A checkpoint written after the surgery holds m·E experts, so wrap that
-        # hook for this fit to give the module the grown shape first (the values are then loaded).
-        if stage != "fit":
-            return
-        check_trainer(trainer)
-
-        def make_on_load_checkpoint(original: Any) -> Any:
-            def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
-                state = checkpoint.get("callbacks", {}).get(self.state_key) or {}
-                if state.get("done") and not self.done:
-                    upcycle_experts(pl_module, self.factor, method=self.method)  # the shapes; the values are loaded next
-                original(checkpoint)
-
-            return on_load_checkpoint
-
-        self._patch = MethodPatch(pl_module, "on_load_checkpoint", make_on_load_checkpoint)
-
-    @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit" and self._patch is not None:
-            self._patch.restore()
-            self._patch = None
+    def restructure(self, pl_module: pl.LightningModule) -> None:
+        upcycle_experts(pl_module, self.factor, method=self.method)  # the shapes; the values are loaded next
 
     # ------------------------------------------------------------------ utility window
     @override
