@@ -21,6 +21,8 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
+from weightwise.compute.meter import spending
+
 ProbeLoss = Callable[[pl.LightningModule, Any], Tensor]
 """``probe_loss(pl_module, batch) -> scalar loss`` of the module on a batch (called without grad, in eval mode)."""
 
@@ -85,7 +87,7 @@ def probe(pl_module: pl.LightningModule, batch: Any, layers: Sequence[nn.Module]
     was_training = pl_module.training
     pl_module.eval()
     try:
-        with torch.no_grad(), suppressed(layers, factor):
+        with torch.no_grad(), suppressed(layers, factor), spending("probes"):  # counted by ComputeBudget
             return loss(pl_module, batch).detach().float()
     finally:
         pl_module.train(was_training)

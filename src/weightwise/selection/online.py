@@ -31,6 +31,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
 
+from weightwise.compute.meter import spending
 from weightwise.core import collectives
 from weightwise.core.checkpoints import state_version, with_version
 from weightwise.core.ids import SAMPLE_ID_KEY
@@ -241,10 +242,10 @@ class OnlineBatchSelection(SampleWeightCallback):
         """
         if not self.active(trainer, batch_idx):
             return batch
-        with torch.no_grad():
+        with torch.no_grad(), spending("selection_forward"):  # counted by ComputeBudget
             scores = row_scores(step(batch))
         if self.reference_loss is not None:
-            with torch.no_grad():
+            with torch.no_grad(), spending("reference_model"):
                 scores = scores - self.reference_loss(batch).detach().float().to(scores.device)
         n = scores.numel()
         generator = torch.Generator().manual_seed((self.seed * 1_000_003 + trainer.global_step) * 1_009 + collectives.rank())

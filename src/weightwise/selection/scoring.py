@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from weightwise.compute.meter import spending
 from weightwise.core import collectives
 from weightwise.core.checkpoints import state_version, with_version
 from weightwise.core.store import SampleScoreStore
@@ -76,11 +77,12 @@ def score_dataset(
     ids: list[Tensor] = []
     scores: dict[str, list[Tensor]] = {}
     try:
-        for batch in loader:
-            batch = to_device(batch)
-            for name, values in score_fn(pl_module, batch).items():
-                scores.setdefault(name, []).append(values.detach().float())
-            ids.append(ids_of(batch))
+        with spending("scoring"):  # counted by ComputeBudget
+            for batch in loader:
+                batch = to_device(batch)
+                for name, values in score_fn(pl_module, batch).items():
+                    scores.setdefault(name, []).append(values.detach().float())
+                ids.append(ids_of(batch))
     finally:
         pl_module.train(was_training)
     device = next(iter(scores.values()))[0].device if scores else torch.device("cpu")

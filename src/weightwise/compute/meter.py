@@ -1,0 +1,424 @@
+"""Counting the FLOPs a training run spends: every forward and backward, whoever runs it.
+
+The functional core of compute accounting (docs/architecture.md, "Compute accounting"). A
+:class:`ComputeMeter` watches every ``nn.Module`` call in the process while it is installed (global
+module hooks), and counts each *outermost* call - a call made while no other module runs, such as
+the trained model's forward in ``training_step``, a reference model's forward, a scoring pass or a
+probe. Wrappers of the trained module (DDP, DeepSpeed's engine, Lightning's wrapper) are looked
+through, so the counted calls are the same on one device and under a strategy.
+
+What is counted, and how (``torch.utils.flop_counter.FlopCounterMode`` does the counting: matrix
+products, convolutions and attention, the operations that dominate a network's cost; elementwise
+operations count zero):
+
+* **Forward**: the first call with a given *signature* - the module, its inputs' shapes and dtypes,
+  its other (scalar) arguments, grad mode and train/eval mode - runs under ``FlopCounterMode``; later
+  calls with that signature add the cached count. A counting mode observes the operations and
+  changes none of them, and nothing runs twice, so training is bit for bit the one without the meter.
+  FLOPs that depend on the *values* (a Mixture-of-Experts whose experts see different token counts
+  each step) are those of the first call of each shape; ``measure="every_call"`` counts every call.
+* **Backward**: by default the rule "backward = 2 x forward" (the 6N rule: 2N FLOPs a token
+  forward, 4N backward) applied to the trained model's forwards with gradients since the last
+  backward. It is exact for linear layers and matches ``FlopCounterMode`` on a Llama's whole
+  forward and backward (tested). It over-counts where autograd skips work: frozen layers
+  (LayerwiseSampling) need no weight gradients and nothing below the lowest trainable layer needs
+  any, so their savings do not show in the rule. ``backward="measured"`` runs the backward under
+  ``FlopCounterMode`` (once per forward signature and set of trainable parameters) and is exact
+  there, including activation checkpointing's recomputation - but a counting mode over the backward
+  changes its floating-point summation order (gradients differ in the last bits: measured, tested),
+  so it is an option, not the default. Forward counting leaves results bit for bit unchanged.
+* **Tokens**: ``tokens`` are the tokens of the training batches (what the run consumes, before any
+  selection); ``backward_tokens`` those of the trained model's forwards with gradients (the rows the
+  loss was backpropagated from). A batch's tokens: the elements of its ``input_ids`` (padding
+  included), else of its first integer tensor with two or more dimensions; data without token ids
+  counts a sample (a row) as one token.
+* **Sources**: each call is attributed to one of :data:`SOURCES`: the trained model with gradients
+  is ``"model"`` (forward and backward), a module outside the trained model is ``"reference_model"``,
+  and a forward of the trained model without gradients is what the innermost :func:`spending` block
+  names (``"selection_forward"``, ``"scoring"``, ``"probes"``) or ``"no_grad_forward"``.
+
+FLOPs outside any module call (a functional ``F.linear`` in ``training_step``) are not seen in the
+forward; keep the model's compute in modules.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+SOURCES = ("model", "selection_forward", "reference_model", "scoring", "probes", "no_grad_forward")
+"""Where FLOPs are spent; :attr:`Spent.by_source` has one entry for each."""
+
+BACKWARD_RATIO = 2
+"""Backward FLOPs per forward FLOP under the rule (the "6N" of 2N forward + 4N backward per token)."""
+
+Backward = Literal["rule", "measured"]
+Source = Literal["model", "selection_forward", "reference_model", "scoring", "probes", "no_grad_forward"]
+Measure = Literal["per_signature", "every_call"]
+TokenCounter = Callable[[Any], "int | None"]
+
+_SPENDING: list[str] = []  # the sources named by the open spending() blocks, innermost last
+
+
+@contextlib.contextmanager
+def spending(source: Source) -> Iterator[None]:
+    """Forwards of the trained model without gradients inside the block count as ``source``.
+
+    weightwise's own passes name themselves (online selection's extra forward, scoring passes,
+    IST's probes); a user's extra passes can too. Costs nothing when no meter is installed.
+
+    Raises:
+        ValueError: a source not in :data:`SOURCES`.
+
+    Example::
+
+        >>> from weightwise.compute import spending
+        >>> with spending("scoring"):
+        ...     pass
+    """
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+    _SPENDING.append(source)
+    try:
+        yield
+    finally:
+        _SPENDING.pop()
+
+
+def count_tokens(value: Any) -> int | None:
+    """The tokens of a batch (or of a call's arguments): see the module docstring. ``None``: no tensor found."""
+    integer = _first(value, lambda t: not t.is_floating_point() and not t.is_complex() and t.ndim >= 2, prefer="input_ids")
+    if integer is not None:
+        return integer.numel()
+    first = _first(value, lambda t: t.ndim >= 1, prefer=None)
+    return None if first is None else int(first.shape[0])
+
+
+def _first(value: Any, accept: Callable[[Tensor], bool], prefer: str | None) -> Tensor | None:
+    if isinstance(value, Tensor):
+        return value if accept(value) else None
+    if isinstance(value, Mapping):
+        if prefer is not None and isinstance(value.get(prefer), Tensor) and accept(value[prefer]):
+            return value[prefer]
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            found = _first(item, accept, prefer)
+            if found is not None:
+                return found
+    return None
+
+
+def _signature(value: Any, out: list[Any]) -> None:
+    """Append what determines a call's FLOPs: tensors' shapes and dtypes, small scalar arguments."""
+    if isinstance(value, Tensor):
+        out.append((tuple(value.shape), value.dtype))
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            out.append(key)
+            _signature(item, out)
+    elif isinstance(value, (list, tuple)):
+        out.append(len(value))
+        for item in value:
+            _signature(item, out)
+    elif value is None or isinstance(value, (bool, int, float, str)):
+        out.append(value)
+    else:
+        out.append(type(value))
+
+
+@dataclass
+class Spent:
+    """What a run has spent (summed over ranks when it comes from :class:`~weightwise.compute.ComputeBudget`).
+
+    Attributes:
+        forward_flops: FLOPs of every counted forward (all sources).
+        backward_flops: FLOPs of the backward passes.
+        tokens: tokens of the training batches consumed.
+        backward_tokens: tokens the trained model backpropagated.
+        by_source: FLOPs by :data:`SOURCES` (``"model"``: its forwards with gradients and every backward).
+    """
+
+    forward_flops: int = 0
+    backward_flops: int = 0
+    tokens: int = 0
+    backward_tokens: int = 0
+    by_source: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SOURCES, 0))
+    model_forward_flops: int = 0
+    """Forward FLOPs of the trained model's calls with gradients (the base of :attr:`flops_saved`)."""
+
+    @property
+    def flops(self) -> int:
+        """All FLOPs: forward plus backward."""
+        return self.forward_flops + self.backward_flops
+
+    @property
+    def flops_saved(self) -> float | None:
+        """FLOPs saved against training every consumed token with a full forward and backward.
+
+        The plain-training cost per token is this run's own: (forward with gradients + backward) per
+        backpropagated token, so plain training saves exactly 0, online selection saves the
+        backward and grad-forward of the rows it skipped less its extra forward, and scoring,
+        reference-model and probe FLOPs count against it. Pruning's savings show as fewer
+        :attr:`tokens`, not here; frozen layers' savings are in the per-token cost itself. ``None``
+        before any token was backpropagated.
+        """
+        if self.backward_tokens == 0:
+            return None
+        per_token = (self.model_forward_flops + self.backward_flops) / self.backward_tokens
+        return per_token * self.tokens - self.flops
+
+    def as_vector(self) -> list[int]:
+        """The counters in a fixed order (for a sum over ranks)."""
+        return [self.backward_flops, self.tokens, self.backward_tokens, self.model_forward_flops, *(self.by_source[s] for s in SOURCES)]
+
+    @classmethod
+    def from_vector(cls, values: list[int]) -> Spent:
+        backward, tokens, backward_tokens, model_forward, *sources = (int(v) for v in values)
+        by_source = dict(zip(SOURCES, sources))
+        forward = sum(by_source.values()) - backward  # "model" holds its forward and the backward
+        return cls(forward, backward, tokens, backward_tokens, by_source, model_forward)
+
+    def __add__(self, other: Spent) -> Spent:
+        return Spent.from_vector([a + b for a, b in zip(self.as_vector(), other.as_vector())])
+
+
+@dataclass
+class _Call:
+    key: tuple[Any, ...] | None
+    counter: FlopCounterMode | None
+    source: str
+    grad: bool
+
+
+class ComputeMeter:
+    """Counts the FLOPs and tokens spent while installed (see the module docstring).
+
+    Use as a context manager in any loop, wrapping each backward in :meth:`backward`; the counts of
+    this process accumulate in :attr:`spent`, and :meth:`take` hands them over (e.g. to be summed
+    over ranks). :class:`~weightwise.compute.ComputeBudget` drives it for a Lightning fit.
+
+    Args:
+        model: the trained model (its calls with gradients are ``"model"``; modules outside it are
+            ``"reference_model"``).
+        measure: ``"per_signature"`` (count each call signature once, then reuse) or
+            ``"every_call"`` (count every call; exact for value-dependent FLOPs, slower).
+        backward: ``"rule"`` (2 x the forward FLOPs of the calls with gradients; bit-identical
+            training) or ``"measured"`` (``FlopCounterMode`` over the backward, once per forward
+            signature: exact for frozen layers, but it changes the backward's floating-point
+            summation order - gradients differ in the last bits from a run without it).
+
+    Raises:
+        ValueError: an unknown ``measure`` or ``backward``.
+
+    Example::
+
+        >>> import torch
+        >>> from weightwise.compute import ComputeMeter
+        >>> model = torch.nn.Linear(4, 2)
+        >>> with ComputeMeter(model) as meter:
+        ...     loss = model(torch.randn(3, 4)).sum()
+        ...     with meter.backward():
+        ...         loss.backward()
+        >>> meter.spent.forward_flops, meter.spent.backward_flops
+        (48, 96)
+    """
+
+    def __init__(self, model: nn.Module, measure: Measure = "per_signature", backward: Backward = "rule") -> None:
+        if measure not in ("per_signature", "every_call"):
+            raise ValueError(f"measure must be 'per_signature' or 'every_call', got {measure!r}")
+        if backward not in ("rule", "measured"):
+            raise ValueError(f"backward must be 'rule' or 'measured', got {backward!r}")
+        self.model = model
+        self.measure: Measure = measure
+        self.backward_count: Backward = backward
+        self.spent = Spent()
+        self.paused = False
+        self._forward_cache: dict[tuple[Any, ...], tuple[int, int | None]] = {}
+        self._backward_cache: dict[tuple[Any, ...], int] = {}
+        self._kinds: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+        self._keyed: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # modules with a keyword-seeing pre-hook
+        self._kwarg_hooks: list[Any] = []
+        self._handles: list[Any] = []
+        self._depth = 0
+        self._call: _Call | None = None
+        self._grad_calls: list[tuple[tuple[Any, ...], int]] = []  # (signature, forward FLOPs) awaiting a backward
+        self._backward: tuple[tuple[Any, ...], FlopCounterMode | None] | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def install(self) -> None:
+        """Start counting: global module hooks, removed by :meth:`uninstall`."""
+        if self._handles:
+            return
+        self._handles = [
+            nn.modules.module.register_module_forward_pre_hook(self._pre),
+            nn.modules.module.register_module_forward_hook(self._post, with_kwargs=True, always_call=True),
+        ]
+
+    def uninstall(self) -> None:
+        """Stop counting and remove every hook; safe to call more than once, also after an error."""
+        for handle in (*self._handles, *self._kwarg_hooks):
+            handle.remove()
+        self._handles, self._kwarg_hooks = [], []
+        self._keyed = weakref.WeakSet()
+        if self._call is not None and self._call.counter is not None:
+            self._call.counter.__exit__(None, None, None)
+        self.abort_backward()
+        self._call, self._depth = None, 0
+
+    def __enter__(self) -> ComputeMeter:
+        self.install()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.uninstall()
+
+    def take(self) -> Spent:
+        """The counts since the last :meth:`take` (this process), and reset them."""
+        spent, self.spent = self.spent, Spent()
+        return spent
+
+    def add_tokens(self, tokens: int) -> None:
+        """Count ``tokens`` consumed by the run (a training batch's)."""
+        self.spent.tokens += tokens
+
+    # ------------------------------------------------------------------ forward
+    def _kind(self, module: nn.Module) -> str:
+        """``"trained"`` (the model or inside it), ``"wrapper"`` (contains the model) or ``"other"``."""
+        kind = self._kinds.get(module)
+        if kind is None:
+            if module is self.model or any(m is module for m in self.model.modules()):
+                kind = "trained"
+            elif any(m is self.model for m in module.modules()):
+                kind = "wrapper"
+            else:
+                kind = "other"
+            self._kinds[module] = kind
+        return kind
+
+    def _pre(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if self._depth > 0 or self.paused or self._backward is not None:
+            if self._depth > 0:
+                self._depth += 1
+            return
+        kind = self._kind(module)
+        if kind == "wrapper":
+            return
+        self._depth = 1
+        if module not in self._keyed:
+            # The global pre-hook sees no keyword arguments; a module's own pre-hook does. From its
+            # next call on, that hook (run right after this one) keys the call.
+            self._kwarg_hooks.append(module.register_forward_pre_hook(self._keyed_pre, with_kwargs=True))
+            self._keyed.add(module)
+            self._begin(module, None, kind)
+
+    def _keyed_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if self._depth == 1 and self._call is None and not self.paused and self._backward is None:
+            parts: list[Any] = [id(module), torch.is_grad_enabled(), module.training]
+            _signature(args, parts)
+            _signature(kwargs, parts)
+            self._begin(module, tuple(parts), self._kind(module))
+
+    def _begin(self, module: nn.Module, key: tuple[Any, ...] | None, kind: str) -> None:
+        grad = torch.is_grad_enabled() and kind == "trained"
+        if kind == "other":
+            source = "reference_model"
+        elif grad:
+            source = "model"
+        else:
+            source = _SPENDING[-1] if _SPENDING else "no_grad_forward"
+        counter = None
+        if key is None or self.measure == "every_call" or key not in self._forward_cache:
+            counter = FlopCounterMode(display=False)
+            counter.__enter__()
+        self._call = _Call(key, counter, source, grad)
+
+    def _post(self, module: nn.Module, args: tuple[Any, ...], *rest: Any) -> None:
+        if self._depth == 0:
+            return
+        self._depth -= 1
+        if self._depth > 0 or self._call is None:
+            return
+        call, self._call = self._call, None
+        failed = len(rest) != 2  # the always-called hook of a forward that raised gets no kwargs
+        if call.counter is not None:
+            call.counter.__exit__(None, None, None)
+        if failed:
+            return
+        kwargs = rest[0]
+        key = call.key
+        if key is None:
+            parts: list[Any] = [id(module), torch.is_grad_enabled(), module.training]
+            _signature(args, parts)
+            _signature(kwargs, parts)
+            key = tuple(parts)
+        if call.counter is not None:
+            flops, tokens = call.counter.get_total_flops(), count_tokens((args, kwargs))
+            self._forward_cache[key] = (flops, tokens)
+        else:
+            flops, tokens = self._forward_cache[key]
+        self.spent.by_source[call.source] += flops
+        self.spent.forward_flops += flops
+        if call.grad:
+            self.spent.model_forward_flops += flops
+            self.spent.backward_tokens += tokens or 0
+            self._grad_calls.append((key, flops))
+
+    # ------------------------------------------------------------------ backward
+    def begin_backward(self) -> None:
+        """A backward starts: the forwards with gradients since the last one are what it differentiates."""
+        calls: tuple[Any, ...] = tuple(self._grad_calls)
+        self._grad_calls = []
+        counter = None
+        if self.backward_count == "measured":
+            keys = tuple(key for key, _ in calls)
+            calls = (keys, tuple(p.requires_grad for p in self.model.parameters()))  # frozen layers change it
+            if self.measure == "every_call" or calls not in self._backward_cache:
+                counter = FlopCounterMode(display=False)
+                counter.__enter__()
+        self._backward = (calls, counter)
+
+    def end_backward(self) -> None:
+        """The backward begun by :meth:`begin_backward` ended: add its FLOPs."""
+        if self._backward is None:
+            return
+        (calls, counter), self._backward = self._backward, None
+        if counter is not None:
+            counter.__exit__(None, None, None)
+            self._backward_cache[calls] = counter.get_total_flops()
+        if self.backward_count == "measured":
+            flops = self._backward_cache[calls]
+        else:
+            flops = BACKWARD_RATIO * sum(forward for _, forward in calls)
+        self.spent.backward_flops += flops
+        self.spent.by_source["model"] += flops
+
+    def abort_backward(self) -> None:
+        """A backward raised: stop its counting without adding anything."""
+        if self._backward is not None:
+            counter = self._backward[1]
+            self._backward = None
+            if counter is not None:
+                counter.__exit__(None, None, None)
+
+    def discard_pending(self) -> None:
+        """Forget forwards with gradients that no backward followed (a skipped step)."""
+        self._grad_calls = []
+
+    @contextlib.contextmanager
+    def backward(self) -> Iterator[None]:
+        """Count the backward run inside the block."""
+        self.begin_backward()
+        try:
+            yield
+        except BaseException:
+            self.abort_backward()
+            raise
+        self.end_backward()

@@ -1,0 +1,117 @@
+"""ComputeMeter against torch's FlopCounterMode on a tiny Llama: forwards, the backward rule, sources, tokens."""
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from tests.support.models import TinyLlama
+from weightwise.compute import ComputeMeter, count_tokens, spending
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return TinyLlama(layers=2).model
+
+
+def counted(fn):
+    with FlopCounterMode(display=False) as counter:
+        out = fn()
+    return counter.get_total_flops(), out
+
+
+def test_forward_and_backward_match_flop_counter(llama):
+    """A step's forward is FlopCounterMode's exactly; the 2x backward rule matches FlopCounterMode's
+    backward of a whole Llama (every parameter trainable) within 1%."""
+    x = torch.randint(0, 64, (2, 16))
+    forward, loss = counted(lambda: llama(input_ids=x, labels=x).loss)
+    backward, _ = counted(loss.backward)
+    llama.zero_grad()
+    with ComputeMeter(llama) as meter:
+        for _ in range(3):  # the first call is measured, the next two come from the cache
+            loss = llama(input_ids=x, labels=x).loss
+            with meter.backward():
+                loss.backward()
+    llama.zero_grad()
+    assert meter.spent.forward_flops == 3 * forward > 0
+    assert meter.spent.backward_flops == pytest.approx(3 * backward, rel=0.01, abs=0)
+    assert meter.spent.backward_tokens == 3 * x.numel()
+    assert meter.spent.by_source["model"] == meter.spent.flops
+
+
+def test_frozen_layers_are_where_the_rule_overcounts(llama):
+    """Freezing the lower layer removes weight-gradient products from the real backward: the rule
+    over-counts there, backward="measured" counts what autograd ran."""
+    x = torch.randint(0, 64, (2, 16))
+    for p in [*llama.model.embed_tokens.parameters(), *llama.model.layers[0].parameters()]:
+        p.requires_grad_(False)
+    try:
+        loss = llama(input_ids=x, labels=x).loss
+        backward, _ = counted(loss.backward)
+        meters = {}
+        for mode in ("rule", "measured"):
+            with ComputeMeter(llama, backward=mode) as meter:
+                loss = llama(input_ids=x, labels=x).loss
+                with meter.backward():
+                    loss.backward()
+            meters[mode] = meter.spent
+    finally:
+        for p in llama.parameters():
+            p.requires_grad_(True)
+        llama.zero_grad()
+    assert meters["measured"].backward_flops == backward
+    assert meters["rule"].backward_flops == 2 * meters["rule"].forward_flops > backward
+
+
+def test_shapes_are_counted_separately_and_no_grad_calls_are_forward_only(llama):
+    short, long = torch.randint(0, 64, (2, 8)), torch.randint(0, 64, (2, 16))
+    f_short, _ = counted(lambda: llama(input_ids=short))
+    f_long, _ = counted(lambda: llama(input_ids=long))
+    with ComputeMeter(llama) as meter, torch.no_grad():
+        llama(input_ids=short)
+        llama(input_ids=long)
+        with spending("scoring"):
+            llama(input_ids=long)
+        llama(input_ids=short)
+    assert meter.spent.by_source["no_grad_forward"] == 2 * f_short + f_long
+    assert meter.spent.by_source["scoring"] == f_long
+    assert meter.spent.backward_flops == meter.spent.backward_tokens == 0
+
+
+def test_outside_modules_are_reference_models_and_nested_calls_count_once(llama):
+    reference = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
+    x = torch.randn(5, 8)
+    flops, _ = counted(lambda: reference(x))
+    with ComputeMeter(llama) as meter, torch.no_grad():
+        reference(x)
+    assert flops == 2 * 5 * (8 * 16 + 16 * 4)
+    assert meter.spent.by_source["reference_model"] == meter.spent.forward_flops == flops
+
+
+def test_hooks_are_removed_and_a_raising_forward_leaves_the_meter_usable(llama):
+    before = (len(llama._forward_pre_hooks), len(torch.nn.modules.module._global_forward_pre_hooks))
+    x = torch.randint(0, 64, (2, 8))
+    with ComputeMeter(llama) as meter, torch.no_grad():
+        llama(input_ids=x)
+        with pytest.raises(IndexError):
+            llama(input_ids=torch.full((2, 8), 999))  # an id outside the vocabulary
+        llama(input_ids=x)
+    assert (len(llama._forward_pre_hooks), len(torch.nn.modules.module._global_forward_pre_hooks)) == before
+    f, _ = counted(lambda: llama(input_ids=x))
+    assert meter.spent.forward_flops == 2 * f
+
+
+def test_count_tokens():
+    assert count_tokens({"labels": torch.zeros(2, 3, dtype=torch.long), "input_ids": torch.zeros(2, 5, dtype=torch.long)}) == 10
+    assert count_tokens((torch.randn(4, 8), torch.zeros(4, dtype=torch.long))) == 4  # no token ids: a row is a token
+    assert count_tokens(((), {"input_ids": torch.zeros(3, 7, dtype=torch.long)})) == 21
+    assert count_tokens("text") is None
+
+
+def test_bad_settings():
+    with pytest.raises(ValueError, match="measure"):
+        ComputeMeter(torch.nn.Linear(2, 2), measure="sometimes")
+    with pytest.raises(ValueError, match="backward"):
+        ComputeMeter(torch.nn.Linear(2, 2), backward="guess")
+    with pytest.raises(ValueError, match="source"):
+        with spending("elsewhere"):
+            pass
