@@ -1,7 +1,10 @@
 """LayerwiseSampling with a tiny Llama on real text: frozen layers are bit-identical, state is freed."""
 
+import signal
+
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 
 from tests.support.models import TinyLlama, token_batches
 from tests.support.training import Snapshot, trainer
@@ -227,3 +230,73 @@ def test_resume_with_frozen_dtype_keeps_the_exact_fp32_weights(tmp_path):
     run(2, checkpoint_dir=tmp_path)
     assert torch.load(tmp_path / "last.ckpt", weights_only=False)["callbacks"]["LayerwiseSampling"]["masters"]  # fp32 parked
     torch.testing.assert_close(flat_params(run(4, ckpt_path=tmp_path / "last.ckpt")), flat_params(straight), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------- the module given back
+class Stop(Callback):
+    """Ends the fit at ``step`` (after LayerwiseSampling's hook of that step): raises ``error``, or
+    sets ``trainer.should_stop`` when ``error`` is ``None``; records how many parameters were then
+    frozen and how many stored in bf16."""
+
+    def __init__(self, step: int, error: type[BaseException] | None) -> None:
+        self.step, self.error = step, error
+        self.frozen = self.bf16 = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            self.frozen = sum(not p.requires_grad for p in pl_module.parameters())
+            self.bf16 = sum(p.dtype == torch.bfloat16 for p in pl_module.parameters())
+            if self.error is None:
+                trainer.should_stop = True
+            else:
+                raise self.error("stop")
+
+
+def moved_tensors(module: torch.nn.Module, before: dict[str, torch.Tensor]) -> set[str]:
+    return {n for n, p in module.named_parameters() if not torch.equal(p, before[n])}
+
+
+def test_a_plain_fit_after_a_lisa_fit_trains_every_tensor():
+    module = TinyLlama(layers=4)
+    trainer(max_epochs=1, callbacks=[LayerwiseSampling("lisa", n_layers=1, interval=2)]).fit(module, token_batches())
+    assert all(p.requires_grad for p in module.parameters())
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    trainer(max_epochs=1).fit(module, token_batches())
+    assert moved_tensors(module, before) == set(before)  # every one of the 39 tensors trained
+
+
+@pytest.mark.parametrize("same_callback", [True, False])
+def test_a_second_lisa_fit_draws_and_trains_every_layer(same_callback):
+    module, snapshot = TinyLlama(layers=4), Snapshot()
+    first = LayerwiseSampling("lisa", n_layers=2, interval=1, seed=2)
+    trainer(max_epochs=2, callbacks=[first]).fit(module, token_batches())
+    drawn = list(first.history)
+    assert {i for active in drawn for i in active} == {0, 1, 2, 3}
+    second = first if same_callback else LayerwiseSampling("lisa", n_layers=2, interval=1, seed=2)
+    trainer(max_epochs=2, callbacks=[second, snapshot]).fit(module, token_batches())
+    assert second.history[-len(drawn) :] == drawn  # the same seed, the same periods: the same draws
+    for step in range(len(snapshot.params) - 1):  # and each drawn layer trains, exactly those
+        moved = [i for i in range(4) if not torch.equal(snapshot.params[step][i], snapshot.params[step + 1][i])]
+        assert moved == drawn[step], step
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt, None], ids=["exception", "interrupt", "should_stop"])
+def test_every_exit_gives_back_requires_grad_and_dtype_as_the_user_had_them(error):
+    module = TinyLlama(layers=4)
+    module.model.model.embed_tokens.weight.requires_grad_(False)  # the user's own choice survives the fit
+    user = {n: p.requires_grad for n, p in module.named_parameters()}
+    sampling, stop = LayerwiseSampling("lisa", n_layers=1, interval=2, frozen_dtype=torch.bfloat16), Stop(3, error)
+    fit = trainer(max_epochs=2, precision="bf16-mixed", callbacks=[sampling, stop])
+    previous_sigint = signal.getsignal(signal.SIGINT)
+    try:
+        if error is None:
+            fit.fit(module, token_batches())
+        else:  # Lightning turns KeyboardInterrupt into sys.exit(1) after its graceful shutdown
+            with pytest.raises(SystemExit if error is KeyboardInterrupt else error):
+                fit.fit(module, token_batches())
+    finally:
+        signal.signal(signal.SIGINT, previous_sigint)  # Lightning ignores further Ctrl+C after an interrupt
+    assert fit.global_step < 8 and stop.frozen == 1 + 3 * 9 and stop.bf16 == 3 * 9  # stopped with 3 of 4 layers frozen, in bf16
+    assert {n: p.requires_grad for n, p in module.named_parameters()} == user
+    assert all(p.dtype == torch.float32 for p in module.parameters())
+    assert sampling.stash.parked == {} and sampling.masters.masters == {}

@@ -239,3 +239,51 @@ def test_the_score_store_is_sized_to_the_training_set_not_grown_from_shuffled_id
     trainer(max_epochs=1, callbacks=[reweighting]).fit(Classifier(), indexed_loader(100, 8, shuffle=True))
     store = reweighting.reducer.scores
     assert len(store) == 100 and store.nbytes == 100 * 4 and bool(store.seen.all())
+
+
+def test_the_warmup_phase_is_logged_at_every_step(tmp_path):
+    record = WeightsPerStep()
+    reweighting = LossReweighting("linupper", warmup_steps=2, store_fields=FIELDS)
+    fit = trainer(max_steps=5, callbacks=[reweighting, record], logger=CSVLogger(tmp_path), log_every_n_steps=1)
+    fit.fit(Classifier(lr=0.0), indexed_loader(40, 8))
+    rows = list(csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))))
+    phase = [float(r["weightwise/reweighting_active"]) for r in rows if r.get("weightwise/reweighting_active")]
+    assert phase == [0.0, 0.0, 1.0, 1.0, 1.0]
+    unweighted = [bool(torch.equal(w, torch.ones(8))) for w in record.weights]
+    assert unweighted == [p == 0.0 for p in phase]  # the logged phase is the one the weights had
+
+
+@pytest.mark.parametrize(
+    "warmup_steps, limits, warns",
+    [
+        (1000, dict(max_steps=5), True),  # the reference's 1000-step warm-up, a 5-step run
+        (1000, dict(max_epochs=2), True),  # 2 epochs of 4 batches: Lightning's estimate, 8 steps
+        (4, dict(max_epochs=2, accumulate_grad_batches=2), True),  # 4 optimizer steps
+        (5, dict(max_steps=5), True),
+        (4, dict(max_steps=5), False),  # the last step is weighted
+        (0, dict(max_steps=5), False),
+    ],
+)
+def test_a_warmup_that_covers_the_whole_run_is_warned_about(warmup_steps, limits, warns, recwarn):
+    fit = trainer(callbacks=[LossReweighting("linupper", warmup_steps=warmup_steps)], **{"max_epochs": -1, **limits})
+    fit.fit(Classifier(), indexed_loader(32, 8))
+    messages = [str(w.message) for w in recwarn if "covers the whole run" in str(w.message)]
+    assert len(messages) == int(warns)
+    if warns:
+        assert f"warmup_steps={warmup_steps}" in messages[0] and f"({int(fit.estimated_stepping_batches)} optimizer steps)" in messages[0]
+
+
+def test_an_exception_mid_fit_gives_training_step_back():
+    class Fail(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 2:
+                raise RuntimeError("stop")
+
+    model = Classifier()
+    with pytest.raises(RuntimeError, match="stop"):
+        trainer(max_epochs=1, callbacks=[LossReweighting("linupper", warmup_steps=0), Fail()]).fit(model, indexed_loader(32, 8))
+    assert "training_step" not in vars(model) and reducer_of(model) is None
+    # A next fit installs a reducer of its own (a stale one would hold the failed fit's trainer).
+    reweighting = LossReweighting("linupper", warmup_steps=0, store_fields=("count",))
+    trainer(max_epochs=1, callbacks=[reweighting]).fit(model, indexed_loader(32, 8))
+    assert reweighting.reducer.scores.count.tolist() == [1] * 32

@@ -106,7 +106,9 @@ class LayerwiseSampling(Callback):
 
     Frozen layers get ``requires_grad=False`` and ``grad=None`` (so AdamW's momentum and weight
     decay leave them bit-identical) and their optimizer state is released, offloaded to CPU or kept
-    (:mod:`weightwise.layers.freezing`); parked state is saved in checkpoints. Every choice is a
+    (:mod:`weightwise.layers.freezing`); parked state is saved in checkpoints. When fit ends - or
+    raises, or is interrupted - every parameter's ``requires_grad`` and dtype are what they were when
+    it started, so a next fit (plain or sampled) trains what the user made trainable. Every choice is a
     function of the seed, the period and statistics reduced over every rank, so it is identical on
     every rank and after resuming. Logged at every period: ``weightwise/layer_active/NN`` (1 for the
     layers that train, 0 otherwise - a layer x step map), ``weightwise/layer_importance/NN``
@@ -238,6 +240,7 @@ class LayerwiseSampling(Callback):
         self._zero: Any = None  # a weightwise.integrations.deepspeed.ZeroLayerOptimizer under DeepSpeed
         self._patches: list[MethodPatch] = []
         self._discovered = False
+        self._user_requires_grad: dict[torch.nn.Parameter, bool] = {}
         self._probed: int | None = None  # the step whose probes ran (a resumed step does not probe twice)
 
     @property
@@ -328,22 +331,38 @@ class LayerwiseSampling(Callback):
         ]
 
     @override
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.masters is not None:  # the model leaves the fit in fp32, with its exact weights
-            self.masters.thaw(list(self.masters.masters))
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._leave()
 
     @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # Lightning calls no teardown hook when fit raises (or is interrupted): the module is given back here.
+        self._leave()
+
+    def _leave(self) -> None:
+        """Give the module back as the user gave it (docs/architecture.md, contract 6): fp32 weights,
+        each parameter's ``requires_grad`` as it was when fit started, the class methods. Parked optimizer state belonged to this fit's optimizer and goes.
+        Safe to call more than once."""
+        if self.masters is not None:  # the exact fp32 weights, not their low-precision copies
+            self.masters.thaw(list(self.masters.masters))
+        for p, requires_grad in self._user_requires_grad.items():
+            p.requires_grad_(requires_grad)
+        self._user_requires_grad = {}
+        self.stash.parked = {}
         for patch in self._patches:  # the class methods show through again
             patch.restore()
         self._patches = []
         self._zero, self._discovered = None, False
+        self._period, self._applied = None, False  # a next fit starts its own periods (a resumed one loads them)
+        self._period_loss.zero_()
 
     def _discover(self, pl_module: pl.LightningModule) -> None:
         """Find the layer stack and the parameters to sample (those trainable when fit starts)."""
         if self._discovered:
             return
         _, self.stack = find_layer_stack(pl_module, self.layers_path)
+        self._user_requires_grad = {p: p.requires_grad for p in pl_module.parameters()}  # given back by _leave
         # Only what the user made trainable is sampled: with PEFT (LoRA) that is each layer's
         # adapters, and the frozen base weights must stay frozen when their layer is chosen.
         self.trainable = [[p for p in layer.parameters() if p.requires_grad] for layer in self.stack]

@@ -8,6 +8,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import IterableDataset
 from typing_extensions import override
@@ -15,7 +16,7 @@ from typing_extensions import override
 from weightwise.core.checkpoints import state_version, with_version
 from weightwise.core.ids import SAMPLE_ID_KEY
 from weightwise.core.store import FIELDS
-from weightwise.integrations.lightning import check_trainer
+from weightwise.integrations.lightning import check_trainer, is_logging_step
 from weightwise.weighting.losses import TokenWeighting
 from weightwise.weighting.reducer import NonFinitePolicy, PerSampleLossReducer
 from weightwise.weighting.reweighting import Strategy, check_strategy, loss_weights
@@ -117,6 +118,12 @@ class SampleWeightCallback(Callback):
             self.reducer.uninstall()
 
     @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # Lightning calls no teardown hook when fit raises or is interrupted (docs/architecture.md, contract 6).
+        if self.reducer is not None:
+            self.reducer.uninstall()
+
+    @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.reducer is not None:
             self.reducer.check_gradients_after_drop()
@@ -158,7 +165,10 @@ class LossReweighting(SampleWeightCallback):
 
     Defaults are the reference's: delta 1; r = 0.4 (five of its six published configurations; the
     code's dataclass default is 1); no reweighting during the first ``warmup_steps = 1000``
-    optimizer steps (its ``burnout_steps``). Options that depart from it, each for a reason:
+    optimizer steps (its ``burnout_steps``) - a warning says so when the warm-up covers the whole run
+    (Lightning's ``estimated_stepping_batches``, i.e. ``max_steps`` or the epochs times the loader's
+    length), and ``weightwise/reweighting_active`` logs the phase at every logged step (0 during the
+    warm-up, 1 after). Options that depart from it, each for a reason:
 
     * ``warmup="temperature"``: during the warm-up, weight at ``warmup_temperature`` (100, nearly
       uniform) instead of not at all - the authors' FSDP branch (``fms-fsdp``, ``reweighted-train``).
@@ -234,6 +244,27 @@ class LossReweighting(SampleWeightCallback):
         self.statistic: Statistic = statistic
         self.window = window
         self._recent: Tensor | None = None  # the window's losses, oldest first (statistic="window")
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        # Lightning's estimate of the run's optimizer steps: max_steps when set, else from the epochs
+        # and the loader's length (inf for a stream without max_steps: then nothing is known to warn about).
+        total = trainer.estimated_stepping_batches
+        if self.warmup_steps > 0 and total != float("inf") and self.warmup_steps >= total:
+            during = "without reweighting" if self.warmup == "uniform" else f"at the warm-up temperature {self.warmup_temperature}"
+            rank_zero_warn(
+                f"LossReweighting's warm-up (warmup_steps={self.warmup_steps}) covers the whole run ({int(total)} optimizer"
+                f" steps): every step trains {during}, never with {self.strategy!r}. Pass a smaller warmup_steps (the"
+                " reference's 1000 is for runs of many thousand steps), or warmup_steps=0."
+            )
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        # The phase, as the weights of this step see it: 0 during the warm-up, 1 once the strategy weights.
+        if is_logging_step(trainer):
+            active = float(trainer.global_step >= self.warmup_steps)
+            pl_module.log("weightwise/reweighting_active", active, on_step=True, on_epoch=False, batch_size=1)
 
     def _settings(self) -> dict[str, Any]:
         names = ("strategy", "delta", "temperature", "warmup_steps", "warmup", "warmup_temperature", "statistic", "window")
