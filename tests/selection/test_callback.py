@@ -277,6 +277,33 @@ def test_scoring_passes_read_the_unaugmented_view_like_the_references():
             assert (scores - expected).abs().max() > 0.05 and len(warned) == 1
 
 
+def test_rescored_el2n_under_label_noise_collapses_and_the_sampler_says_so():
+    """Data Diet's top-k EL2N rescored every epoch with skip_hardest=0 on 30% flipped labels keeps
+    mostly the flipped samples, fits them and unlearns the clean ones; the pass after that shows a
+    higher training error (EL2N > 1 implies a misclassification) and the sampler warns, naming
+    skip_hardest. With skip_hardest=0.3 the run learns the clean labels and nothing is said."""
+    n = 256
+    x, y = blobs(n).tensors
+    gen = torch.Generator().manual_seed(1)
+    flipped = torch.rand(n, generator=gen) < 0.3
+    noisy = y.clone()
+    noisy[flipped] = (y[flipped] + torch.randint(1, 3, (int(flipped.sum()),), generator=gen)) % 3
+    accuracy, warned = {}, {}
+    for skip in (0.0, 0.3):
+        seed_everything(0)
+        model = Classifier(el2n=True, lr=0.3)
+        sampler = ScorePruningSampler(n, 0.5, score="el2n", warmup_epochs=1, rescore_every=1, skip_hardest=skip)
+        data = torch.utils.data.DataLoader(IndexedDataset(torch.utils.data.TensorDataset(x, noisy)), batch_size=32, sampler=sampler)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer(max_epochs=4, callbacks=[DataPruning()]).fit(model, data)
+        warned[skip] = [str(w.message) for w in caught if "skip_hardest=" in str(w.message)]
+        with torch.no_grad():
+            accuracy[skip] = (model.net(x).argmax(1) == y).float().mean().item()
+    assert accuracy[0.3] > accuracy[0.0] + 0.3  # the collapse is real
+    assert len(warned[0.0]) == 1 and "misclassifies" in warned[0.0][0] and warned[0.3] == []
+
+
 def test_a_scoring_dataset_of_another_length_is_refused():
     sampler = ScorePruningSampler(64, 0.5, score="el2n", warmup_epochs=1)
     with pytest.raises(MisconfigurationException, match="same order, without random augmentation"):

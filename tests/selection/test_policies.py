@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import pytest
 import torch
@@ -371,3 +372,21 @@ def test_make_sampler_by_policy_name():
     assert isinstance(make_sampler("infobatch", 10), InfoBatchSampler)
     with pytest.raises(ValueError, match="choose one of"):
         make_sampler("forgetting", 10)
+
+
+def test_the_rising_error_warning_survives_a_resume_and_ignores_falling_errors():
+    def sampler_with_store():
+        sampler = ScorePruningSampler(10, 0.5, warmup_epochs=0, rescore_every=1)
+        sampler.attach_scores(SampleScoreStore())
+        return sampler
+
+    first = sampler_with_store()
+    first.record_scores(torch.arange(10), {"el2n": torch.tensor([1.2] * 1 + [0.3] * 9)})  # 10% misclassified
+    resumed = sampler_with_store()
+    resumed.load_state_dict(first.state_dict())
+    with pytest.warns(UserWarning, match=r"misclassifies 40% .* up from 10%"):
+        resumed.record_scores(torch.arange(10), {"el2n": torch.tensor([1.2] * 4 + [0.3] * 6)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resumed.record_scores(torch.arange(10), {"el2n": torch.tensor([1.2] * 2 + [0.3] * 8)})  # falling: silent
+        resumed.record_scores(torch.arange(10), {"el2n": torch.tensor([1.2] * 2 + [0.3] * 8)})  # flat: silent

@@ -269,6 +269,8 @@ class CoverageSampler(ScorePruningSampler):
         self.strata = strata
         self.hardest: Hardest = hardest
 
+    ERROR_RISE = None  # the rising-error warning diagnoses Data Diet's top-k; a coreset spans every difficulty
+
     def coreset_size(self) -> int:
         """``int(keep_fraction * N)`` rounded down to a positive multiple of the world size."""
         replicas = self.num_replicas
