@@ -10,6 +10,11 @@ Lightning 2.4-2.6):
   a pruned epoch is shorter (:func:`set_epoch_length`).
 * ``DistributedSamplerWrapper``'s ``dataset._sampler`` - the sampler Lightning wrapped, to refuse a
   weightwise sampler sharded twice with an error naming the fix (:func:`distributed_wrapped_sampler`).
+* ``trainer.fit_loop._data_fetcher`` / ``_combined_loader`` and ``fit_loop.epoch_loop.reset`` - a
+  sampler given back its mid-epoch position in ``on_train_start`` needs the training iterator made
+  anew (DataLoader workers drew indices when ``FitLoop.setup_data`` made it), and Lightning's
+  "dataloader is not resumable" warning, raised in that ``reset`` for a DataLoader without
+  ``state_dict``, does not apply to it (:func:`resume_train_data`).
 
 Methods replaced on live objects, for one fit, as instance attributes (the classes are untouched
 and :meth:`MethodPatch.restore` puts the originals back at teardown):
@@ -31,6 +36,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -43,6 +50,7 @@ from lightning.pytorch.strategies import (
     SingleDeviceStrategy,
 )
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
 from weightwise.integrations.versions import require
 
@@ -63,6 +71,8 @@ def check_trainer(trainer: pl.Trainer) -> None:
         missing.append("Trainer.fit_loop.max_batches")
     if not _wrapped_sampler_is_readable():
         missing.append("DistributedSamplerWrapper's dataset._sampler")
+    if not all(hasattr(trainer.fit_loop, name) for name in ("_data_fetcher", "_combined_loader")):
+        missing.append("Trainer.fit_loop._data_fetcher and _combined_loader")
     require("lightning", MINIMUM, TESTED, missing, purpose="weightwise's Lightning callbacks")
 
 
@@ -183,3 +193,39 @@ def rewrap_ddp(trainer: pl.Trainer) -> None:
     if isinstance(trainer.strategy, DDPStrategy) and not is_deepspeed(trainer):
         trainer.strategy.model = trainer.strategy.lightning_module
         trainer.strategy.configure_ddp()
+
+
+NOT_RESUMABLE_WARNING = "You're resuming from a checkpoint that ended before the epoch ended and your dataloader is not resumable"
+"""The start of the warning Lightning's ``_TrainingEpochLoop.reset`` gives when a fit resumes mid-epoch and a
+training DataLoader lacks ``state_dict``/``load_state_dict`` (Lightning checks the DataLoader, never its sampler)."""
+
+
+def resume_train_data(trainer: pl.Trainer) -> None:
+    """Continue the training data mid-epoch after a sampler was given back its position in ``on_train_start``.
+
+    * Lightning made the training iterator in ``FitLoop.setup_data``, before ``on_train_start``;
+      DataLoader workers drew their first batches of indices from the sampler right then, from the
+      plan as it was before the restore. Nothing has been taken from that iterator (Lightning
+      prefetches only loaders without a length), so it is made anew and the workers draw from the
+      restored plan.
+    * Lightning's next step warns that the DataLoader "is not resumable"; the sampler resumes, so
+      that one ``reset`` call runs with that warning ignored (the replacement removes itself).
+    """
+    fit_loop = trainer.fit_loop
+    if fit_loop._data_fetcher is not None and fit_loop._combined_loader is not None:
+        fit_loop._combined_loader.reset()  # drops the iterator: its workers shut down
+        iter(fit_loop._data_fetcher)
+    epoch_loop = fit_loop.epoch_loop
+    if "reset" in vars(epoch_loop):
+        return  # already replaced for this restart
+
+    def once_without_warning(original: Callable[..., Any]) -> Callable[..., Any]:
+        def reset(*args: Any, **kwargs: Any) -> Any:
+            patch.restore()
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=re.escape(NOT_RESUMABLE_WARNING), category=PossibleUserWarning)
+                return original(*args, **kwargs)
+
+        return reset
+
+    patch = MethodPatch(epoch_loop, "reset", once_without_warning)
