@@ -1,13 +1,16 @@
 """A real Lightning fit over a PackedDocumentStream, checkpointed mid-run and resumed: bit for bit."""
 
+import warnings
+
 import pytest
 import torch
 from lightning.pytorch import seed_everything
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch.utils.data import DataLoader
 
 from tests.support.models import TinyLlama, real_bytes
 from tests.support.training import flat_params, trainer
-from weightwise.data import PackedDocumentStream, StreamLoader, StreamResume
+from weightwise.data import PackedDocumentStream, StreamLoader, StreamResume, warn_if_streams_restart
 
 
 def documents() -> list[torch.Tensor]:
@@ -57,3 +60,26 @@ def test_a_fit_resumed_mid_stream_ends_with_the_uninterrupted_parameters(tmp_pat
 def test_a_checkpoint_without_stream_resume_is_refused_naming_the_callback(tmp_path):
     with pytest.raises(RuntimeError, match="StreamResume"):
         fit(tmp_path, 4, save_every=2, callbacks=[ModelCheckpoint(tmp_path, every_n_train_steps=2)])
+
+
+class WarnOnRestart(Callback):
+    def on_train_start(self, trainer, pl_module):
+        warn_if_streams_restart(trainer)
+
+
+@pytest.mark.parametrize("resumable", [False, True])
+def test_resuming_a_stream_without_a_position_warns_that_it_restarts(tmp_path, resumable):
+    def run(max_steps, ckpt_path=None):
+        seed_everything(0)
+        stream = PackedDocumentStream(documents(), 16, seed=1)
+        loader = StreamLoader(stream, batch_size=2) if resumable else DataLoader(stream, batch_size=2)
+        callbacks = [WarnOnRestart(), ModelCheckpoint(tmp_path, every_n_train_steps=2, filename="{step}")]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer(max_steps=max_steps, callbacks=callbacks + [StreamResume()] * resumable, enable_checkpointing=True).fit(
+                Recorder(), loader, ckpt_path=ckpt_path
+            )
+        return [str(w.message) for w in caught if "starts again from its beginning" in str(w.message)]
+
+    assert run(2) == []  # a fresh fit
+    assert len(run(4, ckpt_path=tmp_path / "step=2.ckpt")) == (0 if resumable else 1)

@@ -6,10 +6,12 @@
   DataLoader workers, deterministic given its seed;
 * :class:`StreamLoader` - the ``DataLoader`` for it that Lightning checkpoints, and
   :class:`StreamResume`, the callback that tells it which batches trained: a fit resumed mid-run
-  continues with exactly the rows that were next.
+  continues with exactly the rows that were next;
+* :func:`warn_if_streams_restart` - the warning for a stream that has no saved position and starts
+  again from its beginning when a fit resumes mid-epoch.
 """
 
-from weightwise.data.callback import StreamResume
+from weightwise.data.callback import StreamResume, warn_if_streams_restart
 from weightwise.data.packing import IGNORE_INDEX, as_tokens, pack_documents, pack_pieces
 from weightwise.data.stream import PackedDocumentStream, StreamLoader, StreamStart, data_parallel_rank
 
@@ -23,4 +25,5 @@ __all__ = [
     "data_parallel_rank",
     "pack_documents",
     "pack_pieces",
+    "warn_if_streams_restart",
 ]

@@ -1,4 +1,5 @@
-"""``StreamResume``: the thin Lightning callback over :class:`~weightwise.data.StreamLoader`."""
+"""``StreamResume``, the thin Lightning callback over :class:`~weightwise.data.StreamLoader`, and the
+warning for a stream that restarts on resume (:func:`warn_if_streams_restart`)."""
 
 from __future__ import annotations
 
@@ -8,18 +9,50 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import CombinedLoader
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch.utils.data import IterableDataset
 from typing_extensions import override
 
 from weightwise.data.stream import StreamLoader
+from weightwise.integrations.lightning import resumed_mid_epoch
 
 
-def stream_loaders(trainer: pl.Trainer) -> list[StreamLoader]:
-    """The fit's training ``StreamLoader``s (one loader, or any collection of loaders)."""
+def training_loaders(trainer: pl.Trainer) -> list[Any]:
+    """The fit's training loaders (one loader, or any collection of loaders), flattened."""
     loaders = trainer.train_dataloader
     if loaders is None:
         return []
-    flattened = loaders.flattened if isinstance(loaders, CombinedLoader) else CombinedLoader(loaders).flattened
-    return [loader for loader in flattened if isinstance(loader, StreamLoader)]
+    return loaders.flattened if isinstance(loaders, CombinedLoader) else CombinedLoader(loaders).flattened
+
+
+def stream_loaders(trainer: pl.Trainer) -> list[StreamLoader]:
+    """The fit's training ``StreamLoader``s."""
+    return [loader for loader in training_loaders(trainer) if isinstance(loader, StreamLoader)]
+
+
+def warn_if_streams_restart(trainer: pl.Trainer) -> None:
+    """Warn, in ``on_train_start`` of a fit resumed mid-epoch, for each training stream that will start
+    again from its beginning.
+
+    Lightning saves and restores the state of a training *DataLoader* that has ``state_dict`` and
+    ``load_state_dict`` (a :class:`StreamLoader` has them; a dataset's or sampler's are never
+    called), and warns for the others only when it knows the epoch's length - never for a stream.
+    A plain ``DataLoader`` over an ``IterableDataset`` is made anew and restarts, so the resumed fit
+    trains on other rows than the uninterrupted one would have.
+    """
+    if not resumed_mid_epoch(trainer):
+        return
+    for loader in training_loaders(trainer):
+        dataset = getattr(loader, "dataset", None)
+        if isinstance(dataset, IterableDataset) and not (hasattr(loader, "state_dict") and hasattr(loader, "load_state_dict")):
+            rank_zero_warn(
+                f"This fit resumes mid-epoch, and its training stream ({type(dataset).__name__} in a"
+                f" {type(loader).__name__}) has no saved position: it starts again from its beginning, so the resumed"
+                " run trains on other rows than the uninterrupted one. Lightning saves only a DataLoader's own"
+                " state_dict/load_state_dict: for packed documents use weightwise.data.StreamLoader(PackedDocumentStream(...))"
+                " with the StreamResume callback.",
+                category=UserWarning,
+            )
 
 
 class StreamResume(Callback):

@@ -15,6 +15,9 @@ Lightning 2.4-2.6):
   anew (DataLoader workers drew indices when ``FitLoop.setup_data`` made it), and Lightning's
   "dataloader is not resumable" warning, raised in that ``reset`` for a DataLoader without
   ``state_dict``, does not apply to it (:func:`resume_train_data`).
+* ``fit_loop.restarting``, ``fit_loop.epoch_progress`` and ``fit_loop.epoch_loop.batch_progress``
+  (the loops' progress counters, restored from the checkpoint) - whether a fit resumes in the
+  middle of an epoch (:func:`resumed_mid_epoch`).
 
 Methods replaced on live objects, for one fit, as instance attributes (the classes are untouched
 and :meth:`MethodPatch.restore` puts the originals back at teardown):
@@ -229,3 +232,16 @@ def resume_train_data(trainer: pl.Trainer) -> None:
         return reset
 
     patch = MethodPatch(epoch_loop, "reset", once_without_warning)
+
+
+def resumed_mid_epoch(trainer: pl.Trainer) -> bool:
+    """Whether this fit resumes from a checkpoint written inside an epoch, before its last batch
+    (asked in ``on_train_start``, when the loops hold the checkpoint's progress)."""
+    loop = trainer.fit_loop
+    batches = loop.epoch_loop.batch_progress
+    return bool(
+        loop.restarting
+        and loop.epoch_progress.total.processed < loop.epoch_progress.total.started
+        and batches.current.processed > 0
+        and not batches.is_last_batch
+    )
