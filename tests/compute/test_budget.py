@@ -32,6 +32,7 @@ def step_flops():
 def test_stops_after_the_step_that_spends_the_budget_and_trains_bit_identically(step_flops):
     budget = ComputeBudget(flops=3.5 * step_flops)
     model, fit = llama_fit([budget])
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())  # the module as the user gave it
     assert fit.global_step == 4  # steps 1-3 spend 3 x, the 4th reaches the budget: at most one step past it
     assert budget.spent.flops == 4 * step_flops and budget.fraction == 1.0
     assert budget.spent.tokens == budget.spent.backward_tokens == 4 * 2 * 16
@@ -145,8 +146,10 @@ def test_bad_budgets(step_flops):
             ComputeBudget(**kwargs)
     with pytest.raises(ValueError, match="positive"):
         ComputeBudget(tokens=0)
+    hooks_before = len(torch.nn.modules.module._global_forward_pre_hooks)
     with pytest.raises(MisconfigurationException, match="smaller than the first optimizer step"):
         llama_fit([ComputeBudget(flops=step_flops / 2)])
+    assert len(torch.nn.modules.module._global_forward_pre_hooks) == hooks_before  # a raising fit leaves no hook behind
 
     class NoProducts(Classifier):  # elementwise only: nothing FlopCounterMode counts
         def __init__(self):
@@ -161,3 +164,33 @@ def test_bad_budgets(step_flops):
     with pytest.raises(MisconfigurationException, match="tokens_of"):
         loader = DataLoader([{"text": "abc"}] * 4, batch_size=2, collate_fn=lambda items: items)
         trainer(max_epochs=1, callbacks=[ComputeBudget(tokens=100)]).fit(Classifier(), loader)
+
+
+def test_ist_probes_and_frozen_layers_under_the_rule():
+    """IST's probes are counted as "probes"; the trained model's backward follows the 2x rule with layers frozen."""
+    from weightwise.callbacks import LayerwiseSampling
+
+    budget = ComputeBudget(flops=1e15)
+    sampling = LayerwiseSampling("ist", probe_every=2, seed=0)
+    model = TinyLlama(layers=4)
+    trainer(max_steps=4, callbacks=[sampling, budget]).fit(model, token_batches())
+    spent = budget.spent
+    assert spent.by_source["probes"] > 0  # probes at steps 2 and 4 (3 each)
+    assert spent.backward_flops == 2 * spent.model_forward_flops
+    assert spent.by_source["model"] == 3 * spent.model_forward_flops
+    assert sum(spent.by_source.values()) == spent.flops
+
+
+def test_wandb_plots_against_flops(monkeypatch, tmp_path):
+    from lightning.pytorch.loggers import WandbLogger
+
+    calls = []
+
+    class Run:
+        def define_metric(self, name, **options):
+            calls.append((name, options))
+
+    monkeypatch.setattr(WandbLogger, "experiment", property(lambda self: Run()))
+    fit = trainer(logger=WandbLogger(save_dir=tmp_path, offline=True))
+    ComputeBudget(flops=1e9)._define_wandb_axis(fit)
+    assert calls == [("weightwise/flops", {}), ("*", {"step_metric": "weightwise/flops", "step_sync": True})]
