@@ -180,6 +180,15 @@ class OrderedBlocks(LayerPolicy):
     BAdam's code switches after ``switch_block_every - 1`` steps for the first block and every
     ``switch_block_every`` after; here every period has the callback's ``interval`` steps.
 
+    Embeddings and head: BAdam freezes them by default (``include_embedding=False``,
+    ``include_lm_head=False``), as ``LayerwiseSampling("badam")`` does (``train_outside_stack=False``).
+    BAdam's ``include_embedding=True`` / ``include_lm_head=True`` make them *extra blocks of the
+    cycle* (``infer_param_groups``: the embeddings a block before the first layer, the head with
+    every other parameter outside the layers a block after the last), each trained for its own
+    period like a layer. ``train_outside_stack=True`` is not that: it trains them at *every* step
+    beside the cycle's block (LISA's arrangement), and BAdam's blocks-in-the-cycle variant is not
+    offered.
+
     Args:
         num_layers, n_active, seed, pinned: see :class:`LayerPolicy`.
         order: the block order.
@@ -218,8 +227,9 @@ class ISTLayers(LayerPolicy):
       replacement with probability proportional to ``sigmoid(-s)``.
     * Every ``probe_every`` steps (10; from step 10 on), ``probes`` (3) probes each suppress a
       random half of the layers - drawn with probability ``sigmoid(s)``, distinct probes - by scaling
-      their response by ``suppression`` (0.25), and measure the loss ``L_k`` on a batch in eval mode
-      without gradients. With rewards ``r_k = exp(-L_k)`` and the baseline ``mean_k r_k``, each
+      their response by ``suppression`` (0.25), and measure the loss ``L_k`` on one probe batch in
+      eval mode without gradients (the reference draws its own batch of 16 training samples per
+      round: :class:`weightwise.layers.probes.ProbeBatches`). With rewards ``r_k = exp(-L_k)`` and the baseline ``mean_k r_k``, each
       suppressed layer's score moves by ``learning_rate * (r_k - baseline) * p (1 - p)``,
       ``p = sigmoid(s)`` taken before the update (REINFORCE with the sigmoid's derivative;
       ``learning_rate`` 10).
