@@ -145,12 +145,19 @@ class OnlineBatchSelection(SampleWeightCallback):
     (floats: a bare ``1`` would be step 1).
     Composer's ``scale_factor`` (down-sampling images for the selection pass) has no counterpart.
 
+    What ``keep`` saves over a run: only steps inside the window that are not interrupted select.
+    At Composer's defaults that is 20% of the steps (a window of 0.4 of the run, every other step
+    whole), so ``keep=0.5`` backpropagates **10%** fewer rows than plain training, not half, and
+    runs 10% *more* forward rows (on those steps, a no-grad forward of the whole batch plus the
+    forward of the kept half). ``start=0.0, end=1.0, interrupt=0`` selects on every step: half the
+    backward rows, 1.5x the forward rows. The ledger below counts both.
+
     Compute ledger (``ledger``, and logged ``weightwise/online_*``): ``steps_selected``,
     ``samples_forwarded`` (rows of the no-grad passes: the overhead), ``samples_backpropagated``
     and ``samples_skipped`` (rows whose forward-with-grad and backward were saved).
 
     Args:
-        keep: fraction of each batch backpropagated.
+        keep: fraction of each *selecting* batch backpropagated (see above for the run's share).
         method: ``"sample"`` (Composer) or ``"top"`` (RHO-LOSS).
         start, end: the active window: fractions of the run's optimizer steps, or step counts.
         interrupt: every ``interrupt``-th batch trains whole (``(batch_idx + 1) % interrupt == 0``,
