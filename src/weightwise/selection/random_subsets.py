@@ -23,6 +23,13 @@ class RandomSubsetSampler(EpochSampler):
       once before any is seen twice.
     * ``replacement=True``: each epoch's subset is drawn independently.
 
+    The window at the end of a pass (a departure, documented): when ``N`` is not a multiple of the
+    subset size ``c``, the reference's last window of a permutation wraps to the start of the *same*
+    permutation and is one sample short (``end = (end + c) % (N + 1)``: ``c - 1`` samples, the pass'
+    last ones then its first ones again), and the next epoch reshuffles. Here every epoch has ``c``
+    samples: the pass' last ones, then the first ones of the *next* permutation, which the next
+    epoch continues - every epoch the same size, and every sample seen once per pass.
+
     Args:
         num_samples: dataset size.
         fraction: subset size per epoch as a fraction of N (rounded to a multiple of the world size;
