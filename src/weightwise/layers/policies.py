@@ -341,6 +341,13 @@ class BlockInfluenceLayers(LayerPolicy):
     ``refresh_every``-th period: :meth:`wants_influence`, :meth:`record_influence`). Until the first
     measurement the draw is uniform.
 
+    Windows (a documented departure): ShortGPT's ``eval_importance`` cuts every calibration text
+    into 256-token windows (``stride=256``), each run as its own forward pass without the tokens
+    before it; here each batch row is measured whole, in one forward pass. The two agree for rows of
+    at most 256 tokens; on longer rows, the tokens past 256 are measured with their full preceding
+    context here (as in training), which the reference's windows do not give them. To measure as
+    the reference, pass ``influence_data=`` batches cut into 256-token rows.
+
     Args:
         num_layers, n_active, seed, pinned: see :class:`LayerPolicy`.
         temperature: the sharpness of the draw (see above).
