@@ -7,9 +7,12 @@
 * :class:`ExpertUpcycling` - grow a Mixture-of-Experts mid-fit (:mod:`weightwise.experts`).
 * :class:`DenseUpcycling` - turn a dense model into a Mixture-of-Experts mid-fit (:mod:`weightwise.experts`).
 * :class:`SampleReport` - the samples weighted lowest and found hardest (:mod:`weightwise.reporting`).
+* :class:`TokenWeighting`, :class:`SelectiveTokens` - weight or select tokens: DFT, Rho-1 (:mod:`weightwise.weighting`).
 * :class:`SampleWeightCallback` - the base class of callbacks that contribute a weight factor.
+* :class:`ComputeBudget` - stop the fit when a budget of FLOPs or tokens is spent (:mod:`weightwise.compute`).
 """
 
+from weightwise.compute.callback import ComputeBudget
 from weightwise.experts.callback import ExpertUpcycling
 from weightwise.experts.dense_callback import DenseUpcycling
 from weightwise.layers.callback import LayerwiseSampling
@@ -19,8 +22,10 @@ from weightwise.selection.online import OnlineBatchSelection
 from weightwise.weighting.callback import LossReweighting, SampleWeightCallback
 from weightwise.weighting.guard import PerSampleLossGuard
 from weightwise.weighting.reducer import PerSampleLossReducer, reducer_of
+from weightwise.weighting.token_callback import SelectiveTokens, TokenWeightCallback, TokenWeighting
 
 __all__ = [
+    "ComputeBudget",
     "DataPruning",
     "DenseUpcycling",
     "ExpertUpcycling",
@@ -31,5 +36,8 @@ __all__ = [
     "PerSampleLossReducer",
     "SampleReport",
     "SampleWeightCallback",
+    "SelectiveTokens",
+    "TokenWeightCallback",
+    "TokenWeighting",
     "reducer_of",
 ]

@@ -12,6 +12,9 @@ in packed rows, a document:
   tokens, and the token counts the reducer weights sequences by (Sow et al.'s trainer weights
   sequences by their share of the batch's tokens).
 * :func:`sequence_loss` - both at once, for a ``training_step`` that returns ``[B]``.
+* :func:`reduce_weighted_token_losses` - the same samples with a factor per token (DFT's
+  probabilities, Rho-1's selection: :mod:`weightwise.weighting.tokens`), and each sample's count of
+  selected tokens, which :func:`token_shares` divides by.
 """
 
 from __future__ import annotations
@@ -171,6 +174,25 @@ def document_ids_from_positions(position_ids: Tensor) -> Tensor:
     return torch.cumsum(starts.long(), dim=1) - starts[:, :1].long()
 
 
+def _per_sample_sums(mask: Tensor, document_ids: Tensor | None, *values: Tensor) -> tuple[list[Tensor], Tensor]:
+    """Each sample's sums of ``values`` over its tokens in ``mask``, and its token count. A sample is a
+    row, or a document of a packed row (``document_ids``; negative: padding), in row then document
+    order; samples without a token in ``mask`` are left out."""
+    mask = mask.bool()
+    if document_ids is None:
+        keys = torch.arange(mask.shape[0], device=mask.device).unsqueeze(1).expand_as(mask)
+    else:
+        if document_ids.shape != mask.shape:
+            raise ValueError(f"document_ids must be [B, T] like the token losses, got {tuple(document_ids.shape)}")
+        mask = mask & (document_ids >= 0)
+        width = int(document_ids.max().clamp(min=0)) + 1
+        keys = torch.arange(mask.shape[0], device=mask.device).unsqueeze(1) * width + document_ids.clamp(min=0)
+    samples, index = torch.unique(keys[mask], sorted=True, return_inverse=True)
+    sums = [torch.zeros(samples.numel(), dtype=v.dtype, device=v.device).index_add(0, index, v[mask]) for v in values]
+    counts = torch.zeros(samples.numel(), dtype=torch.long, device=mask.device).index_add(0, index, torch.ones_like(index))
+    return sums, counts
+
+
 def reduce_token_losses(token_losses: Tensor, mask: Tensor, document_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The mean loss over each sample's valid tokens, and the number of those tokens.
 
@@ -192,23 +214,48 @@ def reduce_token_losses(token_losses: Tensor, mask: Tensor, document_ids: Tensor
     """
     if token_losses.ndim != 2 or mask.shape != token_losses.shape:
         raise ValueError(f"token losses [B, T] and mask [B, T] expected, got {tuple(token_losses.shape)} and {tuple(mask.shape)}")
-    mask = mask.bool()
-    if document_ids is None:
-        keys = torch.arange(token_losses.shape[0], device=token_losses.device).unsqueeze(1).expand_as(mask)
-    else:
-        if document_ids.shape != token_losses.shape:
-            raise ValueError(f"document_ids must be [B, T] like the token losses, got {tuple(document_ids.shape)}")
-        mask = mask & (document_ids >= 0)
-        width = int(document_ids.max().clamp(min=0)) + 1
-        keys = torch.arange(token_losses.shape[0], device=mask.device).unsqueeze(1) * width + document_ids.clamp(min=0)
-    kept_keys, kept = keys[mask], token_losses[mask]
-    samples, index = torch.unique(kept_keys, sorted=True, return_inverse=True)
-    sums = torch.zeros(samples.numel(), dtype=kept.dtype, device=kept.device).index_add(0, index, kept)
-    counts = torch.zeros(samples.numel(), dtype=torch.long, device=kept.device).index_add(0, index, torch.ones_like(index))
+    (sums,), counts = _per_sample_sums(mask, document_ids, token_losses)
     return sums / counts.to(sums.dtype), counts
 
 
-def token_shares(tokens: Tensor, ranks: Tensor, scope: TokenWeighting = "rank", num_ranks: int = 1) -> Tensor:
+def reduce_weighted_token_losses(
+    token_losses: Tensor, mask: Tensor, token_weights: Tensor, document_ids: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Per sample, ``sum_t w_t l_t / n`` over its ``n`` valid tokens, and how many of them have ``w_t > 0``.
+
+    The token-level half of the one combined weight (docs/architecture.md, contract 3): the samples
+    are those of :func:`reduce_token_losses` (same order, same counts ``n``), so that a sample-level
+    factor and the token shares (:func:`token_shares` with ``selected``) complete it to
+    ``sum_t w_sample w_t l_t / N_selected``. With every ``w_t = 1`` the losses are
+    :func:`reduce_token_losses`' bit for bit.
+
+    Args:
+        token_losses: ``[B, T]`` losses, with their graph.
+        mask: ``[B, T]`` bool, the valid tokens.
+        token_weights: ``[B, T]`` detached, non-negative; 0 leaves a token out (not selected).
+        document_ids: as in :func:`reduce_token_losses`.
+
+    Returns:
+        ``([S] weighted per-sample losses, [S] selected-token counts)``.
+
+    Raises:
+        ValueError: shapes that do not match, or weights that require grad.
+    """
+    if token_losses.ndim != 2 or mask.shape != token_losses.shape or token_weights.shape != token_losses.shape:
+        raise ValueError(
+            f"token losses, mask and token weights must all be [B, T], got {tuple(token_losses.shape)}, {tuple(mask.shape)}"
+            f" and {tuple(token_weights.shape)}"
+        )
+    if token_weights.requires_grad:
+        raise ValueError("token weights must be detached: they scale the gradient, they are not part of it")
+    weighted = token_losses * token_weights.to(token_losses.dtype)
+    (sums, selected), counts = _per_sample_sums(mask, document_ids, weighted, (token_weights > 0).long())
+    return sums / counts.to(sums.dtype), selected
+
+
+def token_shares(
+    tokens: Tensor, ranks: Tensor, scope: TokenWeighting = "rank", num_ranks: int = 1, selected: Tensor | None = None
+) -> Tensor:
     """Per-sample factors that weight sequences by their share of the batch's tokens.
 
     With uniform weights, the weighted mean (over the global batch) of per-sequence mean losses
@@ -221,21 +268,26 @@ def token_shares(tokens: Tensor, ranks: Tensor, scope: TokenWeighting = "rank", 
     * ``"global"``: the token mean of the global batch, ``n_i B / N`` - independent of how sequences
       were split over ranks (HF ``Trainer``'s ``num_items_in_batch``).
 
+    With token-level weights (:func:`reduce_weighted_token_losses`) the denominators count the
+    *selected* tokens instead (``selected``; Rho-1's ``1 / (N k%)``): ``n_i B / N_selected``.
+
     Args:
         tokens: ``[B]`` token counts of the global batch's samples.
         ranks: ``[B]`` the rank each came from.
         scope: ``"rank"`` or ``"global"``.
         num_ranks: R, the data-parallel world size.
+        selected: ``[B]`` selected-token counts of the samples (default: ``tokens``, every token).
 
     Raises:
         ValueError: an unknown scope.
     """
+    counted = tokens if selected is None else selected
     if scope == "global":
-        return tokens * tokens.numel() / tokens.sum().clamp(min=1.0)
+        return tokens * tokens.numel() / counted.sum().clamp(min=1.0)
     if scope != "rank":
         raise ValueError(f"token_weighting must be 'rank' or 'global', got {scope!r}")
     index = ranks.long()
-    per_rank_tokens = torch.zeros(num_ranks, dtype=tokens.dtype, device=tokens.device).index_add(0, index, tokens)
+    per_rank_tokens = torch.zeros(num_ranks, dtype=tokens.dtype, device=tokens.device).index_add(0, index, counted)
     return tokens * (tokens.numel() / num_ranks) / per_rank_tokens[index].clamp(min=1.0)
 
 

@@ -41,6 +41,7 @@ from weightwise.weighting.losses import (
     check_per_sample_loss,
     document_ids_from_positions,
     reduce_token_losses,
+    reduce_weighted_token_losses,
     token_shares,
     weighted_mean,
 )
@@ -60,6 +61,24 @@ class WeightContributor(Protocol):
     def sample_weights(self, losses: Tensor, sample_ids: Tensor | None, trainer: pl.Trainer) -> Tensor | None: ...
 
 
+class TokenWeightContributor(Protocol):
+    """A contributor that also weights tokens (implemented by
+    :class:`weightwise.weighting.token_callback.TokenWeightCallback`)."""
+
+    def token_weights(self, token_losses: Tensor, mask: Tensor, batch: Any, trainer: pl.Trainer) -> Tensor | None: ...
+
+    def account_tokens(self, valid: int, selected: int) -> None: ...
+
+
+@dataclass
+class TokenLosses:
+    """The token losses a step returned, before they are reduced per sample."""
+
+    losses: Tensor  # [B, T], with the graph
+    mask: Tensor  # [B, T] bool
+    document_ids: Tensor | None  # [B, T] for packed rows
+
+
 @dataclass
 class StepOutput:
     """One ``training_step`` output, read: per-sample losses and what came with them."""
@@ -70,10 +89,12 @@ class StepOutput:
     scores: dict[str, Tensor] = field(default_factory=dict)  # named per-sample signals, [S] each
     extra: dict[str, Any] | None = None  # other keys of a dict output, passed on to Lightning
     packed: bool = False  # samples are documents of packed rows: the batch's row ids do not name them
+    domain_ids: Tensor | None = None  # [S], when the step returned them (packed documents' domains)
+    token_losses: TokenLosses | None = None  # when the step returned token losses [B, T]
 
 
 _NO_SCORES: Mapping[str, Tensor] = {}
-_KNOWN_KEYS = frozenset(("loss", "mask", "document_ids", "position_ids", "tokens", "sample_ids", "scores"))
+_KNOWN_KEYS = frozenset(("loss", "mask", "document_ids", "position_ids", "tokens", "sample_ids", "scores", "domain_ids"))
 
 
 def parse_step_output(output: Any) -> StepOutput:
@@ -88,7 +109,7 @@ def parse_step_output(output: Any) -> StepOutput:
     if "loss" not in output:
         raise MisconfigurationException("training_step returned a dict without a 'loss' key")
     extra = {k: v for k, v in output.items() if k not in _KNOWN_KEYS}
-    losses, tokens, packed = output["loss"], output.get("tokens"), False
+    losses, tokens, packed, token_losses = output["loss"], output.get("tokens"), False, None
     if isinstance(losses, Tensor) and losses.ndim == 2:
         mask = output.get("mask")
         if not isinstance(mask, Tensor):
@@ -100,6 +121,7 @@ def parse_step_output(output: Any) -> StepOutput:
         documents = output.get("document_ids")
         if documents is None and output.get("position_ids") is not None:
             documents = document_ids_from_positions(output["position_ids"])
+        token_losses = TokenLosses(losses, mask.bool(), documents)
         losses, tokens = reduce_token_losses(losses, mask, documents)
         packed = documents is not None
     losses = check_per_sample_loss(losses)
@@ -115,7 +137,43 @@ def parse_step_output(output: Any) -> StepOutput:
             )
         scores = {name: v.detach().float().to(losses.device) for name, v in given.items()}
     sample_ids = output.get("sample_ids")
-    return StepOutput(losses, tokens, sample_ids, scores, extra, packed and sample_ids is None)
+    return StepOutput(losses, tokens, sample_ids, scores, extra, packed and sample_ids is None, output.get("domain_ids"), token_losses)
+
+
+@dataclass
+class StepView:
+    """The current step's global-batch columns beside the losses (every rank's, in rank order, after
+    non-finite samples were dropped), set before the contributors are asked for their factors."""
+
+    tokens: Tensor | None = None  # [B_global] valid-token counts, when the step gave token losses or counts
+    domain_ids: Tensor | None = None  # [B_global], when a contributor reads domains (``domain_key``)
+    scores: dict[str, Tensor] = field(default_factory=dict)  # the named per-sample signals, gathered
+
+
+def step_domain_ids(given: Any, batch: Any, key: str, n_losses: int) -> Tensor:
+    """The ``[S]`` domain ids of a step's samples: those ``training_step`` returned (``"domain_ids"``),
+    else those the batch carries under ``key`` (read like sample ids).
+
+    Raises:
+        ValueError: no integer ids, or not one per loss (packed documents: return ``"domain_ids"``
+            from ``training_step``, one per document).
+    """
+    domains = given
+    if domains is None:
+        try:
+            domains = sample_ids_from_batch(batch, key)
+        except ValueError:
+            domains = None
+    if not isinstance(domains, Tensor) or domains.dtype.is_floating_point or domains.numel() != n_losses:
+        found = "none" if not isinstance(domains, Tensor) else f"{domains.numel()} ({domains.dtype})"
+        raise ValueError(
+            f"a domain-mixing callback needs one domain id per sample: the batch carries {found} under {key!r} for"
+            f" {n_losses} per-sample losses. Load the data through weightwise.mixing (MixtureBatchSampler over a"
+            " dataset wrapped in DomainDataset, or MixingStream), or return {'loss': losses, 'domain_ids': ids} from"
+            " training_step - for packed documents one id per document, in the order of the losses"
+            " (weightwise.mixing.document_domains expands each row's domain to its documents)."
+        )
+    return domains
 
 
 def _require_one_id_per_loss(losses: Tensor, ids: Tensor | None) -> None:
@@ -156,6 +214,12 @@ class PerSampleLossReducer:
         self.token_weighting: TokenWeighting = token_weighting
         self.needs_sample_ids = needs_sample_ids
         self.selectors = [c for c in contributors if callable(getattr(c, "select_batch", None))]
+        self.token_contributors: list[TokenWeightContributor] = [
+            c for c in contributors if callable(getattr(c, "token_weights", None))  # type: ignore[misc]
+        ]
+        # A contributor that reads each sample's domain (weightwise.mixing) names the batch key that carries it.
+        self.domain_key: str | None = next((c.domain_key for c in contributors if getattr(c, "domain_key", None)), None)
+        self.step = StepView()  # this step's global-batch columns, for contributors that need more than the losses
         self.scores = SampleScoreStore(fields=())  # the callbacks require the fields they read
         self.nonfinite_dropped = 0
         self._dropped_this_step = False
@@ -237,7 +301,8 @@ class PerSampleLossReducer:
         """
         if output is None:  # Lightning's "skip this step"
             return None
-        if isinstance(output, Tensor):  # per-sample losses [B], ids from the batch: the common step, kept short
+        # The common step, kept short: per-sample losses [B], ids from the batch (domains take the dict path).
+        if isinstance(output, Tensor) and self.domain_key is None and not self.token_contributors:
             losses = check_per_sample_loss(output)
             ids = self._ids_from_batch(batch)
             _require_one_id_per_loss(losses, ids)
@@ -250,8 +315,35 @@ class PerSampleLossReducer:
             elif self.needs_sample_ids:
                 raise ValueError(self._packed_without_ids(step.losses.numel()))
         _require_one_id_per_loss(step.losses, ids)
-        loss = self._weighted_loss(step.losses, ids, step.tokens, step.scores)
+        domains = None
+        if self.domain_key is not None:
+            domains = step_domain_ids(step.domain_ids, batch, self.domain_key, step.losses.numel())
+        objective = self._token_objective(step, batch) if self.token_contributors else None
+        loss = self._weighted_loss(step.losses, ids, step.tokens, step.scores, domains, objective)
         return loss if step.extra is None else {"loss": loss, **step.extra}
+
+    def _token_objective(self, step: StepOutput, batch: Any) -> tuple[Tensor, Tensor]:
+        """The token contributors' factors, multiplied per token and reduced per sample
+        (:func:`~weightwise.weighting.losses.reduce_weighted_token_losses`): the losses to backpropagate
+        and each sample's count of selected tokens."""
+        if step.token_losses is None:
+            names = sorted({type(c).__name__ for c in self.token_contributors})
+            raise ValueError(
+                f"{', '.join(names)} weight tokens, but training_step returned per-sample losses: return the token losses"
+                " and their mask, {'loss': token_losses, 'mask': mask} (weightwise.losses.token_cross_entropy(logits,"
+                " labels, shift=True) gives both)"
+            )
+        token_losses, mask, documents = step.token_losses.losses, step.token_losses.mask, step.token_losses.document_ids
+        detached = token_losses.detach().float()
+        weights: Tensor | None = None
+        for contributor in self.token_contributors:
+            factor = contributor.token_weights(detached, mask, batch, self.trainer)
+            if factor is not None:
+                factor = factor.detach().float()
+                weights = factor if weights is None else weights * factor
+        if weights is None:
+            weights = torch.ones_like(detached)
+        return reduce_weighted_token_losses(token_losses, mask, weights, documents)
 
     def _ids_from_batch(self, batch: Any) -> Tensor | None:
         try:
@@ -274,29 +366,43 @@ class PerSampleLossReducer:
         )
 
     def _weighted_loss(
-        self, losses: Tensor, ids: Tensor | None, tokens: Tensor | None = None, scores: Mapping[str, Tensor] = _NO_SCORES
+        self,
+        losses: Tensor,
+        ids: Tensor | None,
+        tokens: Tensor | None = None,
+        scores: Mapping[str, Tensor] = _NO_SCORES,
+        domains: Tensor | None = None,
+        objective: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         # The per-step path: every op here runs once per step for every rank, so only what this run
         # needs is gathered and computed (benchmarks/bookkeeping.py measures it against InfoBatch's).
+        # `losses` (each sample's own mean loss) are what weights and the score store see; with token
+        # weights, `objective` holds the token-weighted losses that are reduced, and each sample's
+        # count of selected tokens, which replace the token counts in the denominators.
         device = losses.device
         detached = losses.detach()
+        reduced, selected = (losses, None) if objective is None else (objective[0], objective[1].to(device).float())
         if detached.dtype != torch.float32:
             detached = detached.float()
         if ids is not None and (ids.dtype != torch.long or ids.device != device):
             ids = ids.to(device, torch.long)
         if tokens is not None:
             tokens = tokens.to(device).float()
+        # Domain ids travel with the scores (gathered, and filtered with the losses), last, never recorded.
+        signals = list(scores.values()) if domains is None else [*scores.values(), domains.to(device, torch.long)]
+        if selected is not None:  # the selected-token counts travel last, likewise
+            signals.append(selected)
         world = collectives.world_size()
         if world == 1:  # one process: the gather is the identity
             global_losses, global_ids, global_tokens, global_ranks = detached, ids, tokens, None
-            global_signals, local = list(scores.values()), slice(None)
+            global_signals, local = signals, slice(None)
         else:
             columns = [detached]
             if ids is not None:
                 columns.append(ids)
             if tokens is not None:
                 columns += [tokens, torch.full_like(detached, float(collectives.rank()))]
-            columns += scores.values()
+            columns += signals
             gathered, local = collectives.all_gather_variable(*columns)
             global_losses, rest = gathered[0], iter(gathered[1:])
             global_ids = next(rest) if ids is not None else None
@@ -307,12 +413,16 @@ class PerSampleLossReducer:
         # One reduction and one host read per step: the dot product (one kernel, the cheapest
         # reduction) is finite unless a loss is not, or it overflows - then _drop_nonfinite looks closer.
         if not math.isfinite(float(global_losses.dot(global_losses))):
-            global_losses, global_ids, global_tokens, global_ranks, global_signals, losses, local = self._drop_nonfinite(
-                global_losses, global_ids, global_tokens, global_ranks, global_signals, losses, local
+            global_losses, global_ids, global_tokens, global_ranks, global_signals, reduced, local = self._drop_nonfinite(
+                global_losses, global_ids, global_tokens, global_ranks, global_signals, reduced, local
             )
+        global_selected = global_signals.pop() if selected is not None else None
+        token_counts = None if global_selected is None else self._account_tokens(global_tokens, global_selected)
         if global_ids is not None:
             for name, values in zip(scores, global_signals):
                 self.scores.record(name, global_ids, values)
+        global_domains = global_signals[-1] if domains is not None else None
+        self.step = StepView(global_tokens, global_domains, dict(zip(scores, global_signals)))
 
         weights: Tensor | None = None
         for contributor in self.contributors:
@@ -326,19 +436,36 @@ class PerSampleLossReducer:
         if global_ids is not None:
             recorded = weights if weights is not None or "weight" not in self.scores.fields else torch.ones_like(global_losses)
             self.scores.update(global_ids, global_losses, self.trainer.global_step, weights=recorded)
-        self._log(global_losses, weights)
+        self._log(global_losses, weights, token_counts)
         if global_tokens is not None:
             ranks = global_ranks if global_ranks is not None else torch.zeros_like(global_tokens)
-            shares = token_shares(global_tokens, ranks, self.token_weighting, world)
+            shares = token_shares(global_tokens, ranks, self.token_weighting, world, selected=global_selected)
             weights = shares if weights is None else weights * shares
 
         # Each rank's share of the global mean; DDP's gradient average over R ranks completes it.
         if world == 1:
-            return losses.mean() if weights is None else weighted_mean(losses, weights)
+            return reduced.mean() if weights is None else weighted_mean(reduced, weights)
         denominator = global_losses.numel() / world
         if weights is None:
-            return losses.mean() if denominator == losses.numel() else losses.sum() / denominator
-        return weighted_mean(losses, weights[local], denominator=denominator)
+            return reduced.mean() if denominator == reduced.numel() else reduced.sum() / denominator
+        return weighted_mean(reduced, weights[local], denominator=denominator)
+
+    def _account_tokens(self, global_tokens: Tensor | None, global_selected: Tensor) -> tuple[int, int]:
+        """The global micro-batch's valid and selected token counts, told to the token contributors.
+
+        Raises:
+            ValueError: a global micro-batch without any valid token.
+        """
+        valid = 0 if global_tokens is None else int(global_tokens.sum())
+        if valid == 0:
+            raise ValueError(
+                f"the global batch of step {self.trainer.global_step} has no valid token (every label is ignore_index, or"
+                " the mask is empty): token weighting needs at least one token with a target - check the labels and the mask"
+            )
+        selected = int(global_selected.sum())
+        for contributor in self.token_contributors:
+            contributor.account_tokens(valid, selected)
+        return valid, selected
 
     def _drop_nonfinite(
         self,
@@ -402,7 +529,7 @@ class PerSampleLossReducer:
                 " dropping their loss cannot stop it. Fix the data or the computation that produces it."
             )
 
-    def _log(self, global_losses: Tensor, weights: Tensor | None) -> None:
+    def _log(self, global_losses: Tensor, weights: Tensor | None, token_counts: tuple[int, int] | None = None) -> None:
         # LightningModule.log costs ~1.5 ms a metric on a CPU - more than a small model's step - and
         # step-level values are only written every log_every_n_steps, so log only on those steps.
         if not is_logging_step(self.trainer):
@@ -417,6 +544,9 @@ class PerSampleLossReducer:
         }
         if self.nonfinite == "drop":
             metrics["weightwise/nonfinite_dropped"] = torch.tensor(float(self.nonfinite_dropped))
+        if token_counts is not None:
+            metrics["weightwise/tokens_valid"] = torch.tensor(float(token_counts[0]))
+            metrics["weightwise/tokens_selected"] = torch.tensor(float(token_counts[1]))
         # Values are computed from the gathered global batch: identical on every rank, no sync needed.
         self.module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=global_losses.numel())
         log_histogram(self.trainer, "weightwise/weights", weights)
