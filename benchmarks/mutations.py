@@ -6,6 +6,7 @@ Usage (from the repository root)::
     python -m benchmarks.mutations --only infobatch-le,lisa-seed
     python -m benchmarks.mutations --capability layers --json /tmp/layers.json
     python -m benchmarks.mutations --check              # only verify every snippet is found exactly once
+    python -m benchmarks.mutations --quick --only ...   # the selections' `make quick` part only (-m "not slow")
     python -m benchmarks.mutations --list
 
 Each mutant is one plausible mistake - an off-by-one, a swapped operand, a wrong power, ``<`` for
@@ -82,7 +83,8 @@ class Mutant:
         description: the mistake, in words.
         tests: the pytest selection (paths relative to the repository root).
         equivalent: why the mutant provably cannot change behaviour (then it is not run), else ``None``.
-        origin: ``"issue"`` for the five the issue named, ``"sanity"`` for the harness check, else ``"new"``.
+        origin: ``"issue"`` for the five the harness's issue named, ``"issue23"`` for the four
+            issue 23 named, ``"sanity"`` for the harness check, else ``"new"``.
     """
 
     id: str
@@ -950,6 +952,121 @@ MUTANTS: list[Mutant] = [
         "duplicated copies' outputs are scaled by m even where the router renormalises (Mixtral)",
         EXPERTS,
     ),
+    # ------------------------------------------------------------------ issue 23: the four it named, then fresh ones
+    Mutant(
+        "layer-draw-positions",
+        "layers",
+        "layers/policies.py",
+        "return sorted(self.pinned + [self.candidates[i] for i in self.draw(period)])",
+        "return sorted(self.pinned + self.draw(period))",
+        "the layer draw returns positions in `candidates` instead of the layer indices they stand for",
+        LAYERS,
+        origin="issue23",
+    ),
+    Mutant(
+        "upcycle-cap-dropped",
+        "experts",
+        "experts/surgery.py",
+        "allocate_copies(utility[name], e * factor, allocation=allocation, cap=cap)",
+        "allocate_copies(utility[name], e * factor, allocation=allocation)",
+        "upcycle_experts does not pass `cap` to the greedy allocation (any cap but 3 ignored)",
+        EXPERTS,
+        origin="issue23",
+    ),
+    Mutant(
+        "router-noise-on-originals",
+        "experts",
+        "experts/surgery.py",
+        "rows[copy] += noise[copy]",
+        "rows += noise",
+        "router noise is added to the original experts' router rows too, not only to the copies'",
+        EXPERTS,
+        origin="issue23",
+    ),
+    Mutant(
+        "dsir-min-length-gt",
+        "dsir",
+        "selection/dsir.py",
+        "return torch.as_tensor(np.asarray(lengths)) >= min_length",
+        "return torch.as_tensor(np.asarray(lengths)) > min_length",
+        "DSIR's length filter drops documents of exactly `min_length` tokens (`>` for `>=`)",
+        DSIR,
+        origin="issue23",
+    ),
+    Mutant(
+        "layers-restore-all-trainable",
+        "layers",
+        "layers/callback.py",
+        "            p.requires_grad_(requires_grad)\n        self._user_requires_grad = {}",
+        "            p.requires_grad_(True)\n        self._user_requires_grad = {}",
+        "after a fit LayerwiseSampling makes every parameter trainable instead of giving back what the user had",
+        LAYERS,
+    ),
+    Mutant(
+        "layers-no-restore-on-exception",
+        "layers",
+        "layers/callback.py",
+        "        # Lightning calls no teardown hook when fit raises (or is interrupted): the module is given back here.\n        self._leave()",
+        "        # Lightning calls no teardown hook when fit raises (or is interrupted): the module is given back here.\n        return",
+        "LayerwiseSampling gives the module back at teardown only, not when fit raises or is interrupted",
+        LAYERS,
+    ),
+    Mutant(
+        "layers-leave-keeps-masters",
+        "layers",
+        "layers/callback.py",
+        "        if self.masters is not None:  # the exact fp32 weights, not their low-precision copies\n            self.masters.thaw(",
+        "        if self.masters is None:  # the exact fp32 weights, not their low-precision copies\n            self.masters.thaw(",
+        "frozen layers leave the fit in bf16 (their fp32 masters are not given back)",
+        LAYERS,
+    ),
+    Mutant(
+        "reducer-kept-after-exception",
+        "weighting",
+        "weighting/callback.py",
+        "        # Lightning calls no teardown hook when fit raises or is interrupted (docs/architecture.md, contract 6).\n"
+        "        if self.reducer is not None:",
+        "        # Lightning calls no teardown hook when fit raises or is interrupted (docs/architecture.md, contract 6).\n"
+        "        if self.reducer is None:",
+        "a fit that raises leaves the reducer's training_step wrapper (and a stale reducer) on the module",
+        WEIGHTING,
+    ),
+    Mutant(
+        "warmup-warning-strict",
+        "weighting",
+        "weighting/callback.py",
+        "self.warmup_steps >= total:",
+        "self.warmup_steps > total:",
+        "no warning when the warm-up is exactly as long as the run (every step unweighted)",
+        WEIGHTING,
+    ),
+    Mutant(
+        "warmup-phase-logged-late",
+        "weighting",
+        "weighting/callback.py",
+        "active = float(trainer.global_step >= self.warmup_steps)",
+        "active = float(trainer.global_step > self.warmup_steps)",
+        "the logged phase says warm-up for one step after reweighting started",
+        WEIGHTING,
+    ),
+    Mutant(
+        "migrated-loss-credit-scores-dropped",
+        "layers",
+        "layers/callback.py",
+        'policy = {"version": 1, "scores": state["importance"],',
+        'policy = {"version": 1, "scores": torch.zeros_like(state["importance"]),',
+        "a weightwise 0.1 checkpoint's loss-credit scores are read as zeros",
+        ("tests/test_compatibility.py",),
+    ),
+    Mutant(
+        "migrated-period-count",
+        "layers",
+        "layers/callback.py",
+        '"period_loss": torch.tensor([sum(losses), float(len(losses))], dtype=torch.float64),',
+        '"period_loss": torch.tensor([sum(losses), float(len(losses) + 1)], dtype=torch.float64),',
+        "a weightwise 0.1 checkpoint's period losses are counted one too many (the period mean is misread)",
+        ("tests/test_compatibility.py",),
+    ),
 ]
 
 
@@ -1028,10 +1145,17 @@ FAILURE = re.compile(r"^(FAILED|ERROR) (\S+)", re.MULTILINE)
 
 
 def pytest(
-    root: Path, selection: tuple[str, ...], timeout: float, *, stop_first: bool = True, deselect: tuple[str, ...] = ()
+    root: Path,
+    selection: tuple[str, ...],
+    timeout: float,
+    *,
+    stop_first: bool = True,
+    deselect: tuple[str, ...] = (),
+    quick: bool = False,
 ) -> tuple[str, str | None, float, str]:
-    """Run a selection in the copy: (status, first failing test, seconds, output tail)."""
+    """Run a selection in the copy (``quick``: without the tests marked slow): (status, first failing test, seconds, output tail)."""
     command = [str(PYTHON), "-m", "pytest", "-q", "-p", "no:cacheprovider", *(["-x"] if stop_first else []), *selection]
+    command += ["-m", "not slow"] if quick else []
     for test in deselect:
         command += ["--deselect", test]
     start = time.perf_counter()
@@ -1051,13 +1175,13 @@ def pytest(
     return "error", f"pytest exit {done.returncode}", seconds, output[-3000:]
 
 
-def baseline(mutants: list[Mutant], timeout: float) -> tuple[list[str], str]:
+def baseline(mutants: list[Mutant], timeout: float, quick: bool = False) -> tuple[list[str], str]:
     """The unmutated copy over the union of the selections: the tests failing there already."""
     root = WORK / "_baseline"
     copy_tree(root)
     where = check_shadowing(root)
     selection = tuple(dict.fromkeys(t for m in mutants for t in m.tests))
-    status, _, seconds, output = pytest(root, selection, timeout, stop_first=False)
+    status, _, seconds, output = pytest(root, selection, timeout, stop_first=False, quick=quick)
     failing = [name for _, name in FAILURE.findall(output)]
     print(f"baseline (unmutated copy, {' '.join(selection)}): {status} in {seconds:.0f} s; weightwise from {where}", flush=True)
     if status not in ("survived",) and not failing:
@@ -1066,7 +1190,7 @@ def baseline(mutants: list[Mutant], timeout: float) -> tuple[list[str], str]:
     return failing, where
 
 
-def run_mutant(mutant: Mutant, timeout: float, deselect: tuple[str, ...], keep: bool) -> Result:
+def run_mutant(mutant: Mutant, timeout: float, deselect: tuple[str, ...], keep: bool, quick: bool = False) -> Result:
     root = WORK / mutant.id
     copy_tree(root)
     try:
@@ -1078,7 +1202,7 @@ def run_mutant(mutant: Mutant, timeout: float, deselect: tuple[str, ...], keep: 
             mutant.id, mutant.capability, mutant.origin, mutant.description, "error", "snippet not found", 0.0, mutant.tests
         )
     limit = timeout * (3 if DDP in mutant.tests else 1)
-    status, caught_by, seconds, output = pytest(root, mutant.tests, limit, deselect=deselect)
+    status, caught_by, seconds, output = pytest(root, mutant.tests, limit, deselect=deselect, quick=quick)
     if status == "error":
         print(output, file=sys.stderr)
     if not keep:
@@ -1091,7 +1215,7 @@ def table(results: list[Result]) -> str:
     for r in results:
         by = f"`{r.caught_by}`" if r.caught_by else ""
         lines.append(
-            f"| {r.capability} | `{r.id}`{' (issue)' if r.origin == 'issue' else ''} | {r.description} | {r.status} | {by} |"
+            f"| {r.capability} | `{r.id}`{' (issue)' if r.origin.startswith('issue') else ''} | {r.description} | {r.status} | {by} |"
         )
     return "\n".join(lines)
 
@@ -1129,6 +1253,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
     parser.add_argument("--no-baseline", action="store_true", help="skip the unmutated run (not for recorded results)")
     parser.add_argument("--run-equivalent", action="store_true", help="also run the mutants marked equivalent")
+    parser.add_argument("--quick", action="store_true", help='run the selections without the tests marked slow (-m "not slow")')
     args = parser.parse_args(argv)
 
     ids = [m.id for m in MUTANTS]
@@ -1168,12 +1293,12 @@ def main(argv: list[str] | None = None) -> int:
     deselect: tuple[str, ...] = ()
     where = None
     if not args.no_baseline:
-        failing, where = baseline([SANITY, *runnable], args.timeout * 3)
+        failing, where = baseline([SANITY, *runnable], args.timeout * 3, args.quick)
         deselect = tuple(failing)
         if failing:
             print(f"deselected for every mutant (failing in the unmutated copy): {failing}", flush=True)
 
-    sanity = run_mutant(SANITY, args.timeout, deselect, args.keep)
+    sanity = run_mutant(SANITY, args.timeout, deselect, args.keep, args.quick)
     print(f"sanity mutant ({SANITY.description}): {sanity.status} by {sanity.caught_by} in {sanity.seconds:.0f} s", flush=True)
     if sanity.status != "caught":
         raise SystemExit("the sanity mutant survived: the mutated copy is not what the tests import")
@@ -1186,7 +1311,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(f"- {mutant.id}: equivalent, not run ({mutant.equivalent})", flush=True)
             continue
-        result = run_mutant(mutant, args.timeout, deselect, args.keep)
+        result = run_mutant(mutant, args.timeout, deselect, args.keep, args.quick)
         results.append(result)
         print(
             f"- {mutant.id}: {result.status}{' by ' + result.caught_by if result.caught_by else ''} ({result.seconds:.0f} s)",

@@ -300,3 +300,20 @@ def test_every_exit_gives_back_requires_grad_and_dtype_as_the_user_had_them(erro
     assert {n: p.requires_grad for n, p in module.named_parameters()} == user
     assert all(p.dtype == torch.float32 for p in module.parameters())
     assert sampling.stash.parked == {} and sampling.masters.masters == {}
+
+
+def test_wandb_gets_the_whole_layer_map_as_one_table(tmp_path):
+    import json
+
+    import wandb
+    from lightning.pytorch.loggers import WandbLogger
+
+    sampling = LayerwiseSampling("lisa", n_layers=1, interval=3, seed=1)
+    logger = WandbLogger(save_dir=tmp_path, offline=True, project="weightwise-tests")
+    trainer(max_epochs=2, logger=logger, callbacks=[sampling]).fit(TinyLlama(layers=3), token_batches())
+    wandb.finish()
+    (table,) = tmp_path.rglob("layer_map_*.table.json")
+    logged = json.loads(table.read_text())
+    assert logged["columns"] == ["step", "layer_00", "layer_01", "layer_02"]
+    assert len(sampling.history) == 3  # 8 steps, periods of 3
+    assert logged["data"] == [[3 * p, *(int(i in active) for i in range(3))] for p, active in enumerate(sampling.history)]

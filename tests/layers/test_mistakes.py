@@ -11,10 +11,10 @@ import torch
 
 from tests.support.models import TinyLlama, token_batches
 from tests.support.ranks import TwoRanks
-from tests.support.training import trainer
+from tests.support.training import Snapshot, trainer
 from weightwise.callbacks import LayerwiseSampling
 from weightwise.core import collectives
-from weightwise.layers import ISTLayers, LossCreditLayers
+from weightwise.layers import BlockInfluenceLayers, ISTLayers, LossCreditLayers, OrderedBlocks, UniformLayers
 
 
 def test_ist_probes_suppress_the_layers_whose_suppression_helped_more_often():
@@ -68,3 +68,26 @@ def test_ist_probe_losses_are_averaged_over_the_ranks(monkeypatch):
     alone = run()
     monkeypatch.setattr(collectives, "dist", TwoRanks(0))  # the other rank's probe losses equal this one's
     assert torch.equal(run(), alone) and alone.abs().sum() > 0
+
+
+@pytest.mark.parametrize("policy", [UniformLayers, LossCreditLayers, OrderedBlocks, ISTLayers, BlockInfluenceLayers])
+def test_a_draw_names_layers_not_positions_among_the_candidates(policy):
+    """Guards against the draw returning positions in ``candidates`` instead of the layer indices they
+    stand for: with layer 0 pinned the candidates are 1, 2, 3, and positions 0, 1, 2 would choose the
+    pinned layer twice and the last layer never."""
+    chooser = policy(4, 1, seed=0, pinned=[0])
+    assert chooser.candidates == [1, 2, 3]
+    chosen = [chooser.choose(period) for period in range(24)]
+    assert all(len(c) == 2 and c[0] == 0 and c[1] in (1, 2, 3) for c in chosen), chosen
+    assert {c[1] for c in chosen} == {1, 2, 3}  # the last layer is drawn too
+
+
+def test_with_a_pinned_first_layer_the_drawn_layers_train_and_the_last_one_too():
+    """The same mistake seen in training: the layers that move at each step are the pinned one and the
+    drawn one, and over the run every layer trains."""
+    sampling, snapshot = LayerwiseSampling("lisa", n_layers=1, interval=1, always_active=[0], seed=0), Snapshot()
+    trainer(max_epochs=2, callbacks=[sampling, snapshot]).fit(TinyLlama(layers=4), token_batches())
+    for step in range(len(snapshot.params) - 1):
+        moved = [i for i in range(4) if not torch.equal(snapshot.params[step][i], snapshot.params[step + 1][i])]
+        assert moved == sampling.history[step] and len(moved) == 2 and moved[0] == 0, (step, moved, sampling.history[step])
+    assert {i for active in sampling.history for i in active} == {0, 1, 2, 3}

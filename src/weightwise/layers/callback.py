@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from typing_extensions import override
@@ -111,8 +112,9 @@ class LayerwiseSampling(Callback):
     it started, so a next fit (plain or sampled) trains what the user made trainable. Every choice is a
     function of the seed, the period and statistics reduced over every rank, so it is identical on
     every rank and after resuming. Logged at every period: ``weightwise/layer_active/NN`` (1 for the
-    layers that train, 0 otherwise - a layer x step map), ``weightwise/layer_importance/NN``
-    (policies with scores) and ``weightwise/optimizer_state_mib``.
+    layers that train, 0 otherwise), ``weightwise/layer_importance/NN`` (policies with scores) and
+    ``weightwise/optimizer_state_mib``; at the end of the fit (also one that raised), with a
+    ``WandbLogger``, the whole layer x period map as one table, ``weightwise/layer_map``.
 
     Single device, DDP and DeepSpeed ZeRO-1/2/3. DDP only synchronises parameters that required
     gradients when the model was wrapped, so after every change of the active layers the module is
@@ -333,12 +335,30 @@ class LayerwiseSampling(Callback):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
+            self._log_layer_map(trainer)
             self._leave()
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._log_layer_map(trainer)
         # Lightning calls no teardown hook when fit raises (or is interrupted): the module is given back here.
         self._leave()
+
+    def _log_layer_map(self, trainer: pl.Trainer) -> None:
+        """The run's layer x period map as one W&B table, ``weightwise/layer_map``: a row per period
+        (its first step), a column per layer, 1 where the layer trained. Other loggers have the
+        per-period scalars ``weightwise/layer_active/NN`` only."""
+        if not self.history or not self._discovered or not trainer.is_global_zero:  # _discovered: self.stack exists
+            return
+        wandb_loggers = [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+        if not wandb_loggers:
+            return
+        import wandb
+
+        columns = ["step", *(f"layer_{i:02d}" for i in range(len(self.stack)))]
+        rows = [[period * self.interval, *(int(i in active) for i in range(len(self.stack)))] for period, active in enumerate(self.history)]
+        for logger in wandb_loggers:
+            logger.experiment.log({"weightwise/layer_map": wandb.Table(columns=columns, data=rows)})
 
     def _leave(self) -> None:
         """Give the module back as the user gave it (docs/architecture.md, contract 6): fp32 weights,
@@ -479,7 +499,7 @@ class LayerwiseSampling(Callback):
             rewrap_ddp(trainer)  # DDP's reducer covers the parameters that required grad when it was built
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         self.active, self._applied = chosen, True
-        # One value per layer and period: in W&B (or any logger) a layer x step map of what trained.
+        # One value per layer and period (the whole map goes to W&B as one table at the end: _log_layer_map).
         metrics = {f"weightwise/layer_active/{i:02d}": float(i in chosen) for i in range(len(self.stack))}
         if self.importance is not None:
             metrics.update({f"weightwise/layer_importance/{i:02d}": float(v) for i, v in enumerate(self.importance)})
