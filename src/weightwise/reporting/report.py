@@ -60,7 +60,9 @@ class SampleReport(Callback):
 
     The rows go to a W&B Table (``weightwise/samples``) when a ``WandbLogger`` is attached, and to
     ``weightwise_samples.csv`` in the trainer's log directory otherwise. ``describe(sample_id)``
-    adds columns about the sample itself (its text, its label).
+    adds columns about the sample itself (its text, its label). Where nothing reweights (RS2, Data
+    Diet, CCS, online selection: every weight 1) the "lowest weight" view ranks the tied weights by
+    loss EMA (:func:`suspicious_samples`), so it lists the hardest samples, not the lowest ids.
 
     Needs a weightwise weighting callback (``LossReweighting``, ``DataPruning``) in the same Trainer:
     their score store is what is reported.
