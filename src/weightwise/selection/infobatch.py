@@ -35,6 +35,11 @@ class InfoBatchSampler(EpochSampler):
       score of 3, which keeps its first epoch full; every later epoch has all samples scored, so the
       two agree once the first epoch is done).
 
+    What it saves: only the skipped share of the *below-mean* samples, and nothing in the first and
+    the annealed epochs, so ``prune_ratio=0.5`` saves well under half the passes - 29-31% on issue
+    23's held-out text task (3 seeds, lossless: +0.2 / +0.3 points on clean / 30%-flipped labels);
+    ``DataPruning.ledger`` counts a run's own saving.
+
     Departures, each a named option:
 
     * ``rescale="realised"`` (default): the factor is ``n / kept``, the ratio actually realised
