@@ -8,36 +8,25 @@ from lightning.pytorch import seed_everything
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader
 
-from tests.support.models import TinyLlama, real_bytes
+from tests.support.streams import StreamLlama, documents
 from tests.support.training import flat_params, trainer
 from weightwise.data import PackedDocumentStream, StreamLoader, StreamResume, warn_if_streams_restart
 
 
-def documents() -> list[torch.Tensor]:
-    """40 documents of 5-40 tokens of real text (vocabulary 64, the tiny Llama's)."""
-    text, out, offset = real_bytes(4000) % 64, [], 0
-    for i in range(40):
-        length = 5 + (7 * i) % 36
-        out.append(text[offset : offset + length])
-        offset += length
-    return out
+class ScheduledLlama(StreamLlama):
+    """Sizes a schedule from trainer.estimated_stepping_batches: Lightning then builds the training
+    DataLoader before it restores the checkpoint, and never hands the loader its state (issue #20550)."""
+
+    def configure_optimizers(self):
+        optimizer = super().configure_optimizers()
+        assert self.trainer.estimated_stepping_batches == self.trainer.max_steps  # builds the loader
+        schedule = torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, 0.1, total_iters=10)  # the same in every run
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
-class Recorder(TinyLlama):
-    """The tiny Llama on packed rows, recording every batch it trains."""
-
-    def __init__(self):
-        super().__init__(layers=2)
-        self.seen: list[torch.Tensor] = []
-
-    def training_step(self, batch, batch_idx):
-        self.seen.append(batch["input_ids"].clone())
-        return self.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"], use_cache=False).loss
-
-
-def fit(tmp_path, max_steps, num_workers=0, ckpt_path=None, save_every=None, callbacks=None):
+def fit(tmp_path, max_steps, num_workers=0, ckpt_path=None, save_every=None, callbacks=None, module=StreamLlama):
     seed_everything(0)
-    model = Recorder()
+    model = module()
     loader = StreamLoader(PackedDocumentStream(documents(), 16, seed=1), batch_size=2, num_workers=num_workers)
     extra = [] if save_every is None else [ModelCheckpoint(tmp_path, every_n_train_steps=save_every, save_top_k=-1, filename="{step}")]
     run = trainer(max_steps=max_steps, callbacks=[StreamResume(), *extra] if callbacks is None else callbacks,
@@ -54,6 +43,14 @@ def test_a_fit_resumed_mid_stream_ends_with_the_uninterrupted_parameters(tmp_pat
     assert len(resumed.seen) == 6
     for got, want in zip(resumed.seen, straight.seen[3:]):
         assert torch.equal(got, want)  # exactly the batches that were next: none lost, none twice
+    assert torch.equal(flat_params(resumed), flat_params(straight))
+
+
+def test_the_position_is_restored_when_the_schedule_built_the_loader_before_the_restore(tmp_path):
+    straight = fit(tmp_path, 7, module=ScheduledLlama)
+    fit(tmp_path, 3, save_every=3, module=ScheduledLlama)
+    resumed = fit(tmp_path, 7, ckpt_path=tmp_path / "step=3.ckpt", module=ScheduledLlama)
+    assert [torch.equal(got, want) for got, want in zip(resumed.seen, straight.seen[3:])] == [True] * 4
     assert torch.equal(flat_params(resumed), flat_params(straight))
 
 
@@ -77,7 +74,7 @@ def test_resuming_a_stream_without_a_position_warns_that_it_restarts(tmp_path, r
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             trainer(max_steps=max_steps, callbacks=callbacks + [StreamResume()] * resumable, enable_checkpointing=True).fit(
-                Recorder(), loader, ckpt_path=ckpt_path
+                StreamLlama(), loader, ckpt_path=ckpt_path
             )
         return [str(w.message) for w in caught if "starts again from its beginning" in str(w.message)]
 

@@ -14,7 +14,7 @@ from torch.utils.data import IterableDataset
 from typing_extensions import override
 
 from weightwise.data.stream import StreamLoader
-from weightwise.integrations.lightning import resumed_mid_epoch
+from weightwise.integrations.lightning import restart_train_iterator, resumed_mid_epoch, saved_loader_states
 
 
 def training_loaders(trainer: pl.Trainer) -> list[Any]:
@@ -62,8 +62,14 @@ class StreamResume(Callback):
     loader alone cannot tell what a checkpoint should resume after; with this callback its state
     is the batches trained, and a resumed fit continues with exactly the batch that was next.
 
+    It also hands the loaders their saved positions where Lightning does not: when the training
+    DataLoader was built before the checkpoint was restored (``trainer.estimated_stepping_batches``
+    in ``configure_optimizers``, as step-sized LR schedules do; Lightning issue #20550), Lightning
+    keeps the saved states and the stream would silently start again from its beginning.
+
     Raises:
-        MisconfigurationException: (at fit start) no training DataLoader is a ``StreamLoader``.
+        MisconfigurationException: (at fit start) no training DataLoader is a ``StreamLoader``; the
+            checkpoint holds the states of another number of stateful training DataLoaders.
 
     Example::
 
@@ -73,6 +79,11 @@ class StreamResume(Callback):
 
     def __init__(self) -> None:
         self._loaders: list[StreamLoader] = []
+        self._saved: list[dict[str, Any]] = []
+
+    @override
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._saved = saved_loader_states(checkpoint)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -82,8 +93,24 @@ class StreamResume(Callback):
                 "StreamResume needs a training weightwise.data.StreamLoader: DataLoader(stream, ...) ->"
                 " StreamLoader(stream, ...)"
             )
+        saved, self._saved = self._saved, []
+        if saved and not all(loader.restored for loader in self._loaders):
+            self._restore(trainer, saved)
         for loader in self._loaders:
             loader.count_trained_batches()
+
+    @staticmethod
+    def _restore(trainer: pl.Trainer, saved: list[dict[str, Any]]) -> None:
+        """Load the saved states as Lightning would have (in order, into the DataLoaders with ``state_dict``)."""
+        stateful = [loader for loader in training_loaders(trainer) if hasattr(loader, "state_dict") and hasattr(loader, "load_state_dict")]
+        if len(stateful) != len(saved):
+            raise MisconfigurationException(
+                f"the checkpoint holds the states of {len(saved)} training DataLoaders with state_dict, this fit has"
+                f" {len(stateful)}: resume with the DataLoaders that wrote it"
+            )
+        for loader, state in zip(stateful, saved):
+            loader.load_state_dict(state)
+        restart_train_iterator(trainer)
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:

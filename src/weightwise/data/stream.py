@@ -236,6 +236,7 @@ class StreamLoader(DataLoader):
         self._trained = 0  # of those, batches that started training
         self._exhausted = False
         self._counting = False  # whether anyone reports trained batches
+        self.restored = False  # whether a saved position was loaded
 
     @property
     def rows_per_batch(self) -> int:
@@ -315,3 +316,4 @@ class StreamLoader(DataLoader):
             raise ValueError(f"this StreamLoader state was saved with {changed}: resume with the same settings")
         self._next = StreamStart(int(state["pass"]), int(state["batches"]))
         self._current = None
+        self.restored = True

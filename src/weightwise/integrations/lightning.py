@@ -18,6 +18,10 @@ Lightning 2.4-2.6):
 * ``fit_loop.restarting``, ``fit_loop.epoch_progress`` and ``fit_loop.epoch_loop.batch_progress``
   (the loops' progress counters, restored from the checkpoint) - whether a fit resumes in the
   middle of an epoch (:func:`resumed_mid_epoch`).
+* the checkpoint's ``loops.fit_loop.state_dict.combined_loader`` - the training DataLoaders' saved
+  states, which Lightning does not hand back when the DataLoader was built before the checkpoint
+  was restored (``trainer.estimated_stepping_batches`` in ``configure_optimizers``, Lightning issue
+  #20550) (:func:`saved_loader_states`).
 
 Methods replaced on live objects, for one fit, as instance attributes (the classes are untouched
 and :meth:`MethodPatch.restore` puts the originals back at teardown):
@@ -198,6 +202,22 @@ def rewrap_ddp(trainer: pl.Trainer) -> None:
         trainer.strategy.configure_ddp()
 
 
+def restart_train_iterator(trainer: pl.Trainer) -> None:
+    """Make the training iterator anew (in ``on_train_start``: Lightning made it in ``FitLoop.setup_data``),
+    so that loaders positioned since then are iterated from their new position; a batch Lightning had
+    fetched ahead from the old iterator is dropped with it."""
+    fit_loop = trainer.fit_loop
+    if fit_loop._data_fetcher is not None and fit_loop._combined_loader is not None:
+        fit_loop._combined_loader.reset()  # drops the iterator: its workers shut down
+        iter(fit_loop._data_fetcher)
+
+
+def saved_loader_states(checkpoint: dict[str, Any]) -> list[dict[str, Any]]:
+    """The training DataLoaders' states in a Lightning checkpoint (``FitLoop.on_save_checkpoint`` writes
+    them under ``loops.fit_loop.state_dict.combined_loader``, one per DataLoader with ``state_dict``)."""
+    return list(checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {}).get("combined_loader", []))
+
+
 NOT_RESUMABLE_WARNING = "You're resuming from a checkpoint that ended before the epoch ended and your dataloader is not resumable"
 """The start of the warning Lightning's ``_TrainingEpochLoop.reset`` gives when a fit resumes mid-epoch and a
 training DataLoader lacks ``state_dict``/``load_state_dict`` (Lightning checks the DataLoader, never its sampler)."""
@@ -214,11 +234,8 @@ def resume_train_data(trainer: pl.Trainer) -> None:
     * Lightning's next step warns that the DataLoader "is not resumable"; the sampler resumes, so
       that one ``reset`` call runs with that warning ignored (the replacement removes itself).
     """
-    fit_loop = trainer.fit_loop
-    if fit_loop._data_fetcher is not None and fit_loop._combined_loader is not None:
-        fit_loop._combined_loader.reset()  # drops the iterator: its workers shut down
-        iter(fit_loop._data_fetcher)
-    epoch_loop = fit_loop.epoch_loop
+    restart_train_iterator(trainer)
+    epoch_loop = trainer.fit_loop.epoch_loop
     if "reset" in vars(epoch_loop):
         return  # already replaced for this restart
 
