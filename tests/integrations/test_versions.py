@@ -96,7 +96,7 @@ def test_torch_lr_schedulers_read_the_flag_mark_stepped_sets():
 
 def test_no_private_api_outside_integrations():
     """Other libraries' private attributes (``._name`` on their objects) appear only in integrations/."""
-    private = {"_logger_connector", "_configure_optimizer", "_opt_called", "max_batches", "_sampler"}
+    private = {"_logger_connector", "_configure_optimizer", "_opt_called", "max_batches", "_sampler", "_data_fetcher", "_combined_loader"}
     offenders = []
     for path in SRC.rglob("*.py"):
         if "integrations" in path.parts:
