@@ -194,7 +194,9 @@ class StreamLoader(DataLoader):
     was used up - so an epoch boundary of Lightning's (``limit_train_batches``) does not restart an
     endless stream. Works with ``num_workers > 0`` (non-persistent workers: they are given the
     position at each iteration) and under DDP (every rank trains the same number of batches, so
-    the state Lightning saves from rank 0 positions every rank's shards).
+    the state Lightning saves from rank 0 positions every rank's shards). For validation use a
+    plain ``DataLoader`` over a ``loop=False`` stream: each validation then reads the same rows,
+    where a ``StreamLoader`` would continue where the last one stopped.
 
     Args:
         dataset: the stream.
