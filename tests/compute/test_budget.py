@@ -167,7 +167,7 @@ def test_bad_budgets(step_flops):
 
 
 def test_ist_probes_and_frozen_layers_under_the_rule():
-    """IST's probes are counted as "probes"; the trained model's backward follows the 2x rule with layers frozen."""
+    """IST's probes are counted as "probes"; with a quarter of the layers trainable the backward costs less than 2x."""
     from weightwise.callbacks import LayerwiseSampling
 
     budget = ComputeBudget(flops=1e15)
@@ -176,8 +176,8 @@ def test_ist_probes_and_frozen_layers_under_the_rule():
     trainer(max_steps=4, callbacks=[sampling, budget]).fit(model, token_batches())
     spent = budget.spent
     assert spent.by_source["probes"] > 0  # probes at steps 2 and 4 (3 each)
-    assert spent.backward_flops == 2 * spent.model_forward_flops
-    assert spent.by_source["model"] == 3 * spent.model_forward_flops
+    assert spent.model_forward_flops < spent.backward_flops < 2 * spent.model_forward_flops
+    assert spent.by_source["model"] == spent.model_forward_flops + spent.backward_flops
     assert sum(spent.by_source.values()) == spent.flops
 
 

@@ -17,16 +17,22 @@ operations count zero):
   changes none of them, and nothing runs twice, so training is bit for bit the one without the meter.
   FLOPs that depend on the *values* (a Mixture-of-Experts whose experts see different token counts
   each step) are those of the first call of each shape; ``measure="every_call"`` counts every call.
-* **Backward**: by default the rule "backward = 2 x forward" (the 6N rule: 2N FLOPs a token
-  forward, 4N backward) applied to the trained model's forwards with gradients since the last
-  backward. It is exact for linear layers and matches ``FlopCounterMode`` on a Llama's whole
-  forward and backward (tested). It over-counts where autograd skips work: frozen layers
-  (LayerwiseSampling) need no weight gradients and nothing below the lowest trainable layer needs
-  any, so their savings do not show in the rule. ``backward="measured"`` runs the backward under
-  ``FlopCounterMode`` (once per forward signature and set of trainable parameters) and is exact
-  there, including activation checkpointing's recomputation - but a counting mode over the backward
-  changes its floating-point summation order (gradients differ in the last bits: measured, tested),
-  so it is an option, not the default. Forward counting leaves results bit for bit unchanged.
+* **Backward**: by default a rule applied to the forwards with gradients since the last backward
+  (:func:`backward_by_rule`), from the FLOPs each module call of the measured forward spent itself:
+  a module with parameters (a linear layer) costs its forward once more for its input's gradient,
+  if anything before it trains, and once more for its weights', if they train; a module without
+  (attention's products between activations) twice, if anything before it trains. With every
+  parameter trainable this is the 6N rule (backward = 2 x forward; it matches ``FlopCounterMode``
+  on a Llama's backward, tested); with frozen layers (LayerwiseSampling) it drops the weight
+  gradients they skip and everything below the lowest trainable layer, as autograd does (tested
+  against ``FlopCounterMode``). It re-evaluates when the trainable set changes. Where it is an
+  approximation: a module mixing weight products and activation products in its own code (not in
+  child modules) is counted as weight products; branches are ordered by when their calls ended.
+  ``backward="measured"`` runs the backward itself under ``FlopCounterMode`` (once per forward
+  signature and trainable set) and is exact, activation checkpointing's recomputation included -
+  but a counting mode over the backward changes its floating-point summation order (gradients
+  differ in the last bits: measured), so it is an option, not the default. Forward counting leaves
+  results bit for bit unchanged (tested).
 * **Tokens**: ``tokens`` are the tokens of the training batches (what the run consumes, before any
   selection); ``backward_tokens`` those of the trained model's forwards with gradients (the rows the
   loss was backpropagated from). A batch's tokens: the elements of its ``input_ids`` (padding
@@ -55,9 +61,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 SOURCES = ("model", "selection_forward", "reference_model", "scoring", "probes", "no_grad_forward")
 """Where FLOPs are spent; :attr:`Spent.by_source` has one entry for each."""
-
-BACKWARD_RATIO = 2
-"""Backward FLOPs per forward FLOP under the rule (the "6N" of 2N forward + 4N backward per token)."""
 
 Backward = Literal["rule", "measured"]
 Source = Literal["model", "selection_forward", "reference_model", "scoring", "probes", "no_grad_forward"]
@@ -196,6 +199,45 @@ class _Call:
     counter: FlopCounterMode | None
     source: str
     grad: bool
+    frames: list[list[Any]] = field(default_factory=list)  # while measured: [start FLOPs, children's FLOPs] per open call
+    parts: list[_Part] = field(default_factory=list)
+    upstream: bool = False  # while measured: a parameter of an ended call trains
+
+
+_Part = tuple[int, tuple[nn.Parameter, ...], bool]
+"""One module call inside a measured forward, in the order the calls ended: the FLOPs of its own
+operations (not its children's), its own parameters (``recurse=False``), and whether it is
+constant - without parameters, and its output needed no gradient although a parameter before it
+trained (rotary position tables)."""
+
+
+def _needs_grad(value: Any) -> bool:
+    """Whether a call's inputs or output (tensors, or tensors in a tuple, list or mapping) need gradients."""
+    if isinstance(value, Tensor):
+        return value.requires_grad
+    if isinstance(value, Mapping):
+        value = list(value.values())
+    return isinstance(value, (tuple, list)) and any(isinstance(v, Tensor) and v.requires_grad for v in value)
+
+
+def backward_by_rule(parts: list[_Part], inputs_need_grad: bool) -> int:
+    """The backward FLOPs of a forward made of ``parts`` (2 x forward where everything trains).
+
+    A product of an input and a weight (a module with parameters) needs one product of the same
+    cost for the input's gradient - if anything before it trains, or the inputs need gradients -
+    and one for the weight's, if the weight trains; products between activations (a module without
+    parameters: attention) need two, if anything before them trains, else none. "Before" is the
+    order in which the calls ended, which is the data's order through a stack of layers.
+    """
+    upstream, total = inputs_need_grad, 0
+    for flops, params, constant in parts:
+        trains = any(p.requires_grad for p in params)
+        if params:
+            total += flops * (int(upstream) + int(trains))
+        elif upstream and not constant:
+            total += 2 * flops
+        upstream = upstream or trains
+    return total
 
 
 class ComputeMeter:
@@ -210,10 +252,10 @@ class ComputeMeter:
             ``"reference_model"``).
         measure: ``"per_signature"`` (count each call signature once, then reuse) or
             ``"every_call"`` (count every call; exact for value-dependent FLOPs, slower).
-        backward: ``"rule"`` (2 x the forward FLOPs of the calls with gradients; bit-identical
-            training) or ``"measured"`` (``FlopCounterMode`` over the backward, once per forward
-            signature: exact for frozen layers, but it changes the backward's floating-point
-            summation order - gradients differ in the last bits from a run without it).
+        backward: ``"rule"`` (:func:`backward_by_rule`; training bit-identical) or ``"measured"``
+            (``FlopCounterMode`` over the backward, once per forward signature and trainable set:
+            exact, but it changes the backward's floating-point summation order - gradients differ
+            in the last bits from a run without it).
 
     Raises:
         ValueError: an unknown ``measure`` or ``backward``.
@@ -227,8 +269,8 @@ class ComputeMeter:
         ...     loss = model(torch.randn(3, 4)).sum()
         ...     with meter.backward():
         ...         loss.backward()
-        >>> meter.spent.forward_flops, meter.spent.backward_flops
-        (48, 96)
+        >>> meter.spent.forward_flops, meter.spent.backward_flops  # the input needs no gradient: the weight's only
+        (48, 48)
     """
 
     def __init__(self, model: nn.Module, measure: Measure = "per_signature", backward: Backward = "rule") -> None:
@@ -241,7 +283,7 @@ class ComputeMeter:
         self.backward_count: Backward = backward
         self.spent = Spent()
         self.paused = False
-        self._forward_cache: dict[tuple[Any, ...], tuple[int, int | None]] = {}
+        self._forward_cache: dict[tuple[Any, ...], tuple[int, int | None, list[_Part]]] = {}
         self._backward_cache: dict[tuple[Any, ...], int] = {}
         self._kinds: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
         self._keyed: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # modules with a keyword-seeing pre-hook
@@ -249,7 +291,7 @@ class ComputeMeter:
         self._handles: list[Any] = []
         self._depth = 0
         self._call: _Call | None = None
-        self._grad_calls: list[tuple[tuple[Any, ...], int]] = []  # (signature, forward FLOPs) awaiting a backward
+        self._grad_calls: list[tuple[tuple[Any, ...], bool, list[_Part]]] = []  # (signature, inputs need grad, parts) awaiting a backward
         self._backward: tuple[tuple[Any, ...], FlopCounterMode | None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -304,9 +346,13 @@ class ComputeMeter:
         return kind
 
     def _pre(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        if self._depth > 0 or self.paused or self._backward is not None:
-            if self._depth > 0:
-                self._depth += 1
+        if self._depth > 0:
+            self._depth += 1
+            call = self._call
+            if call is not None and call.counter is not None and self.backward_count == "rule":
+                call.frames.append([call.counter.get_total_flops(), 0])
+            return
+        if self.paused or self._backward is not None:
             return
         kind = self._kind(module)
         if kind == "wrapper":
@@ -338,16 +384,34 @@ class ComputeMeter:
         if key is None or self.measure == "every_call" or key not in self._forward_cache:
             counter = FlopCounterMode(display=False)
             counter.__enter__()
-        self._call = _Call(key, counter, source, grad)
+        self._call = _Call(key, counter, source, grad, frames=[[0, 0]] if counter is not None and self.backward_count == "rule" else [])
+
+    def _end_part(self, call: _Call, module: nn.Module, output: Any) -> None:
+        """Close the innermost open module call of a measured forward: record its own FLOPs."""
+        assert call.counter is not None
+        start, children = call.frames.pop()
+        total = call.counter.get_total_flops() - start
+        if call.frames:
+            call.frames[-1][1] += total
+        params = tuple(module.parameters(recurse=False))
+        if total > children or params:
+            constant = not params and call.upstream and not _needs_grad(output)
+            call.parts.append((total - children, params, constant))
+        call.upstream = call.upstream or any(p.requires_grad for p in params)
 
     def _post(self, module: nn.Module, args: tuple[Any, ...], *rest: Any) -> None:
         if self._depth == 0:
             return
         self._depth -= 1
-        if self._depth > 0 or self._call is None:
+        call = self._call
+        if call is None:
             return
-        call, self._call = self._call, None
         failed = len(rest) != 2  # the always-called hook of a forward that raised gets no kwargs
+        if call.counter is not None and call.frames and not failed:
+            self._end_part(call, module, rest[1])
+        if self._depth > 0:
+            return
+        self._call = None
         if call.counter is not None:
             call.counter.__exit__(None, None, None)
         if failed:
@@ -360,43 +424,42 @@ class ComputeMeter:
             _signature(kwargs, parts)
             key = tuple(parts)
         if call.counter is not None:
-            flops, tokens = call.counter.get_total_flops(), count_tokens((args, kwargs))
-            self._forward_cache[key] = (flops, tokens)
+            flops, tokens, parts = call.counter.get_total_flops(), count_tokens((args, kwargs)), call.parts
+            self._forward_cache[key] = (flops, tokens, parts)
         else:
-            flops, tokens = self._forward_cache[key]
+            flops, tokens, parts = self._forward_cache[key]
         self.spent.by_source[call.source] += flops
         self.spent.forward_flops += flops
         if call.grad:
             self.spent.model_forward_flops += flops
             self.spent.backward_tokens += tokens or 0
-            self._grad_calls.append((key, flops))
+            inputs_need_grad = _needs_grad(args) or _needs_grad(kwargs)
+            self._grad_calls.append((key, inputs_need_grad, parts))
 
     # ------------------------------------------------------------------ backward
     def begin_backward(self) -> None:
         """A backward starts: the forwards with gradients since the last one are what it differentiates."""
-        calls: tuple[Any, ...] = tuple(self._grad_calls)
-        self._grad_calls = []
+        grad_calls, self._grad_calls = self._grad_calls, []
+        trainable = tuple(p.requires_grad for p in self.model.parameters())  # frozen layers change the backward
+        key = (tuple((call, inputs) for call, inputs, _ in grad_calls), trainable)
         counter = None
-        if self.backward_count == "measured":
-            keys = tuple(key for key, _ in calls)
-            calls = (keys, tuple(p.requires_grad for p in self.model.parameters()))  # frozen layers change it
-            if self.measure == "every_call" or calls not in self._backward_cache:
+        if self.measure == "every_call" or key not in self._backward_cache:
+            if self.backward_count == "measured":
                 counter = FlopCounterMode(display=False)
                 counter.__enter__()
-        self._backward = (calls, counter)
+            else:
+                self._backward_cache[key] = sum(backward_by_rule(parts, inputs) for _, inputs, parts in grad_calls)
+        self._backward = (key, counter)
 
     def end_backward(self) -> None:
         """The backward begun by :meth:`begin_backward` ended: add its FLOPs."""
         if self._backward is None:
             return
-        (calls, counter), self._backward = self._backward, None
+        (key, counter), self._backward = self._backward, None
         if counter is not None:
             counter.__exit__(None, None, None)
-            self._backward_cache[calls] = counter.get_total_flops()
-        if self.backward_count == "measured":
-            flops = self._backward_cache[calls]
-        else:
-            flops = BACKWARD_RATIO * sum(forward for _, forward in calls)
+            self._backward_cache[key] = counter.get_total_flops()
+        flops = self._backward_cache[key]
         self.spent.backward_flops += flops
         self.spent.by_source["model"] += flops
 
