@@ -304,6 +304,17 @@ def test_rescored_el2n_under_label_noise_collapses_and_the_sampler_says_so():
     assert len(warned[0.0]) == 1 and "misclassifies" in warned[0.0][0] and warned[0.3] == []
 
 
+def test_the_augmentation_check_compares_reads_by_value_and_draws_nothing():
+    from weightwise.selection.scoring import reads_differ
+
+    nan_features = torch.utils.data.TensorDataset(torch.tensor([[float("nan"), 1.0]]), torch.tensor([0]))
+    assert not reads_differ(nan_features)  # a nan read twice is the same read
+    assert not reads_differ([{"text": "a", "ids": torch.tensor([1, 2])}])
+    state = torch.random.get_rng_state()
+    assert reads_differ(Augmented(blobs(4)))
+    assert torch.equal(torch.random.get_rng_state(), state)  # the run's random stream is untouched
+
+
 def test_a_scoring_dataset_of_another_length_is_refused():
     sampler = ScorePruningSampler(64, 0.5, score="el2n", warmup_epochs=1)
     with pytest.raises(MisconfigurationException, match="same order, without random augmentation"):
