@@ -168,8 +168,8 @@ def step_domain_ids(given: Any, batch: Any, key: str, n_losses: int) -> Tensor:
         found = "none" if not isinstance(domains, Tensor) else f"{domains.numel()} ({domains.dtype})"
         raise ValueError(
             f"a domain-mixing callback needs one domain id per sample: the batch carries {found} under {key!r} for"
-            f" {n_losses} per-sample losses. Load the data through weightwise.mixing (MixtureBatchSampler over a"
-            " dataset wrapped in DomainDataset, or MixingStream), or return {'loss': losses, 'domain_ids': ids} from"
+            f" {n_losses} per-sample losses. Load the data through weightwise.mixing.MixingStream (it adds the id to"
+            " every item), or return {'loss': losses, 'domain_ids': ids} from"
             " training_step - for packed documents one id per document, in the order of the losses"
             " (weightwise.mixing.document_domains expands each row's domain to its documents)."
         )
