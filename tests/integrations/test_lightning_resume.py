@@ -1,5 +1,6 @@
-"""Mid-epoch resume of a weightwise sampler through Lightning: exact with DataLoader workers, and
-Lightning's "dataloader is not resumable" warning silenced only where the sampler resumes."""
+"""A weightwise sampler planned in on_train_start / the first on_train_epoch_start, with DataLoader
+workers: mid-epoch resume exact, epoch 0 after a scoring pass on its plan, and Lightning's "dataloader is
+not resumable" warning silenced only where the sampler resumes."""
 
 import warnings
 
@@ -9,22 +10,28 @@ from lightning.pytorch import seed_everything
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader
 
-from tests.support.models import Classifier, blobs
+from tests.support.contracts import easy_and_random, reference_lm
+from tests.support.models import Classifier, TokenLossLM, blobs
 from tests.support.training import flat_params, trainer
 from weightwise import IndexedDataset
 from weightwise.callbacks import DataPruning
-from weightwise.integrations.lightning import NOT_RESUMABLE_WARNING, resume_train_data
-from weightwise.samplers import InfoBatchSampler
+from weightwise.integrations.lightning import NOT_RESUMABLE_WARNING, sampler_planned
+from weightwise.samplers import InfoBatchSampler, PerplexityBandSampler, reference_perplexity
 
 
-class ResumingDataPruning(DataPruning):
-    """DataPruning with resume_train_data called after it restored a mid-epoch plan."""
+class WiredDataPruning(DataPruning):
+    """DataPruning calling sampler_planned where it plans: after restoring a mid-epoch plan, after
+    planning an epoch (the two calls DataPruning itself is to make)."""
 
     def on_train_start(self, trainer, pl_module):
         resuming = self._pending_mid_epoch is not None and self._pending_mid_epoch["epoch"] == trainer.current_epoch
         super().on_train_start(trainer, pl_module)
         if resuming:
-            resume_train_data(trainer)
+            sampler_planned(trainer, restored_mid_epoch=True)
+
+    def _start_epoch(self, trainer):
+        super()._start_epoch(trainer)
+        sampler_planned(trainer)
 
 
 class Ids(Callback):
@@ -32,7 +39,7 @@ class Ids(Callback):
         self.ids = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.ids.append(batch[2].tolist())
+        self.ids.append((batch["sample_id"] if isinstance(batch, dict) else batch[2]).tolist())
 
 
 def fit(directory, pruning_class, num_workers, ckpt_path=None, max_steps=-1):
@@ -54,9 +61,9 @@ def fit(directory, pruning_class, num_workers, ckpt_path=None, max_steps=-1):
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_a_mid_epoch_resume_is_exact_with_workers_and_not_warned(tmp_path, num_workers):
-    straight, straight_ids, _ = fit(tmp_path, ResumingDataPruning, num_workers)
-    fit(tmp_path, ResumingDataPruning, num_workers, max_steps=3)
-    resumed, resumed_ids, warned = fit(tmp_path, ResumingDataPruning, num_workers, ckpt_path=tmp_path / "step=3.ckpt")
+    straight, straight_ids, _ = fit(tmp_path, WiredDataPruning, num_workers)
+    fit(tmp_path, WiredDataPruning, num_workers, max_steps=3)
+    resumed, resumed_ids, warned = fit(tmp_path, WiredDataPruning, num_workers, ckpt_path=tmp_path / "step=3.ckpt")
     assert resumed_ids == straight_ids[3:]  # the rest of epoch 0, then epoch 1
     assert torch.equal(flat_params(resumed), flat_params(straight))
     assert not warned
@@ -78,3 +85,19 @@ def test_the_warning_stays_for_a_dataloader_that_does_not_resume(tmp_path):
 
     run(max_steps=2)
     assert run(ckpt_path=tmp_path / "step=2.ckpt")
+
+
+def test_the_first_epoch_after_a_scoring_pass_trains_its_band_with_workers():
+    """PerplexityBandSampler scores before epoch 0; the workers' first indices were drawn before that."""
+
+    def epoch_zero(num_workers):
+        sampler = PerplexityBandSampler(24, 0.5, band="high")
+        ids = Ids()
+        loader = DataLoader(IndexedDataset(easy_and_random(24, 12, 64)), batch_size=4, sampler=sampler, num_workers=num_workers)
+        trainer(max_epochs=1, callbacks=[WiredDataPruning(score_fn=reference_perplexity(reference_lm())), ids]).fit(
+            TokenLossLM("tokens", layers=2), loader
+        )
+        return sorted(sum(ids.ids, [])), sorted(sampler.plan.indices.tolist())
+
+    trained, band = epoch_zero(2)
+    assert trained == band and epoch_zero(0) == (band, band)

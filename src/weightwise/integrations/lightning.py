@@ -11,10 +11,11 @@ Lightning 2.4-2.6):
 * ``DistributedSamplerWrapper``'s ``dataset._sampler`` - the sampler Lightning wrapped, to refuse a
   weightwise sampler sharded twice with an error naming the fix (:func:`distributed_wrapped_sampler`).
 * ``trainer.fit_loop._data_fetcher`` / ``_combined_loader`` and ``fit_loop.epoch_loop.reset`` - a
-  sampler given back its mid-epoch position in ``on_train_start`` needs the training iterator made
-  anew (DataLoader workers drew indices when ``FitLoop.setup_data`` made it), and Lightning's
-  "dataloader is not resumable" warning, raised in that ``reset`` for a DataLoader without
-  ``state_dict``, does not apply to it (:func:`resume_train_data`).
+  sampler planned in ``on_train_start`` or the first ``on_train_epoch_start`` of a fit (a scoring
+  pass, a restored mid-epoch plan) needs the training iterator made anew (DataLoader workers drew
+  indices when ``FitLoop.setup_data`` made it), and Lightning's "dataloader is not resumable"
+  warning, raised in that ``reset`` for a DataLoader without ``state_dict``, does not apply to a
+  sampler that resumes (:func:`sampler_planned`).
 * ``fit_loop.restarting``, ``fit_loop.epoch_progress`` and ``fit_loop.epoch_loop.batch_progress``
   (the loops' progress counters, restored from the checkpoint) - whether a fit resumes in the
   middle of an epoch (:func:`resumed_mid_epoch`).
@@ -223,21 +224,24 @@ NOT_RESUMABLE_WARNING = "You're resuming from a checkpoint that ended before the
 training DataLoader lacks ``state_dict``/``load_state_dict`` (Lightning checks the DataLoader, never its sampler)."""
 
 
-def resume_train_data(trainer: pl.Trainer) -> None:
-    """Continue the training data mid-epoch after a sampler was given back its position in ``on_train_start``.
+def sampler_planned(trainer: pl.Trainer, *, restored_mid_epoch: bool = False) -> None:
+    """Call after a callback (re)planned the training sampler for the coming epoch, in ``on_train_start``
+    or ``on_train_epoch_start``.
 
-    * Lightning made the training iterator in ``FitLoop.setup_data``, before ``on_train_start``;
+    * Lightning makes an epoch's iterator after ``on_train_epoch_start``, except in the first epoch
+      of a fit and on a restart, where ``FitLoop.setup_data`` made it before ``on_train_start``:
       DataLoader workers drew their first batches of indices from the sampler right then, from the
-      plan as it was before the restore. Nothing has been taken from that iterator (Lightning
-      prefetches only loaders without a length), so it is made anew and the workers draw from the
-      restored plan.
-    * Lightning's next step warns that the DataLoader "is not resumable"; the sampler resumes, so
-      that one ``reset`` call runs with that warning ignored (the replacement removes itself).
+      plan as it was (before a scoring pass, a restored mid-epoch plan). There the iterator is made
+      anew; nothing has been taken from it (Lightning prefetches only loaders without a length).
+    * ``restored_mid_epoch``: the sampler was given back its mid-epoch position, so Lightning's
+      warning that the DataLoader "is not resumable" does not apply: the next ``reset`` of the
+      epoch loop, where Lightning gives it, runs with it ignored (the replacement removes itself).
     """
-    restart_train_iterator(trainer)
     epoch_loop = trainer.fit_loop.epoch_loop
-    if "reset" in vars(epoch_loop):
-        return  # already replaced for this restart
+    if trainer.current_epoch == 0 or epoch_loop.restarting:
+        restart_train_iterator(trainer)
+    if not restored_mid_epoch or "reset" in vars(epoch_loop):
+        return
 
     def once_without_warning(original: Callable[..., Any]) -> Callable[..., Any]:
         def reset(*args: Any, **kwargs: Any) -> Any:
