@@ -8,7 +8,9 @@ code: :func:`weightwise.layers.find_layer_stack`, a :class:`weightwise.layers.La
 trainable parameter as a user would build it - so a library change that stops releasing state or
 freezing layers shows up as memory here. ``lisa`` also takes the per-sample loss path
 (:func:`weightwise.losses.sequence_loss` -> :func:`~weightwise.losses.loss_weights` ->
-:func:`~weightwise.losses.weighted_mean`).
+:func:`~weightwise.losses.weighted_mean`). The token ingredients (``dft``, ``rho1``) take weightwise's
+token path (:func:`token_loss`); ``rho1`` adds a 1.1B-class reference model scored through
+weightwise's chunked reference path.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from benchmarks.memory.models import Shape, build
+from benchmarks.memory.models import SHAPES, Shape, build
 from benchmarks.memory.tracking import Accelerator
 from weightwise.layers import (
     HostMasters,
@@ -31,7 +33,17 @@ from weightwise.layers import (
     activate_layers,
     find_layer_stack,
 )
-from weightwise.losses import linear_cross_entropy, loss_weights, sequence_loss, weighted_mean
+from weightwise.losses import (
+    dft_weights,
+    excess_losses,
+    linear_cross_entropy,
+    loss_weights,
+    sequence_loss,
+    token_cross_entropy,
+    top_tokens,
+    weighted_mean,
+)
+from weightwise.weighting.tokens import RHO1_KEEP
 
 BASES: dict[str, str] = {
     "full": "full fine-tuning",
@@ -51,7 +63,13 @@ INGREDIENTS: dict[str, str] = {
     " LayerwiseSampling(frozen_dtype=bf16) path (layers.HostMasters parks the fp32 masters in host memory); LoRA's"
     " frozen base loaded in bf16",
     "linearce": "weightwise per-sample loss from the last hidden states (losses.linear_cross_entropy): no [B, T, V] logits",
+    "dft": "weightwise token path with DFT's factor (TokenWeighting('dft')): token losses x detached exp(-loss), token mean",
+    "rho1": "Rho-1 (SelectiveTokens): a 1.1B-class reference (TinyLlama shape, bf16 weights, eval, no grad) scored through"
+    " weightwise's chunked path (its last hidden states + linear_cross_entropy: no [B, T, V] logits), the top 60% of"
+    " tokens by excess loss trained",
 }
+REFERENCE_SHAPE = "1.1b"  # Rho-1's 1B reference; TinyLlama shares Llama-2's 32k vocabulary, so it also serves the 7B
+TOKEN_INGREDIENTS = frozenset(("dft", "rho1"))
 # The methods and ingredient combinations a plain run simulates.
 DEFAULT_METHODS = (
     "full",
@@ -200,6 +218,11 @@ def prepare(recipe: Recipe, shape: Shape, accelerator: Accelerator) -> Prepared:
     # device, which the tracker does not count as the accelerator's).
     masters = HostMasters(torch.bfloat16, host=accelerator.host) if "bf16frozen" in recipe.ingredients and schedule is not None else None
     outside = [p for p in model.parameters() if p not in in_stack and not p.requires_grad]
+    reference = None
+    if "rho1" in recipe.ingredients:
+        reference_shape = SHAPES[REFERENCE_SHAPE] if shape.vocab_size == SHAPES[REFERENCE_SHAPE].vocab_size else shape
+        reference = build(reference_shape, accelerator).eval().requires_grad_(False)
+        cast_frozen_to_bf16(reference)  # an inference-only model, loaded in bf16
 
     def before_step(step: int) -> None:
         if schedule is not None:
@@ -210,6 +233,8 @@ def prepare(recipe: Recipe, shape: Shape, accelerator: Accelerator) -> Prepared:
             cast_frozen_to_bf16(model)
 
     def loss(ids: Tensor) -> Tensor:
+        if recipe.ingredients & TOKEN_INGREDIENTS:
+            return token_loss(model, ids, accelerator, recipe.ingredients, reference)
         if "linearce" in recipe.ingredients or recipe.base == "lisa":
             return weightwise_loss(model, ids, accelerator, from_hidden="linearce" in recipe.ingredients)
         return model(input_ids=ids, labels=ids).loss
@@ -239,3 +264,37 @@ def weightwise_loss(model: nn.Module, ids: Tensor, accelerator: Accelerator, *, 
         losses = sequence_loss(model(input_ids=ids).logits, ids, shift=True)
     weights = accelerator.from_real(lambda: loss_weights(torch.linspace(1.0, 3.0, ids.shape[0]), "linupper"))
     return weighted_mean(losses, weights)
+
+
+def _token_losses(model: nn.Module, ids: Tensor, from_hidden: bool) -> tuple[Tensor, Tensor]:
+    """Token losses of a causal LM: from its logits (:func:`weightwise.losses.token_cross_entropy`), or
+    from its last hidden states and output embedding (:func:`weightwise.losses.linear_cross_entropy`)."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model's LlamaForCausalLM
+    if from_hidden:
+        hidden = causal_lm.get_decoder()(input_ids=ids).last_hidden_state
+        return linear_cross_entropy(hidden, causal_lm.lm_head.weight, ids, shift=True)
+    return token_cross_entropy(model(input_ids=ids).logits, ids, shift=True)
+
+
+def token_loss(model: nn.Module, ids: Tensor, accelerator: Accelerator, ingredients: frozenset[str], reference: nn.Module | None) -> Tensor:
+    """weightwise's token path: token losses, DFT's factor and/or Rho-1's selection, the mean over the
+    selected tokens (what the reducer backpropagates with TokenWeighting / SelectiveTokens).
+
+    The reference's token losses are those of :func:`weightwise.losses.reference_token_losses` - its
+    decoder, then the chunked head - without that function's label-range check, which reads values
+    fake tensors do not have. The selection (:func:`weightwise.losses.top_tokens` sorts the valid
+    scores, whose count is data-dependent) runs on real stand-in scores of the batch's shape: its
+    memory is a ``[B, T]`` mask, nil either way; the excess losses are computed on the fake tensors.
+    """
+    token_losses, mask = _token_losses(model, ids, "linearce" in ingredients)
+    weights = mask.to(token_losses.dtype)
+    if "dft" in ingredients:
+        weights = weights * dft_weights(token_losses, mask)
+    if reference is not None:
+        with torch.no_grad():
+            reference_losses, _ = _token_losses(reference, ids, from_hidden=True)
+        excess_losses(token_losses, reference_losses)  # the [B, T] scores the selection ranks
+        shape = tuple(mask.shape)
+        selected = accelerator.from_real(lambda: top_tokens(torch.rand(shape), torch.ones(shape, dtype=torch.bool), RHO1_KEEP))
+        weights = weights * selected.to(weights.device, weights.dtype)
+    return (token_losses * weights).sum() / (weights > 0).sum().clamp(min=1)
