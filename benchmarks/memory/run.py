@@ -9,9 +9,11 @@ fine-tuning, LoRA and hand-written LISA (``H100_PEAK_GIB`` in :mod:`benchmarks.m
     python -m benchmarks.memory.run                                  # everything (see DEFAULT_METHODS)
     python -m benchmarks.memory.run --models 1.1b --methods full,lora,lisa_hand
     python -m benchmarks.memory.run --methods lisa_layers+bf16frozen+ckpt+fused --out /tmp/mem
+    python -m benchmarks.memory.run --methods full,full+dft,full+rho1 --out benchmarks/memory/results/tokens
 
 Method names: a base method (full, lora, lisa_hand, lisa, lisa_layers, ist_lora, badam) with
-optional ``+ingredient``s (forloop, fused, ckpt, bf16frozen); ``--list`` describes them.
+optional ``+ingredient``s (forloop, fused, ckpt, bf16frozen, linearce; the token paths dft and rho1,
+the latter with a 1.1B-class reference model); ``--list`` describes them.
 Writes ``results.md``, ``results.json`` and ``peak_memory.png`` (needs matplotlib) to ``--out``.
 """
 

@@ -207,8 +207,12 @@ def test_selective_tokens_composes_with_loss_reweighting_into_one_weight():
 def test_selective_tokens_ledger_checkpoint_and_the_reference_given_back():
     reference = tiny_reference().train()
     callback = SelectiveTokens(reference, keep=0.5)
-    fit(TokenLossLM(), [callback], steps=3)
+    seed_everything(0)
+    run = trainer(max_steps=3, callbacks=[callback], log_every_n_steps=1)
+    run.fit(TokenLossLM(), padded_token_batches(n=12))
     valid, selected, positions = batch_counts(list(padded_token_batches(n=12))[:3], 0.5)
+    assert run.callback_metrics["weightwise/tokens_valid"] == valid[-1]  # logged per step by the reducer
+    assert run.callback_metrics["weightwise/tokens_selected"] == selected[-1]
     params = sum(p.numel() for p in reference.parameters())
     assert callback.ledger == {
         "steps": 3, "tokens_valid": sum(valid), "tokens_selected": sum(selected),
