@@ -10,12 +10,14 @@
 * :class:`TokenWeighting`, :class:`SelectiveTokens` - weight or select tokens: DFT, Rho-1 (:mod:`weightwise.weighting`).
 * :class:`SampleWeightCallback` - the base class of callbacks that contribute a weight factor.
 * :class:`ComputeBudget` - stop the fit when a budget of FLOPs or tokens is spent (:mod:`weightwise.compute`).
+* :class:`DomainMixing` - learn the data mixture over domains while the model trains (:mod:`weightwise.mixing`).
 """
 
 from weightwise.compute.callback import ComputeBudget
 from weightwise.experts.callback import ExpertUpcycling
 from weightwise.experts.dense_callback import DenseUpcycling
 from weightwise.layers.callback import LayerwiseSampling
+from weightwise.mixing.callback import DomainMixing
 from weightwise.reporting.report import SampleReport
 from weightwise.selection.callback import DataPruning
 from weightwise.selection.online import OnlineBatchSelection
@@ -28,6 +30,7 @@ __all__ = [
     "ComputeBudget",
     "DataPruning",
     "DenseUpcycling",
+    "DomainMixing",
     "ExpertUpcycling",
     "LayerwiseSampling",
     "LossReweighting",

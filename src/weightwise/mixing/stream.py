@@ -88,11 +88,19 @@ class MixingStream(IterableDataset):
         self.table = WeightTable(torch.ones(k) if weights is None else torch.as_tensor(weights, dtype=torch.float64), delay=0)
         self.batch_size, self.exhausted, self.draw, self.seed = batch_size, exhausted, draw, seed
         self.shard, self.domain_key = shard, domain_key
-        self.num_replicas = num_replicas if num_replicas is not None else collectives.world_size()
-        self.rank = rank if rank is not None else collectives.rank()
+        self._num_replicas, self._rank = num_replicas, rank
         self.start_batch = 0  # the batch number the next iteration starts at
         self.slots = 1  # worker slots the positions are kept for (the DataLoader's workers, at least 1)
         self.positions = torch.zeros(1, k, dtype=torch.long)  # [slots, K] items of each domain each slot consumed
+
+    @property
+    def num_replicas(self) -> int:
+        return self._num_replicas if self._num_replicas is not None else collectives.world_size()
+
+    @property
+    def rank(self) -> int:
+        """This process' rank (read when iterated, so a stream built before the process group starts works)."""
+        return self._rank if self._rank is not None else collectives.rank()
 
     def bind(self, num_workers: int, start_batch: int, positions: Tensor | None = None) -> None:
         """Set where the next iteration starts (done by the callback before the loader's workers start)."""

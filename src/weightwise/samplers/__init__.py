@@ -3,9 +3,13 @@
 
 All shard themselves across data-parallel ranks; use them with
 ``Trainer(use_distributed_sampler=False)`` and the :class:`weightwise.callbacks.DataPruning`
-callback, which feeds them the score store and applies their loss corrections.
+callback, which feeds them the score store and applies their loss corrections. The mixture
+samplers of :mod:`weightwise.mixing` (:class:`MixtureBatchSampler`, :class:`MixingStream`) draw
+each batch's domains by weights that :class:`weightwise.callbacks.DomainMixing` learns.
 """
 
+from weightwise.mixing.sampler import MixtureBatchSampler
+from weightwise.mixing.stream import MixingStream
 from weightwise.selection.base import EpochPlan, EpochSampler
 from weightwise.selection.ccs import CoverageSampler
 from weightwise.selection.dsir import DSIRSampler
@@ -23,6 +27,8 @@ __all__ = [
     "EpochSampler",
     "ImportanceSampler",
     "InfoBatchSampler",
+    "MixingStream",
+    "MixtureBatchSampler",
     "POLICIES",
     "PerplexityBandSampler",
     "RandomSubsetSampler",
