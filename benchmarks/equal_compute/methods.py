@@ -1,0 +1,201 @@
+"""The methods the harness compares, as configurations of weightwise callbacks and samplers.
+
+A method is named on the command line as ``NAME[:key=value,...]``, and methods combine with
+``+`` (``dsir+linupper:r=1``): the callbacks add up, at most one sampler. Every knob below is a
+named parameter; the defaults are the references' unless a reason is given.
+
+* ``plain``: the mean over the batch's target bytes, uniform shuffle of the pool.
+* ``linupper`` / ``quadratic`` / ``extremes``: ``LossReweighting`` (Sow et al., ICLR 2025; code
+  ``sowmaster/Sample-Level-Loss-Reweighting-ICLR-2025``) with ``r`` (their temperature, 0.4) and
+  ``warmup`` - a fraction of the steps plain training takes at this budget (the reference's 1000
+  steps would be the whole run here; default 0.1). The sample is the row.
+* ``select``: ``OnlineBatchSelection`` at Composer's ``SelectiveBackprop`` defaults (keep 0.5,
+  active from 0.5 to 0.9 of the run, every 2nd batch whole, loss-rank sampling); the window is a
+  fraction of the *compute budget* spent (a budgeted run has no step count fixed in advance).
+* ``rho``: RHO-LOSS (Mindermann et al., ICML 2022; ``OATML/RHO-Loss``): the rows with the
+  highest training loss minus the reference model's loss on them. The reference losses are
+  computed once per run over the pool at its first step (as the paper precomputes irreducible
+  losses; counted as ``reference_model`` FLOPs); the reference model trains on the clean held-in set. ``keep=0.25`` of a
+  batch of ``batch/keep`` rows, so the backward batch equals plain's; the paper's 0.1 (32 of 320)
+  costs 4.3x plain's FLOPs per step here, 0.25 costs 2.3x (``keep=0.1`` runs it).
+* ``perplexity``: ``PerplexityBandSampler`` (Ankner et al., 2024) with a ``DataPruning`` scoring
+  pass by the same reference model; ``band`` (``high``, the paper's best on the Pile;
+  ``medium``) and ``keep`` (0.5).
+* ``dsir``: ``DSIRSampler.from_texts`` (Xie et al., NeurIPS 2023; ``p-lambda/dsir``) toward the
+  clean held-in set (never the evaluation target), ``fraction=0.5``; rows are short, so
+  ``min_length=0``.
+* ``infobatch``: ``InfoBatchSampler`` (Qin et al., ICLR 2024), ``prune=0.5``, its epoch count the
+  number of full passes plain training makes at this budget (at least 3: with fewer, annealing at
+  0.875 of the epochs leaves no pruned epoch after the first, unscored one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+from benchmarks.equal_compute.harness import Rows, Setup
+from weightwise.callbacks import ComputeBudget, DataPruning, LossReweighting, OnlineBatchSelection
+from weightwise.samplers import DSIRSampler, InfoBatchSampler, PerplexityBandSampler, sequence_perplexity
+
+Params = dict[str, float | str]
+
+
+@dataclass
+class Context:
+    """What a method may read to build itself for one run."""
+
+    pool: Rows
+    reference: Rows | None
+    seed: int
+    budget: ComputeBudget  # this run's budget (counts every pass; ``fraction`` is the share spent)
+    seq_len: int
+    batch_size: int
+    plain_steps: int  # optimizer steps plain training takes at this run's budget
+    reference_model: Callable[[], torch.nn.Module]  # trained on the reference set on first use, then cached
+
+    def need_reference(self, method: str) -> Rows:
+        if self.reference is None:
+            raise ValueError(f"method {method!r} needs clean held-in text: pass --reference DIR (same layout as --corpus)")
+        return self.reference
+
+
+class BudgetWindowSelection(OnlineBatchSelection):
+    """``OnlineBatchSelection`` whose ``start``/``end`` window is a fraction of the FLOP budget spent."""
+
+    def __init__(self, budget: ComputeBudget, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.budget = budget
+
+    def active(self, trainer: pl.Trainer, batch_idx: int) -> bool:
+        in_window = self.start <= self.budget.fraction < self.end
+        return in_window and (self.interrupt == 0 or (batch_idx + 1) % self.interrupt != 0)
+
+
+def reweighting(strategy: str) -> Callable[..., Setup]:
+    def build(ctx: Context, r: float = 0.4, warmup: float = 0.1) -> Setup:
+        steps = round(float(warmup) * ctx.plain_steps)
+        return Setup(loss_mode="rows", callbacks=[LossReweighting(strategy, temperature=float(r), warmup_steps=steps)],
+                     notes={"warmup_steps": steps})
+    return build
+
+
+def plain(ctx: Context) -> Setup:
+    return Setup()
+
+
+def select(ctx: Context, keep: float = 0.5, start: float = 0.5, end: float = 0.9, interrupt: int = 2) -> Setup:
+    callback = BudgetWindowSelection(ctx.budget, keep=float(keep), start=float(start), end=float(end), interrupt=int(interrupt), seed=ctx.seed)
+    return Setup(loss_mode="rows", callbacks=[callback])
+
+
+def reference_model(ctx: Context, method: str) -> torch.nn.Module:
+    """The reference model in eval mode (a module outside the trained one: ComputeBudget counts its
+    forwards during the fit as ``reference_model``)."""
+    ctx.need_reference(method)
+    return ctx.reference_model().eval()
+
+
+@torch.no_grad()
+def row_losses(model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """``[B]`` mean next-byte NLL of each row under ``model`` (its documents kept apart)."""
+    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    return sequence_perplexity(logits, batch["labels"]).log()
+
+
+def rho(ctx: Context, keep: float = 0.25) -> Setup:
+    model = reference_model(ctx, "rho")
+    table: list[Tensor] = []
+
+    def irreducible(batch: dict[str, Tensor]) -> Tensor:
+        if not table:  # the whole pool, once, at the first step (inside the fit: counted)
+            losses = []
+            for start in range(0, len(ctx.pool.rows), 64):
+                rows = ctx.pool.rows[start : start + 64]
+                losses.append(row_losses(model, {key: torch.stack([r[key] for r in rows]) for key in ("input_ids", "position_ids", "labels")}))
+            table.append(torch.cat(losses))
+        return table[0][batch["sample_id"].cpu()]
+
+    callback = OnlineBatchSelection(keep=float(keep), method="top", start=0.0, end=1.0, interrupt=0, seed=ctx.seed,
+                                    reference_loss=irreducible)
+    return Setup(loss_mode="rows", callbacks=[callback], batch_size=round(ctx.batch_size / float(keep)))
+
+
+def perplexity(ctx: Context, band: str = "high", keep: float = 0.5) -> Setup:
+    model = reference_model(ctx, "perplexity")
+    sampler = PerplexityBandSampler(len(ctx.pool.rows), float(keep), band=str(band), seed=ctx.seed)  # type: ignore[arg-type]
+    score = lambda module, batch: {"perplexity": row_losses(model, batch).exp()}  # noqa: E731
+    return Setup(loss_mode="rows", callbacks=[DataPruning(score_fn=score)], sampler=sampler)
+
+
+def dsir(ctx: Context, fraction: float = 0.5) -> Setup:
+    reference = ctx.need_reference("dsir")
+    sampler = DSIRSampler.from_texts(ctx.pool.texts(), reference.texts(), float(fraction), min_length=0, seed=ctx.seed)
+    return Setup(loss_mode="rows", callbacks=[DataPruning()], sampler=sampler)
+
+
+def infobatch(ctx: Context, prune: float = 0.5) -> Setup:
+    epochs = max(3, round(ctx.plain_steps * ctx.batch_size / len(ctx.pool.rows)))
+    sampler = InfoBatchSampler(len(ctx.pool.rows), float(prune), num_epochs=epochs, seed=ctx.seed)
+    return Setup(loss_mode="rows", callbacks=[DataPruning()], sampler=sampler, notes={"infobatch_epochs": epochs})
+
+
+METHODS: dict[str, Callable[..., Setup]] = {
+    "plain": plain, "linupper": reweighting("linupper"), "quadratic": reweighting("quadratic"),
+    "extremes": reweighting("extremes"), "select": select, "rho": rho, "perplexity": perplexity, "dsir": dsir,
+    "infobatch": infobatch,
+}
+
+
+def parse(spec: str) -> list[tuple[str, Params]]:
+    """``"dsir+linupper:r=1,warmup=0.2"`` -> ``[("dsir", {}), ("linupper", {"r": 1.0, "warmup": 0.2})]``.
+
+    Raises:
+        ValueError: an unknown method name or a malformed parameter.
+    """
+    parts = []
+    for piece in spec.split("+"):
+        name, _, rest = piece.partition(":")
+        if name not in METHODS:
+            raise ValueError(f"unknown method {name!r} in {spec!r}; choose from {sorted(METHODS)}")
+        params: Params = {}
+        for item in filter(None, rest.split(",")):
+            key, eq, value = item.partition("=")
+            if not eq:
+                raise ValueError(f"parameter {item!r} of {spec!r} must be key=value")
+            try:
+                params[key] = float(value)
+            except ValueError:
+                params[key] = value
+        parts.append((name, params))
+    return parts
+
+
+def build(spec: str, ctx: Context) -> Setup:
+    """The merged :class:`Setup` of a (possibly combined) method spec.
+
+    Raises:
+        ValueError: see :func:`parse`; two samplers or two batch sizes in one combination; an unknown parameter.
+    """
+    merged = Setup()
+    for name, params in parse(spec):
+        try:
+            part = METHODS[name](ctx, **params)
+        except TypeError as error:
+            raise ValueError(f"bad parameters for {name!r} in {spec!r}: {error}") from error
+        if part.sampler is not None and merged.sampler is not None:
+            raise ValueError(f"{spec!r} combines two samplers; a combination may hold one")
+        if part.batch_size is not None and merged.batch_size is not None:
+            raise ValueError(f"{spec!r} combines two batch sizes")
+        merged = Setup(
+            loss_mode="rows" if "rows" in (merged.loss_mode, part.loss_mode) else "mean",
+            callbacks=merged.callbacks + part.callbacks, sampler=merged.sampler or part.sampler,
+            batch_size=merged.batch_size or part.batch_size,
+            notes={**merged.notes, **part.notes},
+        )
+    return merged
