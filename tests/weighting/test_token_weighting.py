@@ -304,3 +304,21 @@ def test_a_compute_meter_counts_the_whole_reference_pass_as_reference_model():
     with ComputeMeter(TokenLossLM()) as plain, torch.no_grad():
         reference(input_ids=batch["input_ids"])
     assert meter.spent.by_source["reference_model"] == plain.spent.by_source["reference_model"] > 0
+
+
+def test_the_score_store_records_each_samples_own_loss_not_the_token_weighted_one():
+    """Token factors shape what is backpropagated; per-sample history (the store, samplers' scores)
+    keeps each sequence's plain mean token loss."""
+    from weightwise import IndexedDataset
+
+    rows = list(padded_token_batches(n=4, batch_size=1).dataset)
+    callback = TokenWeighting("dft", store_fields=("loss",))
+    fit(TokenLossLM(), [callback], steps=1, batches=torch.utils.data.DataLoader(IndexedDataset(rows), batch_size=2))
+    batch = {k: torch.stack([rows[0][k], rows[1][k]]) for k in ("input_ids", "labels")}
+    with torch.no_grad():
+        losses, mask = token_cross_entropy(TokenLossLM().model(input_ids=batch["input_ids"]).logits, batch["labels"], shift=True)
+    means, _ = reduce_token_losses(losses, mask)
+    weighted, _ = reduce_weighted_token_losses(losses, mask, dft_weights(losses, mask))
+    stored = callback.reducer.scores.loss[:2]
+    torch.testing.assert_close(stored, means, rtol=1e-5, atol=0)
+    assert not torch.allclose(stored, weighted, rtol=1e-3, atol=0)
