@@ -322,3 +322,10 @@ def test_the_score_store_records_each_samples_own_loss_not_the_token_weighted_on
     stored = callback.reducer.scores.loss[:2]
     torch.testing.assert_close(stored, means, rtol=1e-5, atol=0)
     assert not torch.allclose(stored, weighted, rtol=1e-3, atol=0)
+
+
+def test_mixed_token_scopes_are_refused_naming_each_callbacks_setting():
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    with pytest.raises(MisconfigurationException, match="LossReweighting: 'rank', TokenWeighting: 'global'.*default to 'global'"):
+        fit(TokenLossLM(), [LossReweighting("linupper"), TokenWeighting("dft")], steps=1)

@@ -248,8 +248,10 @@ class PerSampleLossReducer:
         for option in ("nonfinite", "sample_id_key", "token_weighting"):
             values = {getattr(cb, option) for cb in contributors}
             if len(values) > 1:
+                by_callback = ", ".join(f"{type(cb).__name__}: {getattr(cb, option)!r}" for cb in contributors)
                 raise MisconfigurationException(
-                    f"weightwise callbacks disagree on {option}={sorted(values)}; give them all the same value"
+                    f"weightwise callbacks disagree on {option} ({by_callback}); give them all the same value"
+                    + (" - token callbacks default to 'global'" if option == "token_weighting" else "")
                 )
         # Per-sample history (the score store) needs sample ids: a contributor or another callback
         # (SampleReport) that reads it says so; weights from the batch's own losses need none.
