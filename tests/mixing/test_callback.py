@@ -10,7 +10,17 @@ from tests.support.models import Classifier, TokenLossLM, blobs, real_bytes
 from tests.support.training import flat_params, trainer
 from weightwise import IndexedDataset
 from weightwise.callbacks import LossReweighting
-from weightwise.mixing import ODM, DomainMixing, FixedMixture, MixingStream, MixtureBatchSampler, document_domains
+from weightwise.mixing import (
+    ODM,
+    Aioli,
+    DomainMixing,
+    DoReMi,
+    FixedMixture,
+    MixingStream,
+    MixtureBatchSampler,
+    document_domains,
+    held_out_losses,
+)
 from weightwise.mixing.policies import MixingPolicy
 
 N = 60
@@ -83,23 +93,26 @@ def domain_rows(d):
     return [{"x": data[i][0], "y": data[i][1]} for i in range(N) if int(DOMAINS[i]) == d]
 
 
-def stream_fit(steps, ckpt_path=None, save=None):
+def stream_fit(steps, ckpt_path=None, save=None, workers=0):
     seed_everything(0)
     stream = MixingStream({"big": domain_rows(0), "small": domain_rows(1)}, batch_size=4, num_replicas=1, rank=0)
-    mixing = DomainMixing(ODM(2, warmup_steps=0), stream)
+    mixing = DomainMixing(ODM(2, warmup_steps=0), stream, delay=1 + 2 * workers)
     drawn = Drawn(mixing)
     model = StreamClassifier(lr=0.5)
     fit = trainer(max_steps=steps, callbacks=[mixing, drawn], limit_train_batches=5, max_epochs=-1)
-    fit.fit(model, DataLoader(stream, batch_size=4), ckpt_path=ckpt_path)
+    fit.fit(model, DataLoader(stream, batch_size=4, num_workers=workers), ckpt_path=ckpt_path)
     if save:
         fit.save_checkpoint(save)
     return mixing, drawn, model
 
 
-def test_a_resumed_stream_continues_from_the_trained_positions(tmp_path):
-    whole, whole_drawn, whole_model = stream_fit(9)
-    stream_fit(3, save=tmp_path / "three.ckpt")
-    resumed, resumed_drawn, resumed_model = stream_fit(9, ckpt_path=tmp_path / "three.ckpt")
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
+def test_a_resumed_stream_continues_from_the_trained_positions(tmp_path, workers):
+    """With workers, the weights reach the worker processes through the shared table, and each
+    epoch's new workers start from the positions of the trained batches."""
+    whole, whole_drawn, whole_model = stream_fit(9, workers=workers)
+    stream_fit(3, save=tmp_path / "three.ckpt", workers=workers)
+    resumed, resumed_drawn, resumed_model = stream_fit(9, ckpt_path=tmp_path / "three.ckpt", workers=workers)
     assert resumed_drawn.batches == whole_drawn.batches[3:]
     assert torch.equal(resumed.source.positions, whole.source.positions)
     assert torch.equal(resumed.weights, whole.weights) and torch.equal(flat_params(resumed_model), flat_params(whole_model))
@@ -199,3 +212,48 @@ def test_collapse_is_warned_once_and_logged():
     assert float(fit.logged_metrics["weightwise/mixing/collapsed"]) == 1.0
     floored = DomainMixing(FixedMixture(2, [1.0, 0.0]), MixtureBatchSampler(DOMAINS, batch_size=2), min_weight=0.1)
     assert floored.weights.tolist() == pytest.approx([0.9, 0.1])
+
+
+class WithReference(Classifier):
+    """Returns DoReMi's signal: each sample's loss above a frozen reference model's (clipped at 0)."""
+
+    def __init__(self):
+        super().__init__(lr=0.5)
+        self.reference = Classifier().net.requires_grad_(False)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch[0], batch[1]
+        losses = F.cross_entropy(self.net(x), y, reduction="none")
+        with torch.no_grad():
+            excess = (losses.detach() - F.cross_entropy(self.reference(x), y, reduction="none")).clamp(min=0)
+        return {"loss": losses, "scores": {"excess_loss": excess}}
+
+
+def test_doremi_reads_the_excess_loss_and_counts_the_reference_forwards():
+    seed_everything(0)
+    sampler = MixtureBatchSampler(DOMAINS, batch_size=6, num_batches=5, num_replicas=1, rank=0)
+    mixing = DomainMixing(DoReMi(2), sampler)
+    trainer(max_steps=4, callbacks=[mixing], use_distributed_sampler=False).fit(
+        WithReference(), DataLoader(IndexedDataset(blobs(N)), batch_sampler=sampler)
+    )
+    assert mixing.reference_tokens == 4 * 6 and mixing.policy.updates == 4
+    assert not torch.equal(mixing.weights, torch.full((2,), 0.5, dtype=torch.float64))
+
+
+def test_aioli_probes_with_held_out_losses_inside_a_fit():
+    seed_everything(0)
+    data = blobs(N)
+    held_out = [DataLoader([data[i] for i in range(N) if int(DOMAINS[i]) == d], batch_size=16) for d in (0, 1)]
+    sampler = MixtureBatchSampler(DOMAINS, batch_size=6, num_batches=5, num_replicas=1, rank=0)
+    model = Classifier(lr=0.5)
+    loss_fn = lambda module, batch: F.cross_entropy(module.net(batch[0]), batch[1], reduction="none")  # noqa: E731
+    policy = Aioli(2, lp_rounds=1, lp_steps=1, round_steps=4)
+    mixing = DomainMixing(policy, sampler, evaluate=held_out_losses(held_out, loss_fn, model))
+    drawn = Drawn(mixing)
+    trainer(max_steps=8, callbacks=[mixing, drawn], use_distributed_sampler=False, max_epochs=-1).fit(
+        model, DataLoader(IndexedDataset(blobs(N)), batch_sampler=sampler)
+    )
+    assert policy.evaluations == 1 + 2 + 1 + 2 + 1  # start, two bursts, the next round's start, ...
+    assert policy.rounds_done == 2 and model.training
+    probes = [int(w.argmax()) for w in drawn.weights[:2]]
+    assert sorted(probes) == [0, 1] and max(drawn.weights[0]) == pytest.approx(0.625)

@@ -135,7 +135,6 @@ class DomainMixing(SampleWeightCallback):
         self.table = WeightTable(self.weights, delay=delay)
         self.table.live = True
         source.table = self.table
-        self._stream_start = 0
         self._last_step = 0
         self._collapsed = False
         self._warned = False
@@ -174,7 +173,6 @@ class DomainMixing(SampleWeightCallback):
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.mapped:  # the epoch's iterator starts its workers from the trained positions
-            self._stream_start = self.trained
             self.source.bind(self.source.slots, self.trained, self.source.positions)
 
     # ------------------------------------------------------------------ every micro-batch
@@ -227,7 +225,7 @@ class DomainMixing(SampleWeightCallback):
         domains = batch[self.domain_key] if isinstance(batch, Mapping) else None
         if not isinstance(domains, Tensor):
             raise ValueError(f"the stream's batch lost its {self.domain_key!r} key; keep it in the collated batch")
-        slot = (self.trained - self._stream_start) % self.source.slots
+        slot = self.trained % self.source.slots  # batch k belongs to slot k mod W (MixingStream)
         self.source.positions[slot] += torch.bincount(domains.long().cpu(), minlength=self.policy.num_domains)
 
     def _floored(self, weights: Tensor) -> Tensor:
@@ -282,7 +280,6 @@ class DomainMixing(SampleWeightCallback):
                  "passes": passes, "positions": positions, "dropped": dropped.bool()}
             )  # fmt: skip
         else:
-            self._stream_start = self.trained
             self.source.bind(int(state["slots"]), self.trained, state["positions"][rank])
 
     @override

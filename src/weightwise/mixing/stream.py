@@ -22,14 +22,16 @@ class MixingStream(IterableDataset):
     the batch carries it to the reducer as it carries sample ids. Load it with
     ``DataLoader(stream, batch_size=stream.batch_size)``.
 
-    Sharding: rank ``r`` of ``R``, DataLoader worker ``w`` of ``W`` is stream slot ``s = r W + w`` of
-    ``S = R W`` and reads items ``s, s + S, ...`` of every domain (``shard=False``: the domain
-    iterables shard themselves). Batch ``k`` comes from worker ``k mod W`` (the DataLoader's order
-    for iterable datasets) and is drawn with the weights of batch ``k`` (``WeightTable``: published at
-    known step boundaries, read by the workers through shared memory; a worker waits for a version
-    not yet published) and a generator seeded by seed, rank and ``k``: the same weights on every
-    rank, different data per rank. ``persistent_workers`` is not supported (a worker must start
-    from the positions of the trained batches at each epoch).
+    Sharding: batch ``k`` of rank ``r`` belongs to slot ``w = k mod W`` (``W`` DataLoader workers, at
+    least 1), which reads items ``s, s + S, ...`` of every domain, ``s = r W + w`` of ``S = R W``
+    (``shard=False``: the domain iterables shard themselves). The DataLoader takes an iterable
+    dataset's batches from its workers in turn, so an iterator started at batch ``k0`` gives worker
+    ``i`` the slot ``(k0 + i) mod W``, and batch ``k`` comes from its slot's data after a new epoch
+    or a resume as well. Batch ``k`` is drawn with the weights of batch ``k`` (``WeightTable``:
+    published at known step boundaries, read by the workers through shared memory; a worker waits
+    for a version not yet published) and a generator seeded by seed, rank and ``k``: the same
+    weights on every rank, different data per rank. ``persistent_workers`` is not supported (a
+    worker must start from the positions of the trained batches at each epoch).
 
     Resume: :class:`~weightwise.mixing.DomainMixing` counts the items of each domain in the trained
     batches per slot; a resumed worker skips that many items of each domain (it iterates over them:
@@ -128,7 +130,8 @@ class MixingStream(IterableDataset):
         positions = self._positions_for(workers, self.positions)
         if self.exhausted == "stop" and (workers > 1 or self.num_replicas > 1):
             raise ValueError("exhausted='stop' needs one process and at most one worker; use 'restart' or 'drop'")
-        slot, slots = self.rank * workers + worker, self.num_replicas * workers
+        mine = (self.start_batch + worker) % workers  # this worker's slot: batch k belongs to slot k mod W
+        slot, slots = self.rank * workers + mine, self.num_replicas * workers
         iterators = [self._domain_items(d, slot, slots) for d in range(self.num_domains)]
         dropped = torch.zeros(self.num_domains, dtype=torch.bool)
 
@@ -145,7 +148,7 @@ class MixingStream(IterableDataset):
             return item
 
         for d in range(self.num_domains):  # resume: skip the items the trained batches used
-            for _ in range(int(positions[worker, d])):
+            for _ in range(int(positions[mine, d])):
                 if take(d) is EMPTY:
                     dropped[d] = True
                     break
