@@ -329,3 +329,16 @@ def test_mixed_token_scopes_are_refused_naming_each_callbacks_setting():
 
     with pytest.raises(MisconfigurationException, match="LossReweighting: 'rank', TokenWeighting: 'global'.*default to 'global'"):
         fit(TokenLossLM(), [LossReweighting("linupper"), TokenWeighting("dft")], steps=1)
+
+
+def test_a_reference_loss_function_trains_like_the_reference_model_it_computes():
+    reference = tiny_reference().eval()
+    params = sum(p.numel() for p in reference.parameters())
+
+    def reference_loss(batch):
+        return token_cross_entropy(reference(input_ids=batch["input_ids"]).logits, batch["labels"], shift=True)
+
+    by_function = SelectiveTokens(reference_loss=reference_loss, reference_params=params)
+    by_model = SelectiveTokens(reference)
+    torch.testing.assert_close(fit(TokenLossLM(), [by_function]), fit(TokenLossLM(), [by_model]), rtol=0, atol=1e-6)
+    assert by_function.ledger == by_model.ledger
