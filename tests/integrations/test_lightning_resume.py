@@ -15,23 +15,8 @@ from tests.support.models import Classifier, TokenLossLM, blobs
 from tests.support.training import flat_params, trainer
 from weightwise import IndexedDataset
 from weightwise.callbacks import DataPruning
-from weightwise.integrations.lightning import NOT_RESUMABLE_WARNING, sampler_planned
+from weightwise.integrations.lightning import NOT_RESUMABLE_WARNING
 from weightwise.samplers import InfoBatchSampler, PerplexityBandSampler, reference_perplexity
-
-
-class WiredDataPruning(DataPruning):
-    """DataPruning calling sampler_planned where it plans: after restoring a mid-epoch plan, after
-    planning an epoch (the two calls DataPruning itself is to make)."""
-
-    def on_train_start(self, trainer, pl_module):
-        resuming = self._pending_mid_epoch is not None and self._pending_mid_epoch["epoch"] == trainer.current_epoch
-        super().on_train_start(trainer, pl_module)
-        if resuming:
-            sampler_planned(trainer, restored_mid_epoch=True)
-
-    def _start_epoch(self, trainer):
-        super()._start_epoch(trainer)
-        sampler_planned(trainer)
 
 
 class Ids(Callback):
@@ -42,10 +27,10 @@ class Ids(Callback):
         self.ids.append((batch["sample_id"] if isinstance(batch, dict) else batch[2]).tolist())
 
 
-def fit(directory, pruning_class, num_workers, ckpt_path=None, max_steps=-1):
+def fit(directory, num_workers, ckpt_path=None, max_steps=-1):
     seed_everything(5)
     model, ids = Classifier(), Ids()
-    callbacks = [pruning_class(), ids]
+    callbacks = [DataPruning(), ids]
     if max_steps > 0:
         callbacks.append(ModelCheckpoint(dirpath=directory, every_n_train_steps=1, save_top_k=-1, filename="{step}"))
     loader = DataLoader(IndexedDataset(blobs(48)), batch_size=8, sampler=InfoBatchSampler(48, prune_ratio=0.5, num_epochs=2),
@@ -61,9 +46,9 @@ def fit(directory, pruning_class, num_workers, ckpt_path=None, max_steps=-1):
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_a_mid_epoch_resume_is_exact_with_workers_and_not_warned(tmp_path, num_workers):
-    straight, straight_ids, _ = fit(tmp_path, WiredDataPruning, num_workers)
-    fit(tmp_path, WiredDataPruning, num_workers, max_steps=3)
-    resumed, resumed_ids, warned = fit(tmp_path, WiredDataPruning, num_workers, ckpt_path=tmp_path / "step=3.ckpt")
+    straight, straight_ids, _ = fit(tmp_path, num_workers)
+    fit(tmp_path, num_workers, max_steps=3)
+    resumed, resumed_ids, warned = fit(tmp_path, num_workers, ckpt_path=tmp_path / "step=3.ckpt")
     assert resumed_ids == straight_ids[3:]  # the rest of epoch 0, then epoch 1
     assert torch.equal(flat_params(resumed), flat_params(straight))
     assert not warned
@@ -94,7 +79,7 @@ def test_the_first_epoch_after_a_scoring_pass_trains_its_band_with_workers():
         sampler = PerplexityBandSampler(24, 0.5, band="high")
         ids = Ids()
         loader = DataLoader(IndexedDataset(easy_and_random(24, 12, 64)), batch_size=4, sampler=sampler, num_workers=num_workers)
-        trainer(max_epochs=1, callbacks=[WiredDataPruning(score_fn=reference_perplexity(reference_lm())), ids]).fit(
+        trainer(max_epochs=1, callbacks=[DataPruning(score_fn=reference_perplexity(reference_lm())), ids]).fit(
             TokenLossLM("tokens", layers=2), loader
         )
         return sorted(sum(ids.ids, [])), sorted(sampler.plan.indices.tolist())

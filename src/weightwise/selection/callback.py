@@ -18,7 +18,12 @@ from typing_extensions import override
 
 from weightwise.core.checkpoints import state_version, with_version
 from weightwise.core.ids import SAMPLE_ID_KEY, IndexedDataset, sample_ids_from_batch
-from weightwise.integrations.lightning import distributed_wrapped_sampler, parameters_for_direct_forward, set_epoch_length
+from weightwise.integrations.lightning import (
+    distributed_wrapped_sampler,
+    parameters_for_direct_forward,
+    sampler_planned,
+    set_epoch_length,
+)
 from weightwise.selection.base import EpochPlan, EpochSampler
 from weightwise.selection.infobatch import InfoBatchSampler
 from weightwise.selection.scoring import ScoreFn, gather_scores, reads_differ, score_dataset, training_step_scores
@@ -182,6 +187,7 @@ class DataPruning(SampleWeightCallback):
                 self._consumed = state["consumed"]
                 self._set_epoch_length(trainer)
                 self._epoch_start = time.perf_counter() - state["seconds"]
+                sampler_planned(trainer, restored_mid_epoch=True)  # workers drew from the unrestored plan
             else:
                 # Saved after the epoch's last batch: Lightning counts that epoch as done and goes on
                 # without its epoch-end hooks, so its ledger entry is made here, and the next one starts.
@@ -199,6 +205,7 @@ class DataPruning(SampleWeightCallback):
             self._score(trainer, epoch)
         self.sampler.refresh()  # plan this epoch from the scores as they are now
         self._set_epoch_length(trainer)
+        sampler_planned(trainer)  # in a fit's first epoch, workers drew indices before this plan
         self._epoch_start = time.perf_counter()
         self._consumed = 0
 
