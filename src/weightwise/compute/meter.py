@@ -5,7 +5,10 @@ The functional core of compute accounting (docs/architecture.md, "Compute accoun
 module hooks), and counts each *outermost* call - a call made while no other module runs, such as
 the trained model's forward in ``training_step``, a reference model's forward, a scoring pass or a
 probe. Wrappers of the trained module (DDP, DeepSpeed's engine, Lightning's wrapper) are looked
-through, so the counted calls are the same on one device and under a strategy.
+through, so the counted calls are the same on one device and under a strategy. A module once
+called outermost gets hooks of its own; inside its later calls whose count is cached, the global
+hooks are lifted, so the modules inside run PyTorch's hook-free fast path (the overhead is a few
+hooks a step, not one per module call).
 
 What is counted, and how (``torch.utils.flop_counter.FlopCounterMode`` does the counting: matrix
 products, convolutions and attention, the operations that dominate a network's cost; elementwise
@@ -50,6 +53,7 @@ forward; keep the model's compute in modules.
 from __future__ import annotations
 
 import contextlib
+import sys
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -195,6 +199,7 @@ class Spent:
 
 @dataclass
 class _Call:
+    root: nn.Module
     key: tuple[Any, ...] | None
     counter: FlopCounterMode | None
     source: str
@@ -202,6 +207,7 @@ class _Call:
     frames: list[list[Any]] = field(default_factory=list)  # while measured: [start FLOPs, children's FLOPs] per open call
     parts: list[_Part] = field(default_factory=list)
     upstream: bool = False  # while measured: a parameter of an ended call trains
+    reentries: int = 0  # calls of the root module inside itself
 
 
 _Part = tuple[int, tuple[nn.Parameter, ...], bool]
@@ -286,34 +292,46 @@ class ComputeMeter:
         self._forward_cache: dict[tuple[Any, ...], tuple[int, int | None, list[_Part]]] = {}
         self._backward_cache: dict[tuple[Any, ...], int] = {}
         self._kinds: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
-        self._keyed: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # modules with a keyword-seeing pre-hook
-        self._kwarg_hooks: list[Any] = []
-        self._handles: list[Any] = []
-        self._depth = 0
+        self._roots: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # modules called outermost, with their own hooks
+        self._root_hooks: list[Any] = []
+        self._global_hooks: list[Any] = []
+        self._installed = False
         self._call: _Call | None = None
         self._grad_calls: list[tuple[tuple[Any, ...], bool, list[_Part]]] = []  # (signature, inputs need grad, parts) awaiting a backward
         self._backward: tuple[tuple[Any, ...], FlopCounterMode | None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def install(self) -> None:
-        """Start counting: global module hooks, removed by :meth:`uninstall`."""
-        if self._handles:
-            return
-        self._handles = [
-            nn.modules.module.register_module_forward_pre_hook(self._pre),
-            nn.modules.module.register_module_forward_hook(self._post, with_kwargs=True, always_call=True),
-        ]
+        """Start counting (global module hooks); :meth:`uninstall` removes every hook."""
+        if not self._installed:
+            self._installed = True
+            self._watch_all()
 
     def uninstall(self) -> None:
         """Stop counting and remove every hook; safe to call more than once, also after an error."""
-        for handle in (*self._handles, *self._kwarg_hooks):
+        for handle in (*self._global_hooks, *self._root_hooks):
             handle.remove()
-        self._handles, self._kwarg_hooks = [], []
-        self._keyed = weakref.WeakSet()
+        self._global_hooks, self._root_hooks, self._installed = [], [], False
+        self._roots = weakref.WeakSet()
         if self._call is not None and self._call.counter is not None:
             self._call.counter.__exit__(None, None, None)
         self.abort_backward()
-        self._call, self._depth = None, 0
+        self._call = None
+
+    def _watch_all(self) -> None:
+        # Every module call in the process goes through PyTorch's slower hook path while these are
+        # registered, so they are lifted for the inside of a counted call that needs no measuring
+        # (docs/architecture.md, "Compute accounting").
+        if self._installed and not self._global_hooks:
+            self._global_hooks = [
+                nn.modules.module.register_module_forward_pre_hook(self._pre),
+                nn.modules.module.register_module_forward_hook(self._post, with_kwargs=True, always_call=True),
+            ]
+
+    def _watch_roots_only(self) -> None:
+        for handle in self._global_hooks:
+            handle.remove()
+        self._global_hooks = []
 
     def __enter__(self) -> ComputeMeter:
         self.install()
@@ -346,31 +364,47 @@ class ComputeMeter:
         return kind
 
     def _pre(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        if self._depth > 0:
-            self._depth += 1
-            call = self._call
-            if call is not None and call.counter is not None and self.backward_count == "rule":
+        """Global pre-hook: a call inside a measured call opens a frame; an outermost call of a module
+        never seen outermost begins here (measured: its signature needs the keywords it cannot see)."""
+        call = self._call
+        if call is not None:
+            if call.counter is not None and self.backward_count == "rule" and module is not call.root:
                 call.frames.append([call.counter.get_total_flops(), 0])
             return
-        if self.paused or self._backward is not None:
-            return
+        if self.paused or self._backward is not None or module in self._roots:
+            return  # a known root begins in its own pre-hook, which sees the keywords
         kind = self._kind(module)
         if kind == "wrapper":
             return
-        self._depth = 1
-        if module not in self._keyed:
-            # The global pre-hook sees no keyword arguments; a module's own pre-hook does. From its
-            # next call on, that hook (run right after this one) keys the call.
-            self._kwarg_hooks.append(module.register_forward_pre_hook(self._keyed_pre, with_kwargs=True))
-            self._keyed.add(module)
-            self._begin(module, None, kind)
+        self._roots.add(module)
+        self._root_hooks += [
+            module.register_forward_pre_hook(self._root_pre, with_kwargs=True),
+            module.register_forward_hook(self._root_post, with_kwargs=True, always_call=True),
+        ]
+        self._begin(module, None, kind)
 
-    def _keyed_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if self._depth == 1 and self._call is None and not self.paused and self._backward is None:
-            parts: list[Any] = [id(module), torch.is_grad_enabled(), module.training]
-            _signature(args, parts)
-            _signature(kwargs, parts)
-            self._begin(module, tuple(parts), self._kind(module))
+    def _post(self, module: nn.Module, args: tuple[Any, ...], *rest: Any) -> None:
+        """Global hook after a call: inside a measured call, close the call's frame."""
+        call = self._call
+        if call is None or call.counter is None or not call.frames or module is call.root:
+            return
+        if len(rest) == 2:
+            self._end_part(call, module, rest[1])
+        else:  # the always-called hook of a forward that raised gets no kwargs: keep the frames aligned
+            call.frames.pop()
+
+    def _root_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        call = self._call
+        if call is not None:
+            if module is call.root:
+                call.reentries += 1
+            return
+        if self.paused or self._backward is not None:
+            return
+        parts: list[Any] = [id(module), torch.is_grad_enabled(), module.training]
+        _signature(args, parts)
+        _signature(kwargs, parts)
+        self._begin(module, tuple(parts), self._kind(module))
 
     def _begin(self, module: nn.Module, key: tuple[Any, ...] | None, kind: str) -> None:
         grad = torch.is_grad_enabled() and kind == "trained"
@@ -384,7 +418,10 @@ class ComputeMeter:
         if key is None or self.measure == "every_call" or key not in self._forward_cache:
             counter = FlopCounterMode(display=False)
             counter.__enter__()
-        self._call = _Call(key, counter, source, grad, frames=[[0, 0]] if counter is not None and self.backward_count == "rule" else [])
+        else:
+            self._watch_roots_only()
+        frames = [[0, 0]] if counter is not None and self.backward_count == "rule" else []
+        self._call = _Call(module, key, counter, source, grad, frames=frames)
 
     def _end_part(self, call: _Call, module: nn.Module, output: Any) -> None:
         """Close the innermost open module call of a measured forward: record its own FLOPs."""
@@ -399,24 +436,22 @@ class ComputeMeter:
             call.parts.append((total - children, params, constant))
         call.upstream = call.upstream or any(p.requires_grad for p in params)
 
-    def _post(self, module: nn.Module, args: tuple[Any, ...], *rest: Any) -> None:
-        if self._depth == 0:
-            return
-        self._depth -= 1
+    def _root_post(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         call = self._call
-        if call is None:
+        if call is None or module is not call.root:
             return
-        failed = len(rest) != 2  # the always-called hook of a forward that raised gets no kwargs
-        if call.counter is not None and call.frames and not failed:
-            self._end_part(call, module, rest[1])
-        if self._depth > 0:
+        if call.reentries:
+            call.reentries -= 1
             return
         self._call = None
+        self._watch_all()
+        failed = sys.exc_info()[0] is not None  # the always-called hook of a forward that raised
         if call.counter is not None:
+            if call.frames and not failed:
+                self._end_part(call, module, output)
             call.counter.__exit__(None, None, None)
         if failed:
             return
-        kwargs = rest[0]
         key = call.key
         if key is None:
             parts: list[Any] = [id(module), torch.is_grad_enabled(), module.training]
