@@ -164,3 +164,12 @@ def test_ranks_with_different_data_take_the_same_decisions(ddp_runs, case):
         assert len({tuple(layers) for layers in rank0["layers"]}) > 1  # decisions that changed: the test has teeth
     if "copies" in rank0:
         assert rank0["copies"] is not None  # the surgery happened
+
+
+def test_a_stream_resumed_from_rank_0s_checkpoint_continues_every_ranks_shard(ddp_runs):
+    straight, resumed = ddp_runs("stream_straight"), ddp_runs("stream_resumed")
+    assert not torch.equal(straight[0]["seen"], straight[1]["seen"])  # each rank streams its own documents
+    for rank in (0, 1):
+        assert torch.equal(resumed[rank]["seen"], straight[rank]["seen"][3:])
+        assert torch.equal(resumed[rank]["params"], straight[rank]["params"])
+    assert torch.equal(resumed[0]["params"], resumed[1]["params"])
