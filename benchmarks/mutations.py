@@ -76,7 +76,7 @@ class Mutant:
 
     Attributes:
         id: short name (also the copy's folder).
-        capability: weighting, reducer, selection, dsir, layers, experts or core.
+        capability: weighting, reducer, selection, dsir, layers, experts, core, data or reporting.
         file: path under ``src/weightwise``.
         original: exact snippet of the current code (must occur exactly once).
         mutated: what it becomes.
@@ -1015,9 +1015,18 @@ MUTANTS: list[Mutant] = [
         "layers-leave-keeps-masters",
         "layers",
         "layers/callback.py",
-        "        if self.masters is not None:  # the exact fp32 weights, not their low-precision copies\n            self.masters.thaw(",
-        "        if self.masters is None:  # the exact fp32 weights, not their low-precision copies\n            self.masters.thaw(",
-        "frozen layers leave the fit in bf16 (their fp32 masters are not given back)",
+        "            self.masters.thaw(list(self.masters.masters))\n        for p, requires_grad",
+        "            self.masters.masters.clear()\n        for p, requires_grad",
+        "frozen layers leave the fit in bf16: their fp32 masters are dropped, not given back",
+        LAYERS,
+    ),
+    Mutant(
+        "layers-stale-parked-moments",
+        "layers",
+        "layers/callback.py",
+        "        self._period_loss.zero_()\n        self.stash.parked = {}\n",
+        "        self._period_loss.zero_()\n",
+        "a next fit with the same LayerwiseSampling thaws moments parked from the last fit's optimizer into its new one",
         LAYERS,
     ),
     Mutant(
@@ -1066,6 +1075,42 @@ MUTANTS: list[Mutant] = [
         '"period_loss": torch.tensor([sum(losses), float(len(losses) + 1)], dtype=torch.float64),',
         "a weightwise 0.1 checkpoint's period losses are counted one too many (the period mean is misread)",
         ("tests/test_compatibility.py",),
+    ),
+    Mutant(
+        "nlu-ema-std-biased",
+        "selection",
+        "selection/scoring.py",
+        "history[1, ids] / correction.clamp_min(1e-30)",
+        "history[1, ids] * 1.0",
+        "NLU's EMA deviation without pandas' bias correction (the biased weighted variance)",
+        SELECTION,
+    ),
+    Mutant(
+        "el2n-guard-absolute",
+        "selection",
+        "selection/score_pruning.py",
+        "misclassified > previous + self.ERROR_RISE",
+        "misclassified > self.ERROR_RISE",
+        "the EL2N collapse guard warns on any training error above 5% instead of a rise of 5 points",
+        SELECTION,
+    ),
+    Mutant(
+        "stream-resume-worker-share",
+        "data",
+        "data/stream.py",
+        "trained = start.batches // workers + (1 if role < start.batches % workers else 0)",
+        "trained = start.batches // workers + (1 if role <= start.batches % workers else 0)",
+        "a resumed stream's worker counts one batch too many when the trained batches do not divide evenly",
+        ("tests/data",),
+    ),
+    Mutant(
+        "report-ties-by-id",
+        "reporting",
+        "reporting/report.py",
+        'by_weight = by_ema[torch.argsort(weight[by_ema].nan_to_num(float("inf")), stable=True)]',
+        'by_weight = torch.argsort(weight.nan_to_num(float("inf")), stable=True)',
+        "SampleReport's lowest-weight view breaks weight ties by sample id again, not by the loss EMA",
+        ("tests/reporting",),
     ),
 ]
 

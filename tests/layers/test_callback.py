@@ -299,7 +299,7 @@ def test_every_exit_gives_back_requires_grad_and_dtype_as_the_user_had_them(erro
     assert fit.global_step < 8 and stop.frozen == 1 + 3 * 9 and stop.bf16 == 3 * 9  # stopped with 3 of 4 layers frozen, in bf16
     assert {n: p.requires_grad for n, p in module.named_parameters()} == user
     assert all(p.dtype == torch.float32 for p in module.parameters())
-    assert sampling.stash.parked == {} and sampling.masters.masters == {}
+    assert sampling.masters.masters == {}
 
 
 def test_wandb_gets_the_whole_layer_map_as_one_table(tmp_path):
@@ -317,3 +317,20 @@ def test_wandb_gets_the_whole_layer_map_as_one_table(tmp_path):
     assert logged["columns"] == ["step", "layer_00", "layer_01", "layer_02"]
     assert len(sampling.history) == 3  # 8 steps, periods of 3
     assert logged["data"] == [[3 * p, *(int(i in active) for i in range(3))] for p, active in enumerate(sampling.history)]
+
+
+def test_a_next_fit_starts_without_the_last_fits_parked_moments_which_a_checkpoint_after_it_keeps(tmp_path):
+    class AtStart(Callback):
+        def on_train_start(self, trainer, pl_module):
+            self.parked = dict(sampling.stash.parked)
+
+    sampling, at_start = LayerwiseSampling("lisa", n_layers=1, interval=1, optimizer_state="offload", seed=0), AtStart()
+    module = TinyLlama(layers=3)
+    first = trainer(max_epochs=1, callbacks=[sampling])
+    first.fit(module, token_batches())
+    parked = {name for p, name in ((p, n) for n, p in module.named_parameters()) if p in sampling.stash.parked}
+    assert parked  # layers that trained and were frozen again
+    first.save_checkpoint(tmp_path / "after.ckpt")  # after the fit: still the run's state
+    assert set(torch.load(tmp_path / "after.ckpt", weights_only=False)["callbacks"]["LayerwiseSampling"]["parked"]) == parked
+    trainer(max_epochs=1, callbacks=[sampling, at_start]).fit(module, token_batches())
+    assert at_start.parked == {}  # the new optimizer gets none of the old one's moments

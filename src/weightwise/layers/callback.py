@@ -256,6 +256,11 @@ class LayerwiseSampling(Callback):
         if stage != "fit":
             return
         check_trainer(trainer)
+        # A fit of its own: the last fit's period and the moments parked from its optimizer do not carry
+        # over (a resumed fit loads its own right after setup, in load_state_dict).
+        self._period, self._applied = None, False
+        self._period_loss.zero_()
+        self.stash.parked = {}
         if self.masters is not None:
             needed = {torch.bfloat16: "bf16-mixed", torch.float16: "16-mixed"}.get(self.masters.dtype)
             if str(trainer.precision) != needed:
@@ -362,20 +367,18 @@ class LayerwiseSampling(Callback):
 
     def _leave(self) -> None:
         """Give the module back as the user gave it (docs/architecture.md, contract 6): fp32 weights,
-        each parameter's ``requires_grad`` as it was when fit started, the class methods. Parked optimizer state belonged to this fit's optimizer and goes.
-        Safe to call more than once."""
+        each parameter's ``requires_grad`` as it was when fit started, the class methods. The
+        schedule's state stays (a checkpoint saved after the fit still holds it). Safe to call more
+        than once."""
         if self.masters is not None:  # the exact fp32 weights, not their low-precision copies
             self.masters.thaw(list(self.masters.masters))
         for p, requires_grad in self._user_requires_grad.items():
             p.requires_grad_(requires_grad)
         self._user_requires_grad = {}
-        self.stash.parked = {}
         for patch in self._patches:  # the class methods show through again
             patch.restore()
         self._patches = []
         self._zero, self._discovered = None, False
-        self._period, self._applied = None, False  # a next fit starts its own periods (a resumed one loads them)
-        self._period_loss.zero_()
 
     def _discover(self, pl_module: pl.LightningModule) -> None:
         """Find the layer stack and the parameters to sample (those trainable when fit starts)."""
