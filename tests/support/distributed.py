@@ -35,6 +35,7 @@ DDP_JOBS = [
     ("ddp_jobs:accumulation", {"out_dir": "accumulation"}),
     ("ddp_jobs:accumulation_reweighting", {"out_dir": "accumulation_reweighting", "micro_batches": ACCUMULATION_MICRO_BATCHES}),
     ("ddp_jobs:tokens", {"out_dir": "tokens"}),
+    *[("token_jobs:token_weighting", {"out_dir": f"tokens/{method}", "method": method}) for method in ("rho1", "dft")],
     ("stream_jobs:stream", {"out_dir": "stream_straight", "max_steps": 7}),
     ("stream_jobs:stream", {"out_dir": "stream_first", "max_steps": 3, "save_every": 3}),
     ("stream_jobs:stream", {"out_dir": "stream_resumed", "max_steps": 7, "resume_from": "stream_first/step=3.ckpt"}),

@@ -7,19 +7,12 @@ from lightning.pytorch import seed_everything
 from torch.utils.data import DataLoader, DistributedSampler
 
 from tests.scripts import token_jobs
-from tests.support.distributed import launch
 from tests.support.models import TokenLossLM, padded_token_batches
 from tests.support.training import flat_params, trainer
 
 pytestmark = pytest.mark.slow
 
 METHODS = ("rho1", "dft")
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    jobs = [("token_jobs:token_weighting", {"out_dir": method, "method": method}) for method in METHODS]
-    return launch(tmp_path_factory.mktemp("tokens"), jobs)
 
 
 def single_process(method: str) -> tuple[torch.Tensor, dict]:
@@ -36,8 +29,8 @@ def single_process(method: str) -> tuple[torch.Tensor, dict]:
     return flat_params(module), dict(callback.ledger)
 
 
-def test_rho1_selects_the_global_top_k_and_the_ranks_agree(runs):
-    ranks = runs("rho1")
+def test_rho1_selects_the_global_top_k_and_the_ranks_agree(ddp_runs):
+    ranks = ddp_runs("tokens/rho1")
     micro_batches = token_jobs.STEPS * token_jobs.ACCUMULATE
     assert len(ranks[0]["seen"]) == len(ranks[1]["seen"]) == micro_batches
     total = 0
@@ -56,8 +49,8 @@ def test_rho1_selects_the_global_top_k_and_the_ranks_agree(runs):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_ddp_with_accumulation_trains_like_one_process_on_the_global_batches(runs, method):
-    ranks = runs(method)
+def test_ddp_with_accumulation_trains_like_one_process_on_the_global_batches(ddp_runs, method):
+    ranks = ddp_runs(f"tokens/{method}")
     params, ledger = single_process(method)
     assert torch.equal(ranks[0]["params"], ranks[1]["params"])
     torch.testing.assert_close(ranks[0]["params"], params, rtol=0, atol=1e-6)
