@@ -5,12 +5,12 @@ import warnings
 import pytest
 import torch
 from lightning.pytorch import seed_everything
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from tests.support.streams import StreamLlama, documents
 from tests.support.training import flat_params, trainer
-from weightwise.data import PackedDocumentStream, StreamLoader, StreamResume, warn_if_streams_restart
+from weightwise.data import PackedDocumentStream, StreamLoader, StreamResume
 
 
 class ScheduledLlama(StreamLlama):
@@ -59,18 +59,14 @@ def test_a_checkpoint_without_stream_resume_is_refused_naming_the_callback(tmp_p
         fit(tmp_path, 4, save_every=2, callbacks=[ModelCheckpoint(tmp_path, every_n_train_steps=2)])
 
 
-class WarnOnRestart(Callback):
-    def on_train_start(self, trainer, pl_module):
-        warn_if_streams_restart(trainer)
-
-
 @pytest.mark.parametrize("resumable", [False, True])
 def test_resuming_a_stream_without_a_position_warns_that_it_restarts(tmp_path, resumable):
+    # no weightwise callback in the fit: the entry point's StreamRestartWarning is in every Trainer
     def run(max_steps, ckpt_path=None):
         seed_everything(0)
         stream = PackedDocumentStream(documents(), 16, seed=1)
         loader = StreamLoader(stream, batch_size=2) if resumable else DataLoader(stream, batch_size=2)
-        callbacks = [WarnOnRestart(), ModelCheckpoint(tmp_path, every_n_train_steps=2, filename="{step}")]
+        callbacks = [ModelCheckpoint(tmp_path, every_n_train_steps=2, filename="{step}")]
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             trainer(max_steps=max_steps, callbacks=callbacks + [StreamResume()] * resumable, enable_checkpointing=True).fit(

@@ -8,10 +8,11 @@
   :class:`StreamResume`, the callback that tells it which batches trained: a fit resumed mid-run
   continues with exactly the rows that were next;
 * :func:`warn_if_streams_restart` - the warning for a stream that has no saved position and starts
-  again from its beginning when a fit resumes mid-epoch.
+  again from its beginning when a fit resumes mid-epoch (every Trainer gets it through
+  :class:`StreamRestartWarning`, attached by weightwise's entry point).
 """
 
-from weightwise.data.callback import StreamResume, warn_if_streams_restart
+from weightwise.data.callback import StreamRestartWarning, StreamResume, warn_if_streams_restart
 from weightwise.data.packing import IGNORE_INDEX, as_tokens, pack_documents, pack_pieces
 from weightwise.data.stream import PackedDocumentStream, StreamLoader, StreamStart, data_parallel_rank
 
@@ -19,6 +20,7 @@ __all__ = [
     "IGNORE_INDEX",
     "PackedDocumentStream",
     "StreamLoader",
+    "StreamRestartWarning",
     "StreamResume",
     "StreamStart",
     "as_tokens",

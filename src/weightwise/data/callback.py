@@ -1,5 +1,6 @@
 """``StreamResume``, the thin Lightning callback over :class:`~weightwise.data.StreamLoader`, and the
-warning for a stream that restarts on resume (:func:`warn_if_streams_restart`)."""
+warning for a stream that restarts on resume (:func:`warn_if_streams_restart`, given to every Trainer by
+:class:`StreamRestartWarning`)."""
 
 from __future__ import annotations
 
@@ -53,6 +54,19 @@ def warn_if_streams_restart(trainer: pl.Trainer) -> None:
                 " with the StreamResume callback.",
                 category=UserWarning,
             )
+
+
+class StreamRestartWarning(Callback):
+    """:func:`warn_if_streams_restart` at the start of every fit.
+
+    Attached to every ``Trainer`` by weightwise's ``lightning.pytorch.callbacks_factory`` entry point
+    (:func:`weightwise.weighting.guard.guard_factory`), so a stream that will restart on resume is
+    named whether or not any other weightwise callback is in the fit.
+    """
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        warn_if_streams_restart(trainer)
 
 
 class StreamResume(Callback):

@@ -4,7 +4,9 @@ weightwise registers :func:`guard_factory` under Lightning's ``lightning.pytorch
 entry point, so every ``Trainer`` gets a :class:`PerSampleLossGuard`. It does nothing for a scalar
 loss. For a ``[B]`` loss (a LightningModule written for weightwise, run without its callbacks)
 PyTorch would fail with "grad can be implicitly created only for scalar outputs"; the guard
-raises first, naming the fix.
+raises first, naming the fix. The same entry point gives every Trainer
+:class:`weightwise.data.StreamRestartWarning`: a fit resumed mid-epoch over a stream with no saved
+position is told that the stream starts again from its beginning.
 """
 
 from __future__ import annotations
@@ -45,4 +47,6 @@ class PerSampleLossGuard(Callback):
 
 def guard_factory() -> list[Callback]:
     """Entry point for ``lightning.pytorch.callbacks_factory``."""
-    return [PerSampleLossGuard()]
+    from weightwise.data.callback import StreamRestartWarning  # weighting/ does not import data/ at import time
+
+    return [PerSampleLossGuard(), StreamRestartWarning()]
