@@ -118,3 +118,14 @@ def test_bad_settings():
     with pytest.raises(ValueError, match="source"):
         with spending("elsewhere"):
             pass
+
+
+def test_a_module_that_grows_is_counted_anew():
+    """A surgery that changes a module (expert upcycling) changes its FLOPs for the same inputs."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
+    x = torch.randn(3, 8)
+    with ComputeMeter(model) as meter, torch.no_grad():
+        model(x)
+        model[1] = torch.nn.Linear(16, 32)
+        model(x)
+    assert meter.spent.forward_flops == 2 * 3 * 8 * 16 * 2 + 2 * 3 * 16 * (4 + 32)

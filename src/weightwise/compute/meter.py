@@ -14,12 +14,13 @@ What is counted, and how (``torch.utils.flop_counter.FlopCounterMode`` does the 
 products, convolutions and attention, the operations that dominate a network's cost; elementwise
 operations count zero):
 
-* **Forward**: the first call with a given *signature* - the module, its inputs' shapes and dtypes,
-  its other (scalar) arguments, grad mode and train/eval mode - runs under ``FlopCounterMode``; later
-  calls with that signature add the cached count. A counting mode observes the operations and
-  changes none of them, and nothing runs twice, so training is bit for bit the one without the meter.
-  FLOPs that depend on the *values* (a Mixture-of-Experts whose experts see different token counts
-  each step) are those of the first call of each shape; ``measure="every_call"`` counts every call.
+* **Forward**: the first call with a given *signature* - the module and its size, its inputs'
+  shapes and dtypes, its other (scalar) arguments, grad mode and train/eval mode - runs under
+  ``FlopCounterMode``; later calls with that signature add the cached count. A counting mode
+  observes the operations and changes none of them, and nothing runs twice, so training is bit for
+  bit the one without the meter. FLOPs that depend on the *values* (a Mixture-of-Experts whose
+  experts see different token counts each step) are those of the first call of each shape;
+  ``measure="every_call"`` counts every call.
 * **Backward**: by default a rule applied to the forwards with gradients since the last backward
   (:func:`backward_by_rule`), from the FLOPs each module call of the measured forward spent itself:
   a module with parameters (a linear layer) costs its forward once more for its input's gradient,
@@ -139,6 +140,15 @@ def _signature(value: Any, out: list[Any]) -> None:
         out.append(value)
     else:
         out.append(type(value))
+
+
+def _call_key(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    """A call's signature: the module, its size (a surgery that grows it - expert upcycling - changes
+    its FLOPs), grad and train modes, and its arguments' shapes, dtypes and scalar values."""
+    parts: list[Any] = [id(module), sum(p.numel() for p in module.parameters()), torch.is_grad_enabled(), module.training]
+    _signature(args, parts)
+    _signature(kwargs, parts)
+    return tuple(parts)
 
 
 @dataclass
@@ -401,10 +411,7 @@ class ComputeMeter:
             return
         if self.paused or self._backward is not None:
             return
-        parts: list[Any] = [id(module), torch.is_grad_enabled(), module.training]
-        _signature(args, parts)
-        _signature(kwargs, parts)
-        self._begin(module, tuple(parts), self._kind(module))
+        self._begin(module, _call_key(module, args, kwargs), self._kind(module))
 
     def _begin(self, module: nn.Module, key: tuple[Any, ...] | None, kind: str) -> None:
         grad = torch.is_grad_enabled() and kind == "trained"
@@ -452,12 +459,7 @@ class ComputeMeter:
             call.counter.__exit__(None, None, None)
         if failed:
             return
-        key = call.key
-        if key is None:
-            parts: list[Any] = [id(module), torch.is_grad_enabled(), module.training]
-            _signature(args, parts)
-            _signature(kwargs, parts)
-            key = tuple(parts)
+        key = call.key if call.key is not None else _call_key(module, args, kwargs)
         if call.counter is not None:
             flops, tokens, parts = call.counter.get_total_flops(), count_tokens((args, kwargs)), call.parts
             self._forward_cache[key] = (flops, tokens, parts)
