@@ -21,7 +21,10 @@ strategy (the reference's names in brackets):
   every sample above the batch's mid-range gets the same top weight;
 * ``quadratic`` [``mid``] f(l~) = 1 - l~^2 / delta^2: both extremes are down-weighted, the middle
   of the loss range gets most weight (robust to outliers such as mislabelled samples);
-* ``extremes``  f(l~) = |l~|: the easiest and the hardest samples are up-weighted;
+* ``extremes``  f(l~) = |l~|: up-weights the two ends of the batch's *normalised* loss range (its
+  min and max); the sample midway between them weighs least (e^(delta/r), about 12x less at r = 0.4).
+  One outlier sets the range, so everything else sits near the low end and is up-weighted as
+  "easy": with 30% flipped labels, flipped samples weighed 0.65 and clean ones 1.15;
 * ``upper``     f(l~) = 0.5 l~ + 0.5 delta: up-weights in proportion to the loss (the ICLR code's
   ``upper``; the authors' FSDP branch uses the name ``upper`` for ``linupper``'s formula);
 * ``uniform``   every weight is exactly 1 (plain mean-loss training).
