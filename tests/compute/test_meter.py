@@ -129,3 +129,29 @@ def test_a_module_that_grows_is_counted_anew():
         model[1] = torch.nn.Linear(16, 32)
         model(x)
     assert meter.spent.forward_flops == 2 * 3 * 8 * 16 * 2 + 2 * 3 * 16 * (4 + 32)
+
+
+def test_every_call_counts_value_dependent_flops():
+    """FLOPs that depend on the values (rows routed to an expert, as in a Mixture-of-Experts):
+    "per_signature" repeats the first call's count, "every_call" counts each call as FlopCounterMode does."""
+
+    class Routed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.expert = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.expert(x[x[:, 0] > 0])  # only the rows routed here
+
+    model = Routed()
+    batches = [torch.randn(16, 8, generator=torch.Generator().manual_seed(seed)) for seed in range(4)]
+    expected = [counted(lambda x=x: model(x))[0] for x in batches]
+    assert len(set(expected)) > 1  # the routing differs between batches, and so do the FLOPs
+    spent = {}
+    for measure in ("per_signature", "every_call"):
+        with ComputeMeter(model, measure=measure) as meter, torch.no_grad():
+            for x in batches:
+                model(x)
+        spent[measure] = meter.spent.forward_flops
+    assert spent["every_call"] == sum(expected)
+    assert spent["per_signature"] == len(batches) * expected[0]

@@ -18,8 +18,8 @@ operations count zero):
   shapes and dtypes, its other (scalar) arguments, grad mode and train/eval mode - runs under
   ``FlopCounterMode``; later calls with that signature add the cached count. A counting mode
   observes the operations and changes none of them, and nothing runs twice, so training is bit for
-  bit the one without the meter. FLOPs that depend on the *values* (a Mixture-of-Experts whose
-  experts see different token counts each step) are those of the first call of each shape;
+  bit the one without the meter. FLOPs that depend on the *values* (an implementation that computes
+  only the rows routed to each expert) are those of the first call of each signature;
   ``measure="every_call"`` counts every call.
 * **Backward**: by default a rule applied to the forwards with gradients since the last backward
   (:func:`backward_by_rule`), from the FLOPs each module call of the measured forward spent itself:
