@@ -21,6 +21,10 @@ FIT_EPOCHS = 2
 ACCUMULATION_MICRO_BATCHES = 8
 """Micro-batches of the ``accumulation_reweighting`` job (``accumulate_grad_batches=2``: 4 optimizer steps)."""
 
+COMPUTE_BUDGET_TOKENS = int(3.5 * 2 * (16 + 8))
+"""The ``compute_budget`` job's budget: 3.5 steps of both ranks' batches (2 rows each of
+``compute_jobs.LENGTHS`` = 16 and 8 tokens)."""
+
 DDP_JOBS = [
     ("ddp_jobs:reweighting", {"out_dir": "reweighting_first", "strategy": "linupper", "epochs": 1}),
     ("ddp_jobs:reweighting", {"out_dir": "reweighting_resumed", "strategy": "linupper", "resume_from": "reweighting_first/last.ckpt"}),
@@ -36,6 +40,7 @@ DDP_JOBS = [
     ("ddp_jobs:accumulation_reweighting", {"out_dir": "accumulation_reweighting", "micro_batches": ACCUMULATION_MICRO_BATCHES}),
     ("ddp_jobs:tokens", {"out_dir": "tokens"}),
     *[("token_jobs:token_weighting", {"out_dir": f"tokens/{method}", "method": method}) for method in ("rho1", "dft")],
+    ("compute_jobs:budget", {"out_dir": "compute_budget", "tokens": COMPUTE_BUDGET_TOKENS}),
     ("stream_jobs:stream", {"out_dir": "stream_straight", "max_steps": 7}),
     ("stream_jobs:stream", {"out_dir": "stream_first", "max_steps": 3, "save_every": 3}),
     ("stream_jobs:stream", {"out_dir": "stream_resumed", "max_steps": 7, "resume_from": "stream_first/step=3.ckpt"}),

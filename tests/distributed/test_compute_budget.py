@@ -1,19 +1,17 @@
 """ComputeBudget under 2-process DDP with different data per rank: one stop step, one spent amount."""
 
-import pytest
 import torch
 
 from tests.scripts.compute_jobs import LENGTHS
-from tests.support.processes import ranks, run_suite
+from tests.support.distributed import COMPUTE_BUDGET_TOKENS
 
 ROWS = 2
 
 
-@pytest.mark.slow
-def test_ranks_stop_at_the_same_step_and_agree_on_the_sum(tmp_path):
+def test_compute_budget_ranks_stop_at_the_same_step_and_agree_on_the_sum(ddp_runs):
     step_tokens = ROWS * sum(LENGTHS)  # both ranks' batches
-    run_suite([("compute_jobs:budget", {"out_dir": str(tmp_path / "budget"), "tokens": int(3.5 * step_tokens)})], tmp_path)
-    first, second = ranks(tmp_path / "budget")
+    assert COMPUTE_BUDGET_TOKENS == int(3.5 * step_tokens)
+    first, second = ddp_runs("compute_budget")
     assert first["step"] == second["step"] == 4  # 3 steps spend 3.5 x less a half step; the 4th reaches it
     assert first["spent"] == second["spent"]
     spent = first["spent"]
