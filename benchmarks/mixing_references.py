@@ -24,7 +24,15 @@ at each step, losses drifting down with noise) and must produce the same weights
   use the same fitted parameters (weightwise's fit is compared with scipy's ``curve_fit`` on a known
   curve instead, to a tolerance). ``savgol_filter`` is compared with scipy's when installed.
 
-Run (from the repository root): ``.venv/bin/python -m benchmarks.mixing_references [--steps 300] [--seed 0]``
+Throughput (``--throughput``): the per-step cost of mixing next to the step itself, in a real
+Lightning fit of a small Llama (2 layers, width 128, 8 x 256 tokens a step, AdamW) on packed rows
+of four domains of real text (the sources of four Python standard-library modules), drawn through
+a ``MixingStream``: the time inside ``DomainMixing`` (per-domain statistics, the policy's update,
+publishing, logging) and in the stream's draws, against the whole step (batch start to batch end).
+ADO's scaling-law refit, which runs once per ``update_every`` steps, is timed on its own.
+
+Run (from the repository root): ``.venv/bin/python -m benchmarks.mixing_references [--steps 300] [--seed 0]``, or
+``OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.mixing_references --throughput`` (20 steps a policy, one thread).
 """
 
 from __future__ import annotations
@@ -345,25 +353,142 @@ def run(steps: int, seed: int) -> dict[str, float | None]:
         "aioli (ema 0.1)": compare_aioli(max(2, steps // 50), seed),
         "aioli (no ema)": compare_aioli(max(2, steps // 50), seed, ema=None),
         "ado (policy from fitted laws)": compare_ado(steps, seed),
-        "ado fit: max relative error of the law": fit_error,
-        "savgol vs scipy": savgol_error,
+        "ado fit on a known law: max relative error of the fitted law": fit_error,
+        "savgol_smooth vs scipy's savgol_filter: max |difference|": savgol_error,
     }
+
+
+EXACT = ("odm", "doremi", "aioli (ema 0.1)", "aioli (no ema)", "ado (policy from fitted laws)")
+"""The comparisons of weight updates, held to :data:`TOLERANCE`."""
+
+
+# --------------------------------------------------------------------------- throughput
+def throughput(steps: int = 20, seed: int = 0) -> dict[str, float]:
+    """Milliseconds per step: the whole step, and the part of it spent in mixing, per policy."""
+    import argparse as argparse_module
+    import inspect
+    import json
+    import time
+    import typing
+
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from weightwise.losses import token_cross_entropy
+    from weightwise.mixing import DomainMixing, MixingStream, excess_loss
+    from weightwise.mixing import stream as stream_module
+
+    length, batch = 256, 8
+
+    def rows(module) -> list[dict[str, torch.Tensor]]:
+        data = torch.tensor(list(inspect.getsource(module).encode()))
+        n = data.numel() // length
+        return [{"input_ids": data[i * length : (i + 1) * length]} for i in range(n)]
+
+    domains = {m.__name__: rows(m) for m in (inspect, argparse_module, typing, json)}
+
+    class LM(pl.LightningModule):
+        def __init__(self, reference: bool):
+            super().__init__()
+            torch.manual_seed(seed)
+            config = LlamaConfig(
+                vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4
+            )
+            self.model = LlamaForCausalLM(config)
+            self.reference = LlamaForCausalLM(config).requires_grad_(False) if reference else None
+
+        def training_step(self, b, i):
+            losses, mask = token_cross_entropy(self.model(input_ids=b["input_ids"]).logits, b["input_ids"], shift=True)
+            out = {"loss": losses, "mask": mask}
+            if self.reference is not None:
+                with torch.no_grad():
+                    ref, _ = token_cross_entropy(self.reference(input_ids=b["input_ids"]).logits, b["input_ids"], shift=True)
+                out["scores"] = {"excess_loss": excess_loss(losses, ref, mask)}
+            return out
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+    class Clock(pl.Callback):
+        def __init__(self):
+            self.steps: list[float] = []
+
+        def on_train_batch_start(self, *args):
+            self.start = time.perf_counter()
+
+        def on_train_batch_end(self, *args):
+            self.steps.append(time.perf_counter() - self.start)
+
+    spent = {"mixing": 0.0, "draw": 0.0}
+
+    def timed(owner, name, key):
+        original = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                spent[key] += time.perf_counter() - t
+
+        setattr(owner, name, wrapper)
+        return original
+
+    results: dict[str, float] = {}
+    k = len(domains)
+    for name, make, log_every in (
+        ("odm, logging every step", lambda: ODM(k, warmup_steps=0), 1),
+        ("odm, logging every 50 steps", lambda: ODM(k, warmup_steps=0), 50),
+        ("doremi (reference forward in the step), logging every 50", lambda: DoReMi(k), 50),
+        ("ado (no refit in the window), logging every 50", lambda: ADO(k, start_step=0, update_every=10**9, window=5), 50),
+    ):
+        originals = [
+            (DomainMixing, "sample_weights", timed(DomainMixing, "sample_weights", "mixing")),
+            (DomainMixing, "on_train_batch_end", timed(DomainMixing, "on_train_batch_end", "mixing")),
+            (stream_module, "fill_batch", timed(stream_module, "fill_batch", "draw")),
+        ]
+        spent.update(mixing=0.0, draw=0.0)
+        try:
+            stream = MixingStream(domains, batch_size=batch, seed=seed, num_replicas=1, rank=0)
+            clock = Clock()
+            fit = pl.Trainer(
+                accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                enable_model_summary=False, callbacks=[DomainMixing(make(), stream), clock], log_every_n_steps=log_every,
+            )  # fmt: skip
+            fit.fit(LM(reference=name.startswith("doremi")), DataLoader(stream, batch_size=batch))
+        finally:
+            for owner, attr, original in originals:
+                setattr(owner, attr, original)
+        measured = clock.steps[5:]  # after warm-up
+        results[f"{name}: step ms (median)"] = 1e3 * sorted(measured)[len(measured) // 2]
+        results[f"{name}: mixing ms/step"] = 1e3 * spent["mixing"] / steps
+        results[f"{name}: stream draws ms/step"] = 1e3 * spent["draw"] / steps
+    counts = torch.arange(1, 1001, dtype=torch.float64).expand(k, -1) * batch
+    curves = 2 + 3 * counts**-0.3
+    t = time.perf_counter()
+    fit_power_laws(counts[:, ::10], curves[:, ::10])
+    results[f"ado refit ({k} domains, 100 points; once per update_every steps) ms"] = 1e3 * (time.perf_counter() - t)
+    return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--throughput", action="store_true", help="time mixing next to the training step instead")
     args = parser.parse_args()
+    if args.throughput:
+        torch.set_num_threads(1)  # the machine's cores are shared; one thread, as in the tests
+        for name, value in throughput(seed=args.seed).items():
+            print(f"{name:80s} {value:9.2f}")
+        return
     results = run(args.steps, args.seed)
     for name, value in results.items():
         shown = "n/a (scipy not installed)" if value is None else f"{value:.3e}"
-        print(f"{name:42s} max |weightwise - reference| = {shown}")
-    exact = [
-        name
-        for name in ("odm", "doremi", "aioli (ema 0.1)", "aioli (no ema)", "ado (policy from fitted laws)")
-        if results[name] > TOLERANCE
-    ]
+        label = f"{name}: max |weightwise - reference| weight" if name in EXACT else name
+        print(f"{label:66s} {shown}")
+    exact = [name for name in EXACT if results[name] > TOLERANCE]
     print("all weight updates within", TOLERANCE if not exact else f"{TOLERANCE} EXCEPT {exact}")
 
 
