@@ -133,10 +133,22 @@ class ZeroLayerOptimizer:
     Args:
         proxy: the optimizer ``configure_optimizers`` returned, before DeepSpeed wrapped it.
         layer_of: the layer index of every parameter that may train (``None`` outside the stack).
+        size_buckets: at every rebuild, cap ZeRO's gradient buckets (``reduce_bucket_size``, and
+            ZeRO-1/2's ``allgather_bucket_size``) at the element count of the largest trainable
+            group (one layer, or the parameters outside the stack) - never above the configured
+            size. ZeRO-1/2 allocate their reduce buckets at that size every step (two with
+            ``overlap_comm``) and ZeRO-3 one for good, sized for the configuration whatever
+            trains: with 2e8 elements (Lightning's default) that is 1.5 GiB of fp32 buckets under
+            ZeRO-2 however few layers train (measured: ``benchmarks/memory/per_rank.py``). A bucket
+            of one layer still reduces a layer per call; the reduced values are the same.
+            ZeRO-3's ``stage3_prefetch_bucket_size`` and ``stage3_max_live_parameters`` are left
+            as configured: frozen layers are gathered for forward and backward too.
     """
 
-    def __init__(self, proxy: torch.optim.Optimizer, layer_of: Mapping[nn.Parameter, int | None]) -> None:
+    def __init__(self, proxy: torch.optim.Optimizer, layer_of: Mapping[nn.Parameter, int | None], size_buckets: bool = True) -> None:
         self.proxy = proxy
+        self.size_buckets = size_buckets
+        self._configured_buckets: dict[str, int] | None = None  # the user's sizes, read at the first rebuild
         # Recorded before ZeRO replaces each group's "params" with its flat fp32 partition.
         self.groups = list(proxy.param_groups)
         self.members = [list(group["params"]) for group in self.groups]
@@ -174,18 +186,7 @@ class ZeroLayerOptimizer:
             raise RuntimeError("no parameter requires grad: nothing left to train")
         if [group.get(GROUP_KEY) for group in old.optimizer.param_groups] == [key for key, _ in wanted]:
             return
-        keep = {key for key, _ in wanted}
-        carried: dict[GroupKey, tuple[torch.Tensor, dict[str, Any]]] = {}
-        for group, master in zip(old.optimizer.param_groups, old_masters):
-            state = old.optimizer.state.get(master, {})
-            key = group.get(GROUP_KEY)
-            if key is None and state:
-                raise RuntimeError(
-                    "the DeepSpeed optimizer already stepped with the user's param groups; the per-layer layout must"
-                    " be set up before the first step"
-                )
-            if key in keep:
-                carried[key] = (master, state)
+        carried = _carried_state(old, old_masters, {key for key, _ in wanted})
         stage3 = _is_stage3(old)
         old.destroy()  # removes ZeRO's gradient hooks (and ZeRO-3's module hooks)
         for params in old.fp16_groups if stage3 else old.bit16_groups:
@@ -209,6 +210,9 @@ class ZeroLayerOptimizer:
         engine.optimizer = engine.basic_optimizer = None
         if stage3:
             gc.collect()  # ZeRO-3 optimizers hold reference cycles (ZeRO-1/2 ones go with their last reference)
+        if self.size_buckets:
+            # ZeRO-3 parameters are partitioned (numel 0 outside a gather): count their full size, ds_numel
+            self._size_buckets(engine, max(sum(getattr(p, "ds_numel", p.numel()) for p in params) for _, params in wanted))
         engine._configure_optimizer(basic, None)
         new = engine.optimizer
         for group, target in zip(new.optimizer.param_groups, master_partitions(new)):
@@ -220,6 +224,15 @@ class ZeroLayerOptimizer:
             target.data.copy_(master)
             if state:
                 new.optimizer.state[target] = state
+
+    def _size_buckets(self, engine: Any, largest_group: int) -> None:
+        """Cap the engine's bucket sizes at ``largest_group`` elements (read by the ZeRO optimizer's constructor)."""
+        zero = engine._config.zero_config
+        names = ("reduce_bucket_size", "allgather_bucket_size")
+        if self._configured_buckets is None:
+            self._configured_buckets = {name: int(getattr(zero, name)) for name in names}
+        for name in names:
+            setattr(zero, name, min(self._configured_buckets[name], int(largest_group)))
 
     def _restore_proxy_groups(self) -> None:
         """The proxy gets all its groups back, with the model's parameters instead of the first
@@ -262,6 +275,26 @@ class ZeroLayerOptimizer:
             raise ValueError(f"the checkpoint has {len(saved)} optimizer param groups, the optimizer {len(self.proxy.param_groups)}")
         for group, values in zip(self.proxy.param_groups, saved):
             group.update(values)
+
+
+def _carried_state(old: Any, old_masters: Sequence[torch.Tensor], keep: set[GroupKey]) -> dict[GroupKey, tuple[torch.Tensor, dict[str, Any]]]:
+    """The fp32 master partition and optimizer state of every group of ``old`` that stays (``keep``).
+
+    A function of its own so that no loop variable outlives it: in ``rebuild`` the last group's
+    master and moments stayed referenced while the new optimizer was built (16 bytes per parameter
+    of a leaving layer, per rank)."""
+    carried: dict[GroupKey, tuple[torch.Tensor, dict[str, Any]]] = {}
+    for group, master in zip(old.optimizer.param_groups, old_masters):
+        state = old.optimizer.state.get(master, {})
+        key = group.get(GROUP_KEY)
+        if key is None and state:
+            raise RuntimeError(
+                "the DeepSpeed optimizer already stepped with the user's param groups; the per-layer layout must"
+                " be set up before the first step"
+            )
+        if key in keep:
+            carried[key] = (master, state)
+    return carried
 
 
 def _is_stage3(optimizer: Any) -> bool:
