@@ -81,6 +81,7 @@ def test_stream_items_carry_their_domain_and_shard_over_ranks():
     assert values[0] == {float(v) for v in range(0, 24, 2)}
 
 
+@pytest.mark.slow  # real DataLoader worker processes
 def test_stream_workers_read_disjoint_slots_and_the_shared_table(monkeypatch):
     """Two real DataLoader workers: slots 0 and 1 of each domain; weights published after the workers
     started reach them through shared memory (delay 0: batch k waits for version k)."""
