@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 from tests.support.models import Classifier, TokenLossLM, blobs, real_bytes
 from tests.support.training import flat_params, trainer
 from weightwise import IndexedDataset
-from weightwise.callbacks import LossReweighting
+from weightwise.callbacks import ComputeBudget, LossReweighting
 from weightwise.mixing import (
     ODM,
     Aioli,
@@ -250,10 +250,12 @@ def test_aioli_probes_with_held_out_losses_inside_a_fit():
     policy = Aioli(2, lp_rounds=1, lp_steps=1, round_steps=4)
     mixing = DomainMixing(policy, sampler, evaluate=held_out_losses(held_out, loss_fn, model))
     drawn = Drawn(mixing)
-    trainer(max_steps=8, callbacks=[mixing, drawn], use_distributed_sampler=False, max_epochs=-1).fit(
+    budget = ComputeBudget(flops=1e18)
+    trainer(max_steps=8, callbacks=[mixing, drawn, budget], use_distributed_sampler=False, max_epochs=-1).fit(
         model, DataLoader(IndexedDataset(blobs(N)), batch_sampler=sampler)
     )
     assert policy.evaluations == 1 + 2 + 1 + 2 + 1  # start, two bursts, the next round's start, ...
+    assert budget.spent.by_source["probes"] > 0  # the held-out forwards are counted as Aioli's cost
     assert policy.rounds_done == 2 and model.training
     probes = [int(w.argmax()) for w in drawn.weights[:2]]
     assert sorted(probes) == [0, 1] and max(drawn.weights[0]) == pytest.approx(0.625)

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from weightwise.compute.meter import spending
 from weightwise.core import collectives
 from weightwise.mixing.policies import DomainStats
 from weightwise.weighting.losses import reduce_token_losses
@@ -103,7 +104,8 @@ def held_out_losses(
 
     Returns:
         a callable returning ``[K]`` mean losses, identical on every rank (sums all-reduced; every
-        rank must call it at the same step, as the callback does).
+        rank must call it at the same step, as the callback does). Under
+        :class:`~weightwise.callbacks.ComputeBudget` its forwards count as ``"probes"``.
     """
     domains = list(loaders.values()) if isinstance(loaders, Mapping) else list(loaders)
 
@@ -113,7 +115,7 @@ def held_out_losses(
         device = next(module.parameters()).device
         totals = torch.zeros(2 * len(domains), dtype=torch.float64, device=device)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), spending("probes"):
                 for d, loader in enumerate(domains):
                     for batch in loader:
                         losses = loss_fn(module, batch).detach().double()
