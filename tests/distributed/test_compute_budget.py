@@ -1,9 +1,12 @@
 """ComputeBudget under 2-process DDP with different data per rank: one stop step, one spent amount."""
 
+import pytest
 import torch
 
 from tests.scripts.compute_jobs import LENGTHS
 from tests.support.distributed import COMPUTE_BUDGET_TOKENS
+
+pytestmark = pytest.mark.slow
 
 ROWS = 2
 

@@ -41,6 +41,15 @@ DDP_JOBS = [
     ("ddp_jobs:tokens", {"out_dir": "tokens"}),
     *[("token_jobs:token_weighting", {"out_dir": f"tokens/{method}", "method": method}) for method in ("rho1", "dft")],
     ("compute_jobs:budget", {"out_dir": "compute_budget", "tokens": COMPUTE_BUDGET_TOKENS}),
+    *[
+        job
+        for kind in ("mapped", "stream")
+        for job in (
+            ("mixing_jobs:fit", {"out_dir": f"mixing/{kind}", "kind": kind}),
+            ("mixing_jobs:fit", {"out_dir": f"mixing/{kind}_first", "kind": kind, "save_at": 3}),
+            ("mixing_jobs:fit", {"out_dir": f"mixing/{kind}_resumed", "kind": kind, "resume_from": f"mixing/{kind}_first/last.ckpt"}),
+        )
+    ],
     ("stream_jobs:stream", {"out_dir": "stream_straight", "max_steps": 7}),
     ("stream_jobs:stream", {"out_dir": "stream_first", "max_steps": 3, "save_every": 3}),
     ("stream_jobs:stream", {"out_dir": "stream_resumed", "max_steps": 7, "resume_from": "stream_first/step=3.ckpt"}),
