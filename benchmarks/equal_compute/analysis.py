@@ -6,8 +6,8 @@ seed (same initialisation, same data order where the method keeps it):
 
 * **compute to plain's loss**: the FLOPs at which the method's budget curve reaches plain's final
   loss at the main budget (linear in log-FLOPs between the two budgets around it; beyond the
-  measured budgets the end segment is extended and the figure is marked ``*`` - an extrapolation),
-  as a share of plain's FLOPs;
+  measured budgets the end segment is extended and the figure is marked ``*`` - an extrapolation;
+  ratios above ``RATIO_CAP`` count as the cap and are marked ``≥``), as a share of plain's FLOPs;
 * **loss at plain's FLOPs**: the method's curve at plain's main-budget FLOPs, minus plain's loss.
 
 Means over seeds with 95% t-intervals (``scipy.stats.t``; ``n - 1`` degrees of freedom).
@@ -22,6 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from scipy import stats
+
+RATIO_CAP = 2.0
+"""Compute ratios above this (far outside the measured budgets) are counted as this, and flagged."""
 
 GROUPS = {"train": ("model",), "selection": ("selection_forward", "scoring", "probes", "no_grad_forward"), "reference": ("reference_model",)}
 """ComputeBudget's sources, grouped for the table: the trained model's forwards with gradients and
@@ -115,11 +118,11 @@ def summarize(runs: Sequence[dict[str, Any]], main: float = 1.0) -> list[dict[st
             seconds.append(by[method, seed, main]["fit_seconds"])
         if not ratios:
             continue
-        finite = [r for r in ratios if math.isfinite(r)]
-        ratio = interval(finite) if len(finite) == len(ratios) else (math.inf, math.nan)
+        capped = [min(r, RATIO_CAP) for r in ratios]
+        ratio = interval(capped)
         rows.append({
             "method": method, "seeds": len(ratios), "final_loss": statistics.fmean(finals), "delta_loss": interval(deltas),
-            "compute_ratio": ratio, "ratios": ratios, "deltas": deltas, "extrapolated": extrapolated,
+            "compute_ratio": ratio, "capped": any(r > RATIO_CAP for r in ratios), "ratios": ratios, "deltas": deltas, "extrapolated": extrapolated,
             "shares": {s: statistics.fmean(x.get(s, 0.0) for x in shares) for s in {k for x in shares for k in x}},
             "fit_seconds": statistics.fmean(seconds),
         })
@@ -134,14 +137,16 @@ def table(rows: Sequence[dict[str, Any]], reference_flops: float | None, plain_f
     ]
     for row in rows:
         ratio_mean, ratio_half = row["compute_ratio"]
-        ratio = "not reached" if not math.isfinite(ratio_mean) else (
-            f"{100 * ratio_mean:.1f}%" + ("" if math.isnan(ratio_half) else f" ± {100 * ratio_half:.1f}") + ("*" if row["extrapolated"] else ""))
+        ratio = ("≥ " if row["capped"] else "") + f"{100 * ratio_mean:.1f}%" + (
+            "" if math.isnan(ratio_half) else f" ± {100 * ratio_half:.1f}") + ("*" if row["extrapolated"] else "")
         shares = row["shares"]
         split = " / ".join(f"{100 * shares.get(s, 0.0):.0f}%" for s in ("train", "selection", "reference"))
         lines.append(f"| {row['method']} | {row['seeds']} | {row['final_loss']:.4f} | "
                      f"{'-' if row['method'] == 'plain' else fmt(*row['delta_loss'])} | "
                      f"{'100%' if row['method'] == 'plain' else ratio} | {split} | {row['fit_seconds']:.0f} |")
-    notes = ["", "`*`: at least one seed's figure lies outside the measured budgets (end segment extended)."]
+    notes = ["", "`*`: at least one seed's figure lies outside the measured budgets (end segment extended);"
+             f" `≥`: at least one seed does not reach plain's loss by {RATIO_CAP:.0%} of plain's FLOPs on the extended curve"
+             f" (its ratio counted as {RATIO_CAP:.0%}, so the mean is a lower bound)."]
     if reference_flops:
         notes.append(f"Reference model training (clean held-in set; amortised over every run that uses it, not in the"
                      f" run columns): {reference_flops:.3g} FLOPs = {100 * reference_flops / plain_flops:.1f}% of plain's main budget.")
@@ -185,9 +190,12 @@ def plot(runs: Sequence[dict[str, Any]], path: str | Path, title: str) -> None:
         style = {"lw": 2.5, "color": "black"} if method == "plain" else {"lw": 1.5, "color": color}
         ax.plot(xs, ys, marker="o", label=method, **style)
         along = [r["points"] for r in runs if r["method"] == method and r["fraction"] == main]
-        n = min(len(p) for p in along)
+        n = min((len(p) for p in along), default=0)  # 0: the main-budget run is missing (an interrupted benchmark)
         ax.plot([statistics.fmean(p[i]["flops"] for p in along) for i in range(n)],
                 [statistics.fmean(p[i]["heldout_loss"] for p in along) for i in range(n)], lw=0.7, alpha=0.5, color=style["color"])
+    plain_losses = [r["points"][-1]["heldout_loss"] for r in runs if r["method"] == "plain"]
+    if plain_losses:  # the region where the budget curves cross plain's: far-off methods leave the frame
+        ax.set_ylim(min(r["points"][-1]["heldout_loss"] for r in runs) - 0.05, max(plain_losses) + 0.35)
     ax.set_xscale("log")
     ax.set_xlabel("FLOPs (forward + backward, every pass a method spends)")
     ax.set_ylabel("held-out loss on the clean target (nats / byte)")
