@@ -295,8 +295,10 @@ def measure(
     hidden: int = 512,
     layers: int = 8,
     snapshot_steps: Iterable[int] = (),
+    bucket_elements: int | None = None,
 ) -> dict[str, Any]:
-    """One 2-rank fit; returns this rank's records."""
+    """One 2-rank fit; returns this rank's records. ``bucket_elements`` sets the DeepSpeed config's
+    bucket sizes (what a user sets for full training)."""
     from lightning.pytorch import seed_everything
 
     from tests.support.strategies import CPUDeepSpeedStrategy
@@ -308,7 +310,11 @@ def measure(
     if strategy == "ddp":
         engine_strategy: Any = "ddp"
     else:
-        engine_strategy = CPUDeepSpeedStrategy(stage=int(strategy[-1]), param_persistence_threshold=0 if strategy == "zero3" else None)
+        # Full training gets no rebuild: "sized" buckets are then set by hand to one layer's parameter count.
+        buckets = {"reduce_bucket_size": bucket_elements, "allgather_bucket_size": bucket_elements} if bucket_elements else {}
+        engine_strategy = CPUDeepSpeedStrategy(
+            stage=int(strategy[-1]), param_persistence_threshold=0 if strategy == "zero3" else None, **buckets
+        )
     probe = PerRankMemory(strategy, persistence, plant, snapshot_steps)
     callbacks: list[pl.Callback] = [probe]
     if method != "full":
@@ -332,6 +338,7 @@ def measure(
     zero = fit.optimizers[0] if strategy != "ddp" else None
     return {
         "strategy": strategy, "method": method, "plant": plant, "size_buckets": size_buckets, "rank": fit.global_rank,
+        "bucket_elements": bucket_elements,
         "reduce_bucket_size": getattr(zero, "reduce_bucket_size", None),
         "parameters": sum(numel(p) for p in module.parameters()), "records": probe.records, "rebuilds": probe.rebuilds,
     }
@@ -374,11 +381,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="ZeRO-2 LISA only")
     parser.add_argument("--only", nargs="*", default=None, help="strategy:method[:plant][:unsized] configurations to run")
     parser.add_argument("--out", type=Path, default=RESULTS / "per_rank.json")
+    parser.add_argument("--bucket-elements", type=int, default=None, help="set the DeepSpeed config's bucket sizes (full training)")
     args = parser.parse_args()
     configs = [("zero2", "lisa", None, True)] if args.quick else CONFIGS
     if args.only:
         configs = [c for c in CONFIGS if ":".join([c[0], c[1], *([c[2]] if c[2] else []), *([] if c[3] else ["unsized"])]) in args.only]
-    results = [measure(s, m, args.steps, plant, sized, snapshot_steps=(args.steps - 1,)) for s, m, plant, sized in configs]
+    results = [
+        measure(s, m, args.steps, plant, sized, snapshot_steps=(args.steps - 1,), bucket_elements=args.bucket_elements)
+        for s, m, plant, sized in configs
+    ]
     if results[0]["rank"] == 0:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1))
