@@ -1,4 +1,5 @@
-"""DenseUpcycling under 2-process DDP (gloo): every rank makes the same MoE and trains it in lock-step."""
+"""Dense upcycling on 2 processes (gloo): DenseUpcycling under DDP (every rank makes the same MoE and
+trains it in lock-step), and the between-fits route under ZeRO-3 that its DeepSpeed error names."""
 
 import pytest
 import torch
@@ -10,8 +11,19 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    # Drop-Upcycling: random routers *and* re-initialised units, which every rank must draw alike
-    return launch(tmp_path_factory.mktemp("dense"), [("dense_jobs:dense_upcycling", {"out_dir": "drop", "method": "drop"})])
+    from tests.scripts.dense_jobs import DenseLM
+
+    root = tmp_path_factory.mktemp("dense")
+    DenseLM().model.save_pretrained(root / "between" / "dense")
+    jobs = [
+        # Drop-Upcycling: random routers *and* re-initialised units, which every rank must draw alike
+        ("dense_jobs:dense_upcycling", {"out_dir": "drop", "method": "drop"}),
+        ("deepspeed_jobs:moe_phase", {"out_dir": "between/phase1", "stage": 3, "model_dir": "between/dense", "steps": 2}),
+        ("dense_jobs:dense_upcycle_saved", {"phase1_dir": "between/phase1", "source_dir": "between/dense",
+                                            "trained_dir": "between/dense_trained", "grown_dir": "between/moe"}),
+        ("deepspeed_jobs:moe_phase", {"out_dir": "between/phase2", "stage": 3, "model_dir": "between/moe", "steps": 2}),
+    ]
+    return launch(root, jobs)
 
 
 def test_ranks_make_the_same_moe_and_train_it_in_lock_step(runs):
@@ -22,3 +34,20 @@ def test_ranks_make_the_same_moe_and_train_it_in_lock_step(runs):
     assert torch.equal(rank0["params"], rank1["params"])
     assert torch.equal(rank0["expert_state"], rank1["expert_state"]) and rank0["expert_state"].abs().sum() > 0
     assert rank0["losses"]["before"] != rank1["losses"]["before"]  # the ranks did see different data
+
+
+def test_dense_to_moe_between_two_zero3_fits(runs):
+    """`weightwise upcycle --from-dense` between fits, end to end under ZeRO-3 (sharded parameters):
+    train the dense model, consolidate the shards, save_pretrained, upcycle, train the MoE."""
+    from transformers import AutoModelForCausalLM
+
+    root = runs.root / "between"
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(1))
+    dense, trained, moe = (AutoModelForCausalLM.from_pretrained(root / name).eval() for name in ("dense", "dense_trained", "moe"))
+    with torch.no_grad():
+        before, after, grown = (m(input_ids=ids).logits for m in (dense, trained, moe))
+    assert not torch.allclose(after, before)  # phase 1 did train
+    assert type(moe).__name__ == "MixtralForCausalLM" and moe.config.num_local_experts == 4
+    torch.testing.assert_close(grown, after, rtol=0, atol=1e-5)  # copies: the trained dense function
+    losses = torch.load(root / "phase2" / "losses.pt")
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))

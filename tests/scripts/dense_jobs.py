@@ -1,5 +1,8 @@
-"""2-process DDP job of DenseUpcycling (CPU, gloo), run by ``tests.scripts.suite``: a dense Llama
-becomes a Mixtral mid-fit on both ranks, each rank on different data."""
+"""2-process jobs of dense upcycling (CPU, gloo), run by ``tests.scripts.suite``: under DDP a dense
+Llama becomes a Mixtral mid-fit on both ranks, each on different data; under ZeRO-3 the route between
+two fits (train dense, consolidate, ``weightwise upcycle --from-dense``, train the MoE)."""
+
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
@@ -39,3 +42,25 @@ def dense_upcycling(out_dir: str, method: str) -> None:
         "expert_state": fit.optimizers[0].state[experts.gate_up_proj]["exp_avg"].clone(),
     }
     save(out_dir, fit.global_rank, result)
+
+
+def dense_upcycle_saved(phase1_dir: str, source_dir: str, trained_dir: str, grown_dir: str) -> None:
+    """The between-fits route under ZeRO-3, on rank 0 (the other rank waits): consolidate the dense
+    run's shards, save the trained dense model, and make it a MoE with
+    ``weightwise upcycle --from-dense`` (copies: exact)."""
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0:
+        from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+        from transformers import AutoModelForCausalLM
+
+        from weightwise.cli import main
+
+        consolidated = Path(phase1_dir) / "consolidated.pt"
+        convert_zero_checkpoint_to_fp32_state_dict(Path(phase1_dir) / "last.ckpt", consolidated)
+        state = torch.load(consolidated, weights_only=False)["state_dict"]
+        model = AutoModelForCausalLM.from_pretrained(source_dir)
+        model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
+        model.save_pretrained(trained_dir)
+        main(["upcycle", "--from-dense", trained_dir, grown_dir, "--experts", "4", "--top-k", "2"])
+    dist.barrier()
