@@ -15,10 +15,6 @@ class Fail(pl.Callback):
             raise RuntimeError("stop")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="experts/callback.py restores its on_load_checkpoint patch in teardown only; needs an on_exception that restores it too",
-)
 def test_an_exception_mid_fit_gives_on_load_checkpoint_back():
     module = TinyMoELM()
     with pytest.raises(RuntimeError, match="stop"):

@@ -45,6 +45,14 @@ class RestructuringCallback(Callback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit" and self._patch is not None:
+        if stage == "fit":
+            self._unpatch()
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._unpatch()  # Lightning calls no teardown when fit raises
+
+    def _unpatch(self) -> None:
+        if self._patch is not None:
             self._patch.restore()
             self._patch = None
