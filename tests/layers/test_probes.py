@@ -7,10 +7,11 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from tests.support.models import Classifier, TinyLlama, blobs
+from tests.support.models import Classifier, TinyLlama, blobs, token_batches
 from tests.support.training import trainer
+from weightwise.callbacks import LayerwiseSampling
 from weightwise.layers import suppressed
-from weightwise.layers.probes import ProbeBatches, default_probe_loss, module_loss
+from weightwise.layers.probes import ProbeBatches, default_probe_loss, model_loss, module_loss
 
 
 def test_a_suppressed_layer_scales_its_residual_contribution():
@@ -113,3 +114,77 @@ def test_the_default_probe_loss_is_the_transformers_loss_else_the_modules_own():
         classifier = Classifier()  # per-sample losses from a tuple batch: their mean
         x, y = blobs(8).tensors
         torch.testing.assert_close(default_probe_loss(classifier, (x, y)), F.cross_entropy(classifier.net(x), y))
+
+
+
+def test_ist_probes_evaluate_their_own_batch_of_16_not_the_training_micro_batch():
+    data = token_batches(n=32)  # micro-batches of 2 sequences
+    rows = {tuple(item["input_ids"].tolist()): i for i, item in enumerate(data.dataset)}
+
+    def run(**options):
+        seen = []
+
+        def recording_loss(module, batch):
+            seen.append([rows[tuple(r.tolist())] for r in batch["input_ids"]])
+            return model_loss(module, batch)
+
+        sampling = LayerwiseSampling("ist", probe_every=2, probe_loss=recording_loss, **options)
+        trainer(max_steps=6, callbacks=[sampling]).fit(TinyLlama(layers=4), data)
+        return seen, sampling
+
+    seen, sampling = run()
+    assert len(seen) == 2 * 3  # probe rounds before steps 2 and 4, 3 probes each, one batch per round
+    expected = [ProbeBatches(16, seed=0).indices(32, draw) for draw in (0, 1)]
+    assert seen == [expected[0]] * 3 + [expected[1]] * 3
+    assert sampling.importance.abs().sum() > 0
+    micro, _ = run(probe_batch_size=None)  # weightwise 0.2's: each probing step's micro-batch
+    assert [len(rows) for rows in micro] == [2] * 6
+
+
+class LinearStack(pl.LightningModule):
+    """Not a transformers model: tuple batches, a stack of residual blocks, a logged scalar loss."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(4))
+        self.head = torch.nn.Linear(8, 3)
+        self.log_calls = 0
+
+    def log(self, *args, **kwargs):  # counts the logging calls that reach Lightning
+        self.log_calls += 1
+        super().log(*args, **kwargs)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        for block in self.blocks:
+            x = x + torch.tanh(block(x))
+        loss = torch.nn.functional.cross_entropy(self.head(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_ist_runs_on_any_module_whose_training_step_returns_a_loss():
+    """No transformers model, tuple batches: the probes evaluate the module's own training_step loss,
+    with its logging silenced (the logged train_loss comes from the training steps only)."""
+    module = LinearStack()
+    sampling = LayerwiseSampling("ist", probe_every=2)
+    trainer(max_steps=6, callbacks=[sampling]).fit(module, torch.utils.data.DataLoader(blobs(64), batch_size=4))
+    assert sampling.importance.abs().sum() > 0  # two probe rounds moved the scores
+    assert module.log_calls == 6  # one per training step: the 6 probes logged nothing
+    assert "log" not in vars(module) and "log_dict" not in vars(module)  # the silencing is undone
+
+
+def test_ist_over_a_stream_names_the_micro_batch_option():
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            yield from token_batches(n=8).dataset
+
+    with pytest.raises(MisconfigurationException, match="probe_batch_size=None"):
+        trainer(max_steps=3, callbacks=[LayerwiseSampling("ist", probe_every=1)]).fit(
+            TinyLlama(layers=4), torch.utils.data.DataLoader(Stream(), batch_size=2)
+        )
+

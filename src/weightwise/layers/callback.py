@@ -36,7 +36,7 @@ from weightwise.layers.policies import (
     OrderedBlocks,
     UniformLayers,
 )
-from weightwise.layers.probes import ProbeLoss, model_loss, probe
+from weightwise.layers.probes import PROBE_BATCH_SIZE, ProbeBatches, ProbeLoss, default_probe_loss, probe
 from weightwise.layers.stack import find_layer_stack
 
 Policy = Literal["lisa", "ist", "badam", "loss_credit", "block_influence"]
@@ -84,7 +84,10 @@ class LayerwiseSampling(Callback):
     * ``"ist"`` - IST (Yao et al., EMNLP 2024 Findings; ``antgroup/importance-aware-sparse-tuning-IST-paper``):
       a quarter of the layers re-drawn every step by a score learned from suppression probes - every
       10 steps, 3 forward passes each with a random half of the layers responding at 25%, scored by
-      ``exp(-loss)`` against their mean (REINFORCE); probe losses are averaged over every rank.
+      ``exp(-loss)`` against their mean (REINFORCE); probe losses are averaged over every rank. As the
+      reference, the probes evaluate their own batch of ``probe_batch_size=16`` samples drawn from
+      shuffled passes over the training loader's dataset (seeded: the same batch on every rank), not
+      the training micro-batch, so the reward's noise does not depend on the micro-batch size.
     * ``"badam"`` - BAdam's block cycles (``Ledzy/BAdam``): one layer at a time in descending,
       ascending or random order (``order``), every layer once per cycle, switching every 50 steps,
       embeddings and head frozen.
@@ -153,11 +156,17 @@ class LayerwiseSampling(Callback):
             the accelerator, fp32 weights exist for the active layers only. Needs
             ``Trainer(precision="bf16-mixed")``; not under DeepSpeed (ZeRO keeps its own masters).
         probe_loss: ``(module, batch) -> scalar`` for IST's probes, and the forward pass of block
-            influence's measurements (default: the loss of the transformers model inside the module on
-            the batch's ``input_ids``/``labels``).
+            influence's measurements (default :func:`~weightwise.layers.probes.default_probe_loss`: the
+            loss of the transformers model inside the module on the batch's ``input_ids``/``labels``,
+            as the reference, else the module's own ``training_step`` loss with logging silenced).
+        probe_batch_size: IST's probe batch: this many samples (the reference's 16) drawn from the
+            training loader's dataset (:class:`~weightwise.layers.probes.ProbeBatches`); ``None``: each
+            probing step's own micro-batch (weightwise 0.2's; the only choice for a stream).
 
     Raises:
         ValueError: an unknown policy or a non-positive setting.
+        MisconfigurationException: (at IST's first probe) a training set that cannot be indexed for the
+            probes' own batches (names ``probe_batch_size=None``).
 
     Example::
 
@@ -189,6 +198,7 @@ class LayerwiseSampling(Callback):
         suppression: float = 0.25,
         ist_learning_rate: float = 10.0,
         probe_loss: ProbeLoss | None = None,
+        probe_batch_size: int | None = PROBE_BATCH_SIZE,
         frozen_dtype: torch.dtype | None = None,
     ) -> None:
         if policy not in POLICIES:
@@ -219,7 +229,8 @@ class LayerwiseSampling(Callback):
             "block_influence": {"temperature": temperature, "refresh_every": refresh_every},
         }.get(policy, {})
         self.suppression = suppression
-        self.probe_loss: ProbeLoss = probe_loss or model_loss
+        self.probe_loss: ProbeLoss = probe_loss or default_probe_loss
+        self.probe_batches = ProbeBatches(probe_batch_size, seed=seed)
         if policy == "loss_credit":  # validate now, not when fit starts
             LossCreditLayers(2, 1, beta=beta, temperature=temperature)
         if policy == "ist":
@@ -452,7 +463,7 @@ class LayerwiseSampling(Callback):
         assert self.chooser is not None
         step = trainer.global_step
         if self.chooser.wants_probes(step) and self._probed != step:
-            self._probe(pl_module, batch, step)
+            self._probe(trainer, pl_module, batch, step)
         period = step // self.interval
         if period != self._period:
             if self._period_loss[1] > 0 and self.active:
@@ -465,10 +476,11 @@ class LayerwiseSampling(Callback):
         elif not self._applied:  # resumed mid-period: the fresh module has every layer trainable
             self._apply(trainer, self.active)
 
-    def _probe(self, pl_module: pl.LightningModule, batch: Any, step: int) -> None:
-        """IST's suppression probes on this step's batch, their losses averaged over every rank."""
+    def _probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, step: int) -> None:
+        """IST's suppression probes on their batch (:class:`ProbeBatches`), their losses averaged over every rank."""
         assert isinstance(self.chooser, ISTLayers)
         sets = self.chooser.probe_sets(step)
+        batch = self.probe_batches(trainer, batch, step // self.chooser.probe_every - 1)  # probe rounds 0, 1, ...
         local = torch.stack(
             [probe(pl_module, batch, [self.stack[i] for i in layers], self.suppression, self.probe_loss).cpu() for layers in sets]
         ).double()
