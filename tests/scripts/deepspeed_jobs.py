@@ -230,9 +230,9 @@ def moe_phase(out_dir: str, stage: int, model_dir: str, steps: int) -> None:
         torch.save(module.losses, out_dir / "losses.pt")
 
 
-def moe_upcycle_saved(phase1_dir: str, source_dir: str, trained_dir: str, grown_dir: str) -> None:
-    """Between the phases, on rank 0: consolidate the ZeRO shards, load them into the saved model,
-    save it, and grow it with the ``weightwise upcycle`` command (granular, exact); the other rank waits."""
+def upcycle_saved(phase1_dir: str, source_dir: str, trained_dir: str, grown_dir: str, options: list[str]) -> None:
+    """Between two fits, on rank 0 (the other rank waits): consolidate the first fit's ZeRO shards,
+    load them into the saved model, save it, and run ``weightwise upcycle TRAINED GROWN *options``."""
     import torch.distributed as dist
 
     if dist.get_rank() == 0:
@@ -247,5 +247,10 @@ def moe_upcycle_saved(phase1_dir: str, source_dir: str, trained_dir: str, grown_
         model = AutoModelForCausalLM.from_pretrained(source_dir)
         model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
         model.save_pretrained(trained_dir)
-        main(["upcycle", trained_dir, grown_dir, "--factor", "2", "--method", "granular"])
+        main(["upcycle", trained_dir, grown_dir, *options])
     dist.barrier()
+
+
+def moe_upcycle_saved(phase1_dir: str, source_dir: str, trained_dir: str, grown_dir: str) -> None:
+    """Between the phases: grow the trained MoE with the ``weightwise upcycle`` command (granular, exact)."""
+    upcycle_saved(phase1_dir, source_dir, trained_dir, grown_dir, ["--factor", "2", "--method", "granular"])

@@ -2,13 +2,13 @@
 Llama becomes a Mixtral mid-fit on both ranks, each on different data; under ZeRO-3 the route between
 two fits (train dense, consolidate, ``weightwise upcycle --from-dense``, train the MoE)."""
 
-from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch import seed_everything
 
 from tests.scripts.ddp_jobs import save
+from tests.scripts.deepspeed_jobs import upcycle_saved
 from tests.support.models import TinyMoELM, moe_loader
 from tests.support.training import flat_params, trainer
 from weightwise.callbacks import DenseUpcycling
@@ -45,22 +45,6 @@ def dense_upcycling(out_dir: str, method: str) -> None:
 
 
 def dense_upcycle_saved(phase1_dir: str, source_dir: str, trained_dir: str, grown_dir: str) -> None:
-    """The between-fits route under ZeRO-3, on rank 0 (the other rank waits): consolidate the dense
-    run's shards, save the trained dense model, and make it a MoE with
+    """The between-fits route under ZeRO-3: the trained dense model made a MoE with
     ``weightwise upcycle --from-dense`` (copies: exact)."""
-    import torch.distributed as dist
-
-    if dist.get_rank() == 0:
-        from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
-        from transformers import AutoModelForCausalLM
-
-        from weightwise.cli import main
-
-        consolidated = Path(phase1_dir) / "consolidated.pt"
-        convert_zero_checkpoint_to_fp32_state_dict(Path(phase1_dir) / "last.ckpt", consolidated)
-        state = torch.load(consolidated, weights_only=False)["state_dict"]
-        model = AutoModelForCausalLM.from_pretrained(source_dir)
-        model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
-        model.save_pretrained(trained_dir)
-        main(["upcycle", "--from-dense", trained_dir, grown_dir, "--experts", "4", "--top-k", "2"])
-    dist.barrier()
+    upcycle_saved(phase1_dir, source_dir, trained_dir, grown_dir, ["--from-dense", "--experts", "4", "--top-k", "2"])

@@ -92,6 +92,13 @@ SHARDED_JOBS = [
     ("deepspeed_jobs:moe_upcycle_saved", {"phase1_dir": "moe/phase1", "source_dir": "moe/E", "trained_dir": "moe/E_trained",
                                           "grown_dir": "moe/2E"}),
     ("deepspeed_jobs:moe_phase", {"out_dir": "moe/phase2", "stage": 3, "model_dir": "moe/2E", "steps": 2}),
+    # Drop-Upcycling under DDP: random routers *and* re-initialised units, which every rank must draw alike
+    ("dense_jobs:dense_upcycling", {"out_dir": "dense/drop", "method": "drop"}),
+    # dense -> MoE between two ZeRO-3 fits (the sharded_runs fixture saves dense/between/dense first)
+    ("deepspeed_jobs:moe_phase", {"out_dir": "dense/between/phase1", "stage": 3, "model_dir": "dense/between/dense", "steps": 2}),
+    ("dense_jobs:dense_upcycle_saved", {"phase1_dir": "dense/between/phase1", "source_dir": "dense/between/dense",
+                                        "trained_dir": "dense/between/dense_trained", "grown_dir": "dense/between/moe"}),
+    ("deepspeed_jobs:moe_phase", {"out_dir": "dense/between/phase2", "stage": 3, "model_dir": "dense/between/moe", "steps": 2}),
     *[("agreement_jobs:decide", {"out_dir": f"agreement/zero2/{c.name}", "case": c.name, "strategy": "zero2"}) for c in CASES if c.zero],
     *[("agreement_jobs:decide", {"out_dir": f"agreement/zero3/{n}", "case": n, "strategy": "zero3"}) for n in ZERO3_AGREEMENT],
     ("deepspeed_jobs:fit", {"out_dir": "fit/fsdp", "name": "fsdp", "epochs": FIT_EPOCHS}),

@@ -20,6 +20,23 @@ def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+class RankAware:
+    """``num_replicas`` and ``rank`` as given at construction (``_num_replicas``, ``_rank``), else read
+    from the default process group when asked - so a sampler or stream built before the process group
+    starts shards itself correctly once it is iterated."""
+
+    _num_replicas: int | None
+    _rank: int | None
+
+    @property
+    def num_replicas(self) -> int:
+        return self._num_replicas if self._num_replicas is not None else world_size()
+
+    @property
+    def rank(self) -> int:
+        return self._rank if self._rank is not None else rank()
+
+
 def all_gather_variable(*tensors: Tensor) -> tuple[list[Tensor], slice]:
     """Concatenate 1-D tensors of equal length from every rank, in rank order.
 

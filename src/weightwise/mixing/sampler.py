@@ -14,7 +14,7 @@ from weightwise.mixing.draws import EMPTY, Draw, Exhausted, batch_generator, che
 from weightwise.mixing.table import WeightTable
 
 
-class MixtureBatchSampler(Sampler[list[int]]):
+class MixtureBatchSampler(collectives.RankAware, Sampler[list[int]]):
     """Yields batches of dataset indices whose domains are drawn by the mixture of the moment.
 
     Each sample's domain is drawn from the current weights (``draw="batch"``: one domain per
@@ -96,14 +96,6 @@ class MixtureBatchSampler(Sampler[list[int]]):
         self.next_batch = 0
         self._snapshots: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
         self._shares: dict[int, tuple[int, Tensor]] = {}
-
-    @property
-    def num_replicas(self) -> int:
-        return self._num_replicas if self._num_replicas is not None else collectives.world_size()
-
-    @property
-    def rank(self) -> int:
-        return self._rank if self._rank is not None else collectives.rank()
 
     def __len__(self) -> int:
         if self._num_batches is not None:

@@ -15,7 +15,7 @@ from weightwise.mixing.draws import DOMAIN_KEY, EMPTY, Draw, Exhausted, batch_ge
 from weightwise.mixing.table import WeightTable
 
 
-class MixingStream(IterableDataset):
+class MixingStream(collectives.RankAware, IterableDataset):
     """Interleave one iterable per domain, drawing each item's domain by the mixture of the moment.
 
     Every item (a mapping, e.g. a tokenised, packed row) gets its domain id under ``domain_key``, so
@@ -94,15 +94,6 @@ class MixingStream(IterableDataset):
         self.start_batch = 0  # the batch number the next iteration starts at
         self.slots = 1  # worker slots the positions are kept for (the DataLoader's workers, at least 1)
         self.positions = torch.zeros(1, k, dtype=torch.long)  # [slots, K] items of each domain each slot consumed
-
-    @property
-    def num_replicas(self) -> int:
-        return self._num_replicas if self._num_replicas is not None else collectives.world_size()
-
-    @property
-    def rank(self) -> int:
-        """This process' rank (read when iterated, so a stream built before the process group starts works)."""
-        return self._rank if self._rank is not None else collectives.rank()
 
     def bind(self, num_workers: int, start_batch: int, positions: Tensor | None = None) -> None:
         """Set where the next iteration starts (done by the callback before the loader's workers start)."""

@@ -69,7 +69,7 @@ class EpochPlan:
     weights: Tensor | None = None
 
 
-class EpochSampler(Sampler[int]):
+class EpochSampler(collectives.RankAware, Sampler[int]):
     """Base class: a distributed-aware sampler over ``num_samples`` ids driven by per-epoch plans.
 
     Subclasses implement :meth:`plan_epoch`. The ``DataPruning`` callback attaches the run's
@@ -108,15 +108,6 @@ class EpochSampler(Sampler[int]):
         self._plan_key: tuple[int, int] | None = None
         self._resumed: tuple[int, EpochPlan] | None = None  # (epoch, plan) restored mid-epoch
         self._skip = 0  # shard positions the next iteration skips (already trained before a resume)
-
-    # -------------------------------------------------------------- distributed
-    @property
-    def num_replicas(self) -> int:
-        return self._num_replicas if self._num_replicas is not None else collectives.world_size()
-
-    @property
-    def rank(self) -> int:
-        return self._rank if self._rank is not None else collectives.rank()
 
     # -------------------------------------------------------------- policy interface
     def plan_epoch(self, epoch: int, generator: torch.Generator) -> EpochPlan:

@@ -1,33 +1,15 @@
 """Dense upcycling on 2 processes (gloo): DenseUpcycling under DDP (every rank makes the same MoE and
-trains it in lock-step), and the between-fits route under ZeRO-3 that its DeepSpeed error names."""
+trains it in lock-step), and the between-fits route under ZeRO-3 that its DeepSpeed error names.
+The jobs run in the shared sharded launch (tests/support/distributed.py)."""
 
 import pytest
 import torch
 
-from tests.support.distributed import launch
-
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    from tests.scripts.dense_jobs import DenseLM
-
-    root = tmp_path_factory.mktemp("dense")
-    DenseLM().model.save_pretrained(root / "between" / "dense")
-    jobs = [
-        # Drop-Upcycling: random routers *and* re-initialised units, which every rank must draw alike
-        ("dense_jobs:dense_upcycling", {"out_dir": "drop", "method": "drop"}),
-        ("deepspeed_jobs:moe_phase", {"out_dir": "between/phase1", "stage": 3, "model_dir": "between/dense", "steps": 2}),
-        ("dense_jobs:dense_upcycle_saved", {"phase1_dir": "between/phase1", "source_dir": "between/dense",
-                                            "trained_dir": "between/dense_trained", "grown_dir": "between/moe"}),
-        ("deepspeed_jobs:moe_phase", {"out_dir": "between/phase2", "stage": 3, "model_dir": "between/moe", "steps": 2}),
-    ]
-    return launch(root, jobs)
-
-
-def test_ranks_make_the_same_moe_and_train_it_in_lock_step(runs):
-    rank0, rank1 = runs("drop")
+def test_ranks_make_the_same_moe_and_train_it_in_lock_step(sharded_runs):
+    rank0, rank1 = sharded_runs("dense/drop")
     assert rank0["class"] == rank1["class"] == "MixtralForCausalLM"
     assert rank0["steps"] == 6  # 2 epochs of 3 steps (6 batches over 2 ranks), surgery at step 2
     # same routers and re-initialised units on both ranks, and DDP re-wrapped: gradients still averaged
@@ -36,12 +18,12 @@ def test_ranks_make_the_same_moe_and_train_it_in_lock_step(runs):
     assert rank0["losses"]["before"] != rank1["losses"]["before"]  # the ranks did see different data
 
 
-def test_dense_to_moe_between_two_zero3_fits(runs):
+def test_dense_to_moe_between_two_zero3_fits(sharded_runs):
     """`weightwise upcycle --from-dense` between fits, end to end under ZeRO-3 (sharded parameters):
     train the dense model, consolidate the shards, save_pretrained, upcycle, train the MoE."""
     from transformers import AutoModelForCausalLM
 
-    root = runs.root / "between"
+    root = sharded_runs.root / "dense" / "between"
     ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(1))
     dense, trained, moe = (AutoModelForCausalLM.from_pretrained(root / name).eval() for name in ("dense", "dense_trained", "moe"))
     with torch.no_grad():
