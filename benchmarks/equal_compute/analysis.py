@@ -158,13 +158,13 @@ def domain_table(runs: Sequence[dict[str, Any]], main: float = 1.0) -> str:
     chosen = [r for r in runs if r["fraction"] == main]
     if not chosen:
         return ""
-    domains = list(chosen[0]["domain_rows"])
+    domains = list(dict.fromkeys(d for r in chosen for d in r["domain_rows"]))  # runs on other pools may lack some
     lines = ["| method | " + " | ".join(domains) + " |", "| --- | " + " | ".join("---:" for _ in domains) + " |"]
     for method in dict.fromkeys(r["method"] for r in chosen):
         mine = [r["domain_rows"] for r in chosen if r["method"] == method]
         cells = []
         for d in domains:
-            cells.append(f"{100 * statistics.fmean(m[d] / max(1, sum(m.values())) for m in mine):.0f}%")
+            cells.append(f"{100 * statistics.fmean(m.get(d, 0) / max(1, sum(m.values())) for m in mine):.0f}%")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
