@@ -21,8 +21,9 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 	@echo "environment ready: $(VENV) (activate with: . $(VENV)/bin/activate)"
 
+# The main job: the equal-compute benchmark's short version (4 methods, 1 seed) on the built-in corpus.
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m examples.bbc_news_noisy_labels
+	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m benchmarks.equal_compute --demo --out runs/equal_compute_demo
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest
