@@ -21,7 +21,7 @@ FLOPs); every method - and plain training - runs at each of ``--fractions`` of i
 stopping at its budget with its schedule ending there (plain training at 0.5 takes half the steps).
 Each run evaluates the held-out loss on the target at ``--checkpoints`` FLOP marks along the way and
 at its end. Results, tables and the plot go to ``--out`` (``results.json``, ``table.md``,
-``loss_vs_flops.png``); ``--resume`` skips the runs ``results.json`` already holds.
+``loss_vs_flops.png``, and ``mixing_weights.png`` for mixing methods); ``--resume`` skips the runs ``results.json`` already holds.
 """
 
 from __future__ import annotations
@@ -239,6 +239,8 @@ def main(argv: list[str] | None = None) -> None:
     (Path(args.out) / "table.md").write_text(text + "\n")
     analysis.plot(runs, Path(args.out) / "loss_vs_flops.png",
                   f"held-out loss vs FLOPs, {len({r['seed'] for r in runs})} seed(s); markers: runs with budgets {args.fractions} of the main one")
+    if analysis.plot_mixing(runs, Path(args.out) / "mixing_weights.png", seed=min(r["seed"] for r in runs)):
+        print(f"mixing weights: {Path(args.out) / 'mixing_weights.png'}")
     print(text)
     print(f"\nplot: {Path(args.out) / 'loss_vs_flops.png'}; raw: {path}")
 

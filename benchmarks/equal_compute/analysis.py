@@ -205,3 +205,31 @@ def plot(runs: Sequence[dict[str, Any]], path: str | Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_mixing(runs: Sequence[dict[str, Any]], path: str | Path, seed: int = 0, main: float = 1.0) -> bool:
+    """Each mixing method's domain weights against FLOPs (one panel per method; its ``seed`` run at
+    the ``main`` budget; the weights a run draws by after each step). False, and no file, when no
+    such run records weights."""
+    chosen = [r for r in runs if r.get("domain_weights") and r["seed"] == seed and r["fraction"] == main]
+    if not chosen:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(chosen), figsize=(4 * len(chosen), 3.6), sharey=True, squeeze=False)
+    for ax, run in zip(axes[0], chosen, strict=True):
+        xs = [w["flops"] for w in run["domain_weights"]]
+        for d, name in enumerate(run["domain_names"]):
+            ax.plot(xs, [w["weights"][d] for w in run["domain_weights"]], label=name, lw=1.5)
+        ax.set_title(f"{run['method']} (seed {seed})", fontsize=9)
+        ax.set_xlabel("FLOPs")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("domain weight (the mixture drawn next)")
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return True

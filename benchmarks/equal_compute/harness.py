@@ -154,20 +154,26 @@ def heldout_loss(model: LlamaForCausalLM, rows: Rows, batch_size: int = 32) -> f
 
 
 # ---------------------------------------------------------------- the Lightning module
+Scores = Callable[[dict[str, Tensor], Tensor, Tensor], dict[str, Tensor]]
+"""``(batch, token_losses [B, T], mask [B, T]) -> {name: [B] per-row signal}``."""
+
+
 class BudgetLM(pl.LightningModule):
     """A byte-level Llama; AdamW with ``budget_lr_lambda`` over the budget (cosine, linear warm-up).
 
     ``loss_mode="mean"`` returns the mean over the batch's target bytes (plain training, no
     weightwise callback); ``"rows"`` returns token losses and their mask - weightwise's sample is
-    the row. With every weight 1 the two optimise the same mean. Rows backpropagated are counted
-    per domain (``domain_rows``), for the analysis only.
+    the row - plus, with ``scores``, the per-row signals it computes from ``(batch, token_losses,
+    mask)`` (DoReMi's excess loss). With every weight 1 the two optimise the same mean. Rows
+    backpropagated are counted per domain (``domain_rows``), for the analysis only.
     """
 
     def __init__(self, model: LlamaForCausalLM, budget: ComputeBudget, *, lr: float, warmup: float, final_lr: float,
-                 loss_mode: str, num_domains: int) -> None:
+                 loss_mode: str, num_domains: int, scores: Scores | None = None) -> None:
         super().__init__()
         self.model, self.budget = model, budget
         self.lr, self.warmup, self.final_lr, self.loss_mode = lr, warmup, final_lr, loss_mode
+        self.scores = scores
         self.domain_rows = torch.zeros(num_domains, dtype=torch.long)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | dict[str, Tensor]:
@@ -177,7 +183,9 @@ class BudgetLM(pl.LightningModule):
         tokens, mask = token_cross_entropy(logits, batch["labels"], shift=True)
         if self.loss_mode == "mean":
             return (tokens * mask).sum() / mask.sum()
-        return {"loss": tokens, "mask": mask}
+        if self.scores is None:
+            return {"loss": tokens, "mask": mask}
+        return {"loss": tokens, "mask": mask, "scores": self.scores(batch, tokens, mask)}
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=0.01)
@@ -241,6 +249,8 @@ class Setup:
     loss_mode: str = "mean"
     callbacks: list[Callback] = field(default_factory=list)
     sampler: Any = None  # a weightwise EpochSampler, or None: a plain shuffle
+    batch_sampler: Any = None  # a sampler of whole batches (MixtureBatchSampler); excludes ``sampler``
+    scores: Scores | None = None  # per-row signals training_step returns (loss_mode "rows")
     batch_size: int | None = None  # rows per loader batch (default: the harness's)
     notes: dict[str, Any] = field(default_factory=dict)
 
@@ -251,11 +261,14 @@ def train(setup: Setup, *, model: LlamaForCausalLM, budget: ComputeBudget, pool:
     """Train ``model`` on ``pool`` with a method's ``setup`` until ``budget`` (a fresh
     ``ComputeBudget(flops=...)``) is spent."""
     module = BudgetLM(model, budget, lr=lr, warmup=warmup, final_lr=final_lr, loss_mode=setup.loss_mode,
-                      num_domains=len(pool.domains))
+                      num_domains=len(pool.domains), scores=setup.scores)
     heldout = HeldOut(budget, target, checkpoints, log)
     dataset = IndexedDataset(RowDataset(pool))
-    sampler = setup.sampler or RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
-    loader = DataLoader(dataset, batch_size=setup.batch_size or batch_size, sampler=sampler, drop_last=True)
+    if setup.batch_sampler is not None:
+        loader = DataLoader(dataset, batch_sampler=setup.batch_sampler)
+    else:
+        sampler = setup.sampler or RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
+        loader = DataLoader(dataset, batch_size=setup.batch_size or batch_size, sampler=sampler, drop_last=True)
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, max_steps=max_steps, max_epochs=-1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,

@@ -27,6 +27,22 @@ named parameter; the defaults are the references' unless a reason is given.
 * ``infobatch``: ``InfoBatchSampler`` (Qin et al., ICLR 2024), ``prune=0.5``, its epoch count the
   number of full passes plain training makes at this budget (at least 3: with fewer, annealing at
   0.875 of the epochs leaves no pruned epoch after the first, unscored one).
+* ``dft``: ``TokenWeighting("dft")`` (Wu et al. 2025, ``yongliang-wu/DFT``): each byte's loss times
+  its detached probability.
+* ``rho1``: ``SelectiveTokens`` (Lin et al., NeurIPS 2024, ``microsoft/rho``) with the same
+  reference model as ``rho``, ``keep=0.6`` (the paper's): the top 60% of the batch's bytes by
+  excess loss over the reference; the reference's forward of every batch counts as ``reference_model``.
+* ``mix:POLICY``: ``DomainMixing`` over a ``MixtureBatchSampler`` (batches drawn by the current
+  domain weights; ``exhausted="restart"``); the domains are the pool's folders (``Rows.domain_of_row``;
+  no policy reads their names). ``natural`` / ``uniform`` (``FixedMixture``); ``odm`` (Albalak et
+  al. 2023) from the natural mixture, ``smoothing=0.5``, ``warmup`` a fraction of plain's steps
+  (default 0.1: the paper's 2000 steps would be the whole run); ``doremi`` (Xie et al., NeurIPS
+  2023) from the uniform mixture, ``eta=1``, ``smoothing=1e-3``, excess loss over the same reference
+  model (trained on the clean held-in set, not on the natural mixture as DoReMi's is: it measures
+  distance from clean text), its forward counted as ``reference_model``; ``ado`` (Jiang et al.,
+  ICLR 2025) with its 1000-step waits given as fractions of plain's steps (``ignore=0.1,
+  start=0.3, every=0.1``) and ``window=11`` (the reference's 101 is the whole run here). Each run
+  records the weights after every step (``domain_weights``).
 """
 
 from __future__ import annotations
@@ -40,8 +56,18 @@ import torch
 from torch import Tensor
 
 from benchmarks.equal_compute.harness import Rows, Setup
-from weightwise.callbacks import ComputeBudget, DataPruning, LossReweighting, OnlineBatchSelection
+from weightwise.callbacks import (
+    ComputeBudget,
+    DataPruning,
+    DomainMixing,
+    LossReweighting,
+    OnlineBatchSelection,
+    SelectiveTokens,
+    TokenWeighting,
+)
+from weightwise.mixing import ADO, ODM, DoReMi, FixedMixture, MixingPolicy, MixtureBatchSampler, excess_loss
 from weightwise.samplers import DSIRSampler, InfoBatchSampler, PerplexityBandSampler, sequence_perplexity
+from weightwise.weighting.tokens import ReferenceLosses
 
 Params = dict[str, float | str]
 
@@ -145,15 +171,71 @@ def infobatch(ctx: Context, prune: float = 0.5) -> Setup:
     return Setup(loss_mode="rows", callbacks=[DataPruning()], sampler=sampler, notes={"infobatch_epochs": epochs})
 
 
+def dft(ctx: Context) -> Setup:
+    return Setup(loss_mode="rows", callbacks=[TokenWeighting("dft")])
+
+
+def rho1(ctx: Context, keep: float = 0.6) -> Setup:
+    return Setup(loss_mode="rows", callbacks=[SelectiveTokens(reference_model(ctx, "rho1"), keep=float(keep))])
+
+
+class WeightTrajectory(pl.Callback):
+    """Appends ``{"step", "flops", "weights"}`` to ``trajectory`` after every optimizer step: the
+    mixture ``mixing`` draws by from then on (for the weight plots)."""
+
+    def __init__(self, mixing: DomainMixing, budget: ComputeBudget, trajectory: list[dict[str, Any]]) -> None:
+        self.mixing, self.budget, self.trajectory = mixing, budget, trajectory
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.trajectory.append({"step": trainer.global_step, "flops": float(self.budget.spent.flops),
+                                "weights": self.mixing.weights.tolist()})
+
+
+def mix(ctx: Context, policy: str = "odm", warmup: float = 0.1, ignore: float = 0.1, start: float = 0.3,
+        every: float = 0.1, window: float = 11) -> Setup:
+    pool = ctx.pool
+    sampler = MixtureBatchSampler(pool.domain_of_row, ctx.batch_size, num_domains=len(pool.domains), names=pool.domains,
+                                  seed=ctx.seed, num_replicas=1, rank=0)
+    k, steps = len(pool.domains), ctx.plain_steps
+    scores = None
+    chosen: MixingPolicy
+    if policy == "natural":
+        chosen = FixedMixture.natural(sampler.sizes)
+    elif policy == "uniform":
+        chosen = FixedMixture.uniform(k)
+    elif policy == "odm":
+        chosen = ODM(k, sampler.sizes, warmup_steps=round(float(warmup) * steps))
+    elif policy == "ado":
+        chosen = ADO(k, sampler.sizes, ignore_steps=round(float(ignore) * steps), start_step=round(float(start) * steps),
+                     update_every=max(1, round(float(every) * steps)), window=int(window))
+    elif policy == "doremi":
+        chosen = DoReMi(k)
+        scorer = ReferenceLosses(reference_model(ctx, "mix:doremi"))  # a module outside the trained one: counted
+
+        def scores(batch: dict[str, Tensor], tokens: Tensor, mask: Tensor) -> dict[str, Tensor]:
+            with torch.no_grad():
+                reference, _ = scorer(batch)
+            return {"excess_loss": excess_loss(tokens, reference, mask)}
+    else:
+        raise ValueError(f"mix policy must be natural, uniform, odm, ado or doremi, got {policy!r}")
+    mixing = DomainMixing(chosen, sampler)
+    trajectory: list[dict[str, Any]] = []
+    return Setup(loss_mode="rows", callbacks=[mixing, WeightTrajectory(mixing, ctx.budget, trajectory)], batch_sampler=sampler,
+                 scores=scores, notes={"domain_weights": trajectory, "domain_names": list(pool.domains)})
+
+
 METHODS: dict[str, Callable[..., Setup]] = {
     "plain": plain, "linupper": reweighting("linupper"), "quadratic": reweighting("quadratic"),
     "extremes": reweighting("extremes"), "select": select, "rho": rho, "perplexity": perplexity, "dsir": dsir,
-    "infobatch": infobatch,
+    "infobatch": infobatch, "dft": dft, "rho1": rho1, "mix": mix,
 }
+POSITIONAL = {"mix": "policy"}
+"""Methods whose first parameter may be given bare: ``mix:odm`` = ``mix:policy=odm``."""
 
 
 def parse(spec: str) -> list[tuple[str, Params]]:
-    """``"dsir+linupper:r=1,warmup=0.2"`` -> ``[("dsir", {}), ("linupper", {"r": 1.0, "warmup": 0.2})]``.
+    """``"dsir+linupper:r=1,warmup=0.2"`` -> ``[("dsir", {}), ("linupper", {"r": 1.0, "warmup": 0.2})]``;
+    ``"mix:odm"`` -> ``[("mix", {"policy": "odm"})]`` (see ``POSITIONAL``).
 
     Raises:
         ValueError: an unknown method name or a malformed parameter.
@@ -164,8 +246,10 @@ def parse(spec: str) -> list[tuple[str, Params]]:
         if name not in METHODS:
             raise ValueError(f"unknown method {name!r} in {spec!r}; choose from {sorted(METHODS)}")
         params: Params = {}
-        for item in filter(None, rest.split(",")):
+        for position, item in enumerate(filter(None, rest.split(","))):
             key, eq, value = item.partition("=")
+            if not eq and position == 0 and name in POSITIONAL:
+                key, eq, value = POSITIONAL[name], "=", item
             if not eq:
                 raise ValueError(f"parameter {item!r} of {spec!r} must be key=value")
             try:
@@ -180,7 +264,8 @@ def build(spec: str, ctx: Context) -> Setup:
     """The merged :class:`Setup` of a (possibly combined) method spec.
 
     Raises:
-        ValueError: see :func:`parse`; two samplers or two batch sizes in one combination; an unknown parameter.
+        ValueError: see :func:`parse`; two samplers, two batch sizes or two score functions in one
+            combination; an unknown parameter.
     """
     merged = Setup()
     for name, params in parse(spec):
@@ -188,13 +273,17 @@ def build(spec: str, ctx: Context) -> Setup:
             part = METHODS[name](ctx, **params)
         except TypeError as error:
             raise ValueError(f"bad parameters for {name!r} in {spec!r}: {error}") from error
-        if part.sampler is not None and merged.sampler is not None:
+        samplers = [x for x in (merged.sampler, merged.batch_sampler, part.sampler, part.batch_sampler) if x is not None]
+        if len(samplers) > 1:
             raise ValueError(f"{spec!r} combines two samplers; a combination may hold one")
         if part.batch_size is not None and merged.batch_size is not None:
             raise ValueError(f"{spec!r} combines two batch sizes")
+        if part.scores is not None and merged.scores is not None:
+            raise ValueError(f"{spec!r} combines two score functions")
         merged = Setup(
             loss_mode="rows" if "rows" in (merged.loss_mode, part.loss_mode) else "mean",
             callbacks=merged.callbacks + part.callbacks, sampler=merged.sampler or part.sampler,
+            batch_sampler=merged.batch_sampler or part.batch_sampler, scores=merged.scores or part.scores,
             batch_size=merged.batch_size or part.batch_size,
             notes={**merged.notes, **part.notes},
         )

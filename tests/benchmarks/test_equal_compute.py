@@ -153,3 +153,39 @@ def test_the_harness_runs_a_corpus_given_by_path_at_equal_compute(tmp_path, caps
     assert rho["by_source"]["selection_forward"] == by["rho:keep=0.5", 1.0]["steps"] * 8 * forward
     assert "| plain | 1 |" in printed and "compute to reach plain's final loss" in printed
     assert (out / "loss_vs_flops.png").stat().st_size > 10_000
+
+
+def test_mix_specs_take_the_policy_bare():
+    assert methods.parse("mix:odm,warmup=0.2") == [("mix", {"policy": "odm", "warmup": 0.2})]
+    assert methods.parse("dft+mix:uniform") == [("dft", {}), ("mix", {"policy": "uniform"})]
+    with pytest.raises(ValueError, match="key=value"):
+        methods.parse("dft:dft")  # only mix takes a bare first parameter
+
+
+# trains 7 tiny models: ~3 s on an idle 2-core machine
+def test_token_and_mixing_methods_run_and_count_the_reference_model(tmp_path):
+    write_corpus(tmp_path / "c", per_line=True)
+    out = tmp_path / "out"
+    specs = ["plain", "dft", "rho1", "mix:uniform", "mix:odm,warmup=0", "mix:doremi"]
+    main(["--corpus", str(tmp_path / "c" / "train"), "--target", str(tmp_path / "c" / "target"), "--reference",
+          str(tmp_path / "c" / "reference"), "--unit", "line", "--seq-len", "32", "--batch-size", "4", "--hidden", "32",
+          "--reference-hidden", "8", "--reference-layers", "1", "--budget-steps", "6", "--fractions", "1.0",
+          "--checkpoints", "1", "--seeds", "1", "--reference-steps", "2", "--methods", *specs, "--out", str(out)])
+    by = {r["method"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
+    forward, backward = flops_per_row(build_model(ModelSize(hidden=32, layers=2)), 32)
+    reference_forward, _ = flops_per_row(build_model(ModelSize(hidden=8, layers=1)), 32)
+    for spec in specs:  # every batch trains 4 whole rows; the reference forwards the same 4 rows, every step
+        spent = by[spec]["spent"]
+        assert spent["by_source"]["model"] == by[spec]["steps"] * 4 * (forward + backward), spec
+        reference = by[spec]["steps"] * 4 * reference_forward if spec in ("rho1", "mix:doremi") else 0
+        assert spent["by_source"].get("reference_model", 0) == reference, spec
+    # token weights change the gradient, so the runs differ from plain's (same initialisation, same order)
+    assert by["dft"]["points"][-1]["heldout_loss"] != by["plain"]["points"][-1]["heldout_loss"]
+    assert by["rho1"]["points"][-1]["heldout_loss"] != by["plain"]["points"][-1]["heldout_loss"]
+    # mixing: a weight per domain after every step; uniform stays uniform, ODM moves off the natural mixture
+    names = by["mix:uniform"]["domain_names"]
+    assert names == ["logs", "recipes"] and len(by["mix:uniform"]["domain_weights"]) == by["mix:uniform"]["steps"]
+    assert all(w["weights"] == [0.5, 0.5] for w in by["mix:uniform"]["domain_weights"])
+    odm = [w["weights"] for w in by["mix:odm,warmup=0"]["domain_weights"]]
+    assert odm[-1] != odm[0] and all(abs(sum(w) - 1) < 1e-9 for w in odm)
+    assert (out / "mixing_weights.png").stat().st_size > 10_000
