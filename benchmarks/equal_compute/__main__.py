@@ -4,6 +4,7 @@
     .venv/bin/python -m benchmarks.equal_compute --seeds 3         # the default method set, 3 seeds
     .venv/bin/python -m benchmarks.equal_compute --corpus DIR/train --target DIR/target --reference DIR/reference \\
         --methods plain dsir linupper:r=1 select rho perplexity:band=medium infobatch dsir+linupper
+    .venv/bin/python -m benchmarks.equal_compute --methods plain dft rho1 mix:natural mix:uniform mix:odm mix:doremi mix:ado
 
 Without ``--corpus`` the built-in corpus (``benchmarks.equal_compute.corpus``: BBC News prose and
 Python sources mixed with crawl-like duplicates, boilerplate, junk and fragments) is built into
