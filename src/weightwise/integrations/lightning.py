@@ -32,11 +32,17 @@ and :meth:`MethodPatch.restore` puts the originals back at teardown):
 * ``LightningModule.configure_optimizers`` and ``DeepSpeedStrategy.load_checkpoint`` - layer
   sampling under ZeRO must freeze layers before DeepSpeed builds its engine and rebuild the ZeRO
   optimizer before DeepSpeed loads its shards (:mod:`weightwise.integrations.deepspeed`).
+* ``ModelParallelStrategy.load_checkpoint`` - it loads the optimizer through
+  ``torch.distributed.checkpoint``, whose template (``get_optimizer_state_dict``) gives state to
+  every parameter that requires grad; layer sampling first makes exactly the parameters that held
+  state when the checkpoint was written require grad (:func:`model_parallel_checkpoint_meta` reads
+  the callback states Lightning wrote beside the shards).
 * ``LightningModule.on_load_checkpoint`` - expert upcycling grows the module before Lightning
   loads a checkpoint written after the surgery.
 
 Strategies: ``DeepSpeedStrategy`` subclasses ``DDPStrategy``, so it is told apart first
-(:func:`is_deepspeed`); after the trainable parameters or their shapes change, DDP is wrapped anew
+(:func:`is_deepspeed`); ``ModelParallelStrategy`` (FSDP2, per-parameter DTensors) is
+:func:`is_model_parallel`; after the trainable parameters or their shapes change, DDP is wrapped anew
 (:func:`rewrap_ddp`).
 """
 
@@ -47,14 +53,17 @@ import functools
 import re
 import warnings
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from lightning.pytorch.strategies import (
     DDPStrategy,
     DeepSpeedStrategy,
     FSDPStrategy,
+    ModelParallelStrategy,
     SingleDeviceStrategy,
 )
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -145,6 +154,18 @@ def is_fsdp(trainer: pl.Trainer) -> bool:
     return isinstance(trainer.strategy, FSDPStrategy)
 
 
+def is_model_parallel(trainer: pl.Trainer) -> bool:
+    """``ModelParallelStrategy``: FSDP2 (``fully_shard`` in ``configure_model``), per-parameter DTensors."""
+    return isinstance(trainer.strategy, ModelParallelStrategy)
+
+
+def model_parallel_checkpoint_meta(checkpoint_path: str | Path) -> dict[str, Any]:
+    """What ``ModelParallelStrategy`` saved beside the model and optimizer: a sharded checkpoint's
+    ``meta.pt`` (rank 0's callback states, loops, ...), or the whole single-file checkpoint."""
+    path = Path(checkpoint_path)
+    return torch.load(path / "meta.pt" if path.is_dir() else path, map_location="cpu", weights_only=False, mmap=not path.is_dir())
+
+
 @contextlib.contextmanager
 def parameters_for_direct_forward(trainer: pl.Trainer) -> Iterator[None]:
     """Inside the block, the LightningModule can run a forward outside Lightning's training step
@@ -160,38 +181,47 @@ def parameters_for_direct_forward(trainer: pl.Trainer) -> Iterator[None]:
         yield
 
 
+FSDP1_REASON = (
+    "FSDPStrategy (FSDP1) flattens each wrapped module's parameters into one flat parameter, so they cannot be"
+    " frozen, released or grown one layer or expert at a time (with use_orig_params=True the original parameters"
+    " can be frozen, but the flat parameter's gradient keeps its full size and every rank still reduce-scatters it"
+    " - docs/architecture.md, \"Memory is real\")."
+)
+
+
 def require_rewrappable_strategy(trainer: pl.Trainer, callback: str, deepspeed_fix: str) -> None:
     """Raise unless the fit runs on one device or under plain DDP; the message names the way out.
 
     Raises:
-        MisconfigurationException: DeepSpeed (with ``deepspeed_fix``) or another strategy.
+        MisconfigurationException: DeepSpeed (with ``deepspeed_fix``), FSDP (the between-fits route
+            and DDP) or another strategy.
     """
     if is_deepspeed(trainer):
         raise MisconfigurationException(
             f"{callback} cannot run under DeepSpeed: ZeRO partitions the trainable parameters into its optimizer"
             f" when the engine starts, so they cannot change mid-run. {deepspeed_fix}"
         )
-    require_single_device_or_ddp(trainer, callback)
+    require_single_device_or_ddp(
+        trainer,
+        callback,
+        fsdp_fix=f"Upcycle between fits instead (`weightwise upcycle` on the saved model, e.g. between two"
+        f" strategy='deepspeed_stage_2' or 'deepspeed_stage_3' fits: {deepspeed_fix}), or use strategy='ddp'.",
+    )
 
 
-def require_single_device_or_ddp(trainer: pl.Trainer, callback: str) -> None:
-    """Raise for strategies other than single-device and DDP (the caller has dealt with DeepSpeed).
+def require_single_device_or_ddp(trainer: pl.Trainer, callback: str, fsdp_fix: str) -> None:
+    """Raise for strategies other than single-device and DDP (the caller has dealt with DeepSpeed and
+    ``ModelParallelStrategy`` where it supports them).
 
     Raises:
-        MisconfigurationException: FSDP (the message says why and names the alternatives) or any
-            other strategy.
+        MisconfigurationException: FSDP (the message says why, then ``fsdp_fix``) or any other strategy.
     """
     if is_fsdp(trainer):
-        raise MisconfigurationException(
-            f"{callback} cannot run under FSDP: FSDP flattens each wrapped module's parameters into one flat parameter,"
-            " so they cannot be frozen, released or grown one layer or expert at a time. Use DeepSpeed ZeRO"
-            " (strategy='deepspeed_stage_2' or 'deepspeed_stage_3'; LayerwiseSampling rebuilds the ZeRO optimizer for"
-            " each period's layers) or strategy='ddp'."
-        )
+        raise MisconfigurationException(f"{callback} cannot run under FSDP: {FSDP1_REASON} {fsdp_fix}")
     if not isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)):
         raise MisconfigurationException(
-            f"{callback} supports single-device, DDP and (where stated) DeepSpeed training, not"
-            f" {type(trainer.strategy).__name__}; use strategy='ddp'."
+            f"{callback} supports single-device, DDP and (where stated) DeepSpeed and ModelParallelStrategy training,"
+            f" not {type(trainer.strategy).__name__}; use strategy='ddp'."
         )
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +23,8 @@ from weightwise.integrations.lightning import (
     MethodPatch,
     check_trainer,
     is_deepspeed,
+    is_model_parallel,
+    model_parallel_checkpoint_meta,
     require_single_device_or_ddp,
     rewrap_ddp,
 )
@@ -71,6 +74,14 @@ POLICIES: dict[str, PolicyDefaults] = {
 def _unsupported_under_deepspeed(problems: list[str]) -> MisconfigurationException:
     """The refusal of DeepSpeed settings the per-period ZeRO rebuild does not support, each with its fix."""
     return MisconfigurationException("LayerwiseSampling under DeepSpeed does not support " + "; ".join(problems))
+
+
+FSDP1_FIX = (
+    "For LayerwiseSampling use ModelParallelStrategy (FSDP2: fully_shard each decoder layer, then the root, in"
+    " configure_model; each parameter is its own DTensor, so a frozen layer holds no gradient and no optimizer"
+    " state), DeepSpeed ZeRO (strategy='deepspeed_stage_2' or 'deepspeed_stage_3'; the ZeRO optimizer is rebuilt for"
+    " each period's layers) or strategy='ddp'."
+)
 
 
 class LayerwiseSampling(Callback):
@@ -255,6 +266,9 @@ class LayerwiseSampling(Callback):
         self._discovered = False
         self._user_requires_grad: dict[torch.nn.Parameter, bool] = {}
         self._probed: int | None = None  # the step whose probes ran (a resumed step does not probe twice)
+        # Under ModelParallelStrategy: the optimizer whose per-parameter state a checkpoint lists (a weak
+        # reference: a checkpoint saved after fit still lists it, and the callback keeps nothing alive).
+        self._sharded_optimizer: Callable[[], torch.optim.Optimizer | None] = lambda: None
 
     @property
     def importance(self) -> Tensor | None:
@@ -282,8 +296,10 @@ class LayerwiseSampling(Callback):
                 )
         if is_deepspeed(trainer):
             self._hook_deepspeed(trainer.strategy, pl_module, str(trainer.precision))
+        elif is_model_parallel(trainer):
+            self._hook_model_parallel(trainer.strategy, pl_module)
         else:
-            require_single_device_or_ddp(trainer, "LayerwiseSampling")
+            require_single_device_or_ddp(trainer, "LayerwiseSampling", fsdp_fix=FSDP1_FIX)
 
     def _hook_deepspeed(self, strategy: Any, pl_module: pl.LightningModule, precision: str) -> None:
         """Wrap (on the instances, for this fit) the two moments the ZeRO layout is decided.
@@ -347,6 +363,50 @@ class LayerwiseSampling(Callback):
             MethodPatch(pl_module, "configure_optimizers", make_configure_optimizers),
             MethodPatch(strategy, "load_checkpoint", make_load_checkpoint),
         ]
+
+    def _hook_model_parallel(self, strategy: Any, pl_module: pl.LightningModule) -> None:
+        """Under ``ModelParallelStrategy`` (FSDP2) every parameter is its own DTensor shard, so freezing
+        works as on one device: ``requires_grad=False`` and ``grad=None`` (FSDP2 all-gathers the frozen
+        layer for the forward, computes and reduce-scatters no gradient for it) and the optimizer state
+        of those DTensors popped. What needs a hand is the resume: Lightning loads the optimizer through
+        ``torch.distributed.checkpoint`` right after the strategy's setup, with a template that gives
+        state to every parameter requiring grad, and fails on state the checkpoint lacks (the frozen
+        layers'). So ``load_checkpoint`` first makes exactly the parameters that held state when the
+        checkpoint was written require grad; the first batch then applies the checkpoint's layers.
+
+        Raises:
+            MisconfigurationException: ``frozen_dtype`` or ``optimizer_state="offload"``, each with its fix.
+        """
+        problems = []
+        if self.masters is not None:
+            problems.append(
+                "frozen_dtype (fully_shard fixes each DTensor shard's dtype; changing it breaks its all-gather): remove it,"
+                " and for bf16 weights in the forward pass fully_shard(..., mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))"
+            )
+        if self.stash.mode == "offload":
+            problems.append(
+                "optimizer_state='offload' (the parked moments are each rank's own shards, and Lightning saves callback state"
+                " from rank 0 only): use 'release' or 'keep', or fully_shard(..., offload_policy=CPUOffloadPolicy()) to keep"
+                " parameters, gradients and optimizer state in host memory"
+            )
+        if problems:
+            raise MisconfigurationException("LayerwiseSampling under ModelParallelStrategy (FSDP2) does not support " + "; ".join(problems))
+
+        def make_load_checkpoint(load_checkpoint: Any) -> Any:
+            def layerwise_load_checkpoint(checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
+                self._discover(pl_module)  # the DTensor parameters, and the user's requires_grad before it changes
+                state = model_parallel_checkpoint_meta(checkpoint_path).get("callbacks", {}).get(self.state_key) or {}
+                with_state = state.get("optimizer_state_params")
+                if with_state is not None:  # else written without LayerwiseSampling: every parameter has state
+                    with_state = set(with_state)
+                    for name, p in pl_module.named_parameters():
+                        if self._user_requires_grad.get(p):
+                            p.requires_grad_(name in with_state)
+                return load_checkpoint(checkpoint_path, *args, **kwargs)
+
+            return layerwise_load_checkpoint
+
+        self._patches = [MethodPatch(strategy, "load_checkpoint", make_load_checkpoint)]
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -453,6 +513,7 @@ class LayerwiseSampling(Callback):
             if self.masters is not None:
                 self.masters.freeze(self._outside)
         self._param_names = {p: name for name, p in pl_module.named_parameters()}
+        self._sharded_optimizer = weakref.ref(trainer.optimizers[0]) if is_model_parallel(trainer) and trainer.optimizers else (lambda: None)
         if self._parked_to_load is not None:  # resumed "offload" run: the parked moments come back too
             self.stash.load_state_dict(self._parked_to_load, dict(pl_module.named_parameters()))
             self._parked_to_load = None
@@ -552,9 +613,16 @@ class LayerwiseSampling(Callback):
                 "parked": self.stash.state_dict(self._param_names),
                 "masters": None if self.masters is None else self.masters.state_dict(self._param_names),
                 "optimizer_hyperparameters": None if self._zero is None else self._zero.hyperparameters(),
+                "optimizer_state_params": self._parameters_with_state(),
             },
             self.STATE_VERSION,
         )
+
+    def _parameters_with_state(self) -> list[str] | None:
+        """Under ``ModelParallelStrategy``: the names of the parameters with optimizer state, which the
+        sharded checkpoint's optimizer holds (a resume loads into exactly those; ``_hook_model_parallel``)."""
+        optimizer = self._sharded_optimizer()
+        return None if optimizer is None else sorted(self._param_names[p] for p in optimizer.state)
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -147,8 +147,10 @@ class HostMasters:
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes held in the optimizer's per-parameter state tensors (e.g. Adam's two moments)."""
-    return sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values() if isinstance(v, Tensor))
+    """Bytes this process holds in the optimizer's per-parameter state tensors (e.g. Adam's two
+    moments); of a DTensor (FSDP2's sharded state), its local shard."""
+    tensors = (v.to_local() if hasattr(v, "to_local") else v for s in optimizer.state.values() for v in s.values())
+    return sum(v.numel() * v.element_size() for v in tensors if isinstance(v, Tensor))
 
 
 def activate_layers(
