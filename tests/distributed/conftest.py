@@ -19,6 +19,7 @@ def ddp_runs(tmp_path_factory) -> Runs:
 def sharded_runs(tmp_path_factory) -> Runs:
     root = tmp_path_factory.mktemp("deepspeed")
     tiny_moe("mixtral", num_experts=4, top_k=2).save_pretrained(root / "moe" / "E")
+    tiny_moe("mixtral", num_experts=4, top_k=1).save_pretrained(root / "moe" / "E_top1")  # duplicates keep its function
     from tests.scripts.dense_jobs import DenseLM  # the dense model the between-fits route starts from
 
     DenseLM().model.save_pretrained(root / "dense" / "between" / "dense")

@@ -1,6 +1,6 @@
 """2-process jobs of dense upcycling (CPU, gloo), run by ``tests.scripts.suite``: under DDP a dense
-Llama becomes a Mixtral mid-fit on both ranks, each on different data; under ZeRO-3 the route between
-two fits (train dense, consolidate, ``weightwise upcycle --from-dense``, train the MoE)."""
+Llama becomes a Mixtral mid-fit on both ranks, each on different data. The route between two sharded
+fits (FSDP2, ZeRO-3) is ``upcycle_jobs``'s."""
 
 
 import lightning.pytorch as pl
@@ -8,7 +8,6 @@ import torch
 from lightning.pytorch import seed_everything
 
 from tests.scripts.ddp_jobs import save
-from tests.scripts.deepspeed_jobs import upcycle_saved
 from tests.support.models import TinyMoELM, moe_loader
 from tests.support.training import flat_params, trainer
 from weightwise.callbacks import DenseUpcycling
@@ -43,8 +42,3 @@ def dense_upcycling(out_dir: str, method: str) -> None:
     }
     save(out_dir, fit.global_rank, result)
 
-
-def dense_upcycle_saved(phase1_dir: str, source_dir: str, trained_dir: str, grown_dir: str) -> None:
-    """The between-fits route under ZeRO-3: the trained dense model made a MoE with
-    ``weightwise upcycle --from-dense`` (copies: exact)."""
-    upcycle_saved(phase1_dir, source_dir, trained_dir, grown_dir, ["--from-dense", "--experts", "4", "--top-k", "2"])

@@ -61,6 +61,12 @@ FSDP_AGREEMENT = (
     "reweighting", "reweighting_window", "online", "infobatch", "rs2", "importance", "data_diet", "ccs", "perplexity",
     "dsir_resample", "dsir_weight",
 )
+BETWEEN_FITS = [  # (name, strategy, saved model - the sharded_runs fixture writes them, `weightwise upcycle` options)
+    ("fsdp2/moe", "fsdp2", "moe/E_top1", ["--factor", "2", "--selection", "weight-norm"]),
+    ("fsdp2/dense", "fsdp2", "dense/between/dense", ["--from-dense", "--experts", "4", "--top-k", "2"]),
+    ("zero3/moe", "zero3", "moe/E", ["--factor", "2", "--method", "granular"]),
+    ("zero3/dense", "zero3", "dense/between/dense", ["--from-dense", "--experts", "4", "--top-k", "2"]),
+]
 SHARDED_JOBS = [
     ("deepspeed_jobs:fit", {"out_dir": "fit/ddp", "name": "ddp", "epochs": FIT_EPOCHS}),
     *[("deepspeed_jobs:fit", {"out_dir": f"fit/zero{s}", "name": f"zero{s}", "epochs": FIT_EPOCHS}) for s in (1, 2, 3)],
@@ -94,11 +100,17 @@ SHARDED_JOBS = [
     ("deepspeed_jobs:moe_phase", {"out_dir": "moe/phase2", "stage": 3, "model_dir": "moe/2E", "steps": 2}),
     # Drop-Upcycling under DDP: random routers *and* re-initialised units, which every rank must draw alike
     ("dense_jobs:dense_upcycling", {"out_dir": "dense/drop", "method": "drop"}),
-    # dense -> MoE between two ZeRO-3 fits (the sharded_runs fixture saves dense/between/dense first)
-    ("deepspeed_jobs:moe_phase", {"out_dir": "dense/between/phase1", "stage": 3, "model_dir": "dense/between/dense", "steps": 2}),
-    ("dense_jobs:dense_upcycle_saved", {"phase1_dir": "dense/between/phase1", "source_dir": "dense/between/dense",
-                                        "trained_dir": "dense/between/dense_trained", "grown_dir": "dense/between/moe"}),
-    ("deepspeed_jobs:moe_phase", {"out_dir": "dense/between/phase2", "stage": 3, "model_dir": "dense/between/moe", "steps": 2}),
+    # upcycling between two fits under FSDP2 and ZeRO-3: fit, `weightwise upcycle --checkpoint`, fit the written model
+    *[
+        job
+        for name, strategy, model, options in BETWEEN_FITS
+        for job in (
+            ("upcycle_jobs:phase", {"out_dir": f"between/{name}/phase1", "strategy": strategy, "model_dir": model}),
+            ("upcycle_jobs:upcycle", {"checkpoint": f"between/{name}/phase1/last.ckpt", "model_dir": model,
+                                      "grown_dir": f"between/{name}/grown", "options": options}),
+            ("upcycle_jobs:phase", {"out_dir": f"between/{name}/phase2", "strategy": strategy, "model_dir": f"between/{name}/grown"}),
+        )
+    ],
     *[("agreement_jobs:decide", {"out_dir": f"agreement/zero2/{c.name}", "case": c.name, "strategy": "zero2"}) for c in CASES if c.zero],
     *[("agreement_jobs:decide", {"out_dir": f"agreement/zero3/{n}", "case": n, "strategy": "zero3"}) for n in ZERO3_AGREEMENT],
     ("deepspeed_jobs:fit", {"out_dir": "fit/fsdp", "name": "fsdp", "epochs": FIT_EPOCHS}),
@@ -110,7 +122,7 @@ SHARDED_JOBS = [
     *[("agreement_jobs:decide", {"out_dir": f"agreement/fsdp/{n}", "case": n, "strategy": "fsdp"}) for n in FSDP_AGREEMENT],
 ]
 
-PATH_ARGUMENTS = ("out_dir", "resume_from", "model_dir", "phase1_dir", "source_dir", "trained_dir", "grown_dir")
+PATH_ARGUMENTS = ("out_dir", "resume_from", "model_dir", "phase1_dir", "source_dir", "trained_dir", "grown_dir", "checkpoint")
 """Job arguments that name directories: relative to the group's root."""
 
 

@@ -14,9 +14,10 @@ from typing_extensions import override
 from weightwise.core.checkpoints import state_version, with_version
 from weightwise.experts.adapters import find_moe_blocks
 from weightwise.experts.resume import RestructuringCallback
+from weightwise.experts.strategies import require_mid_fit_upcycling, transformers_model
 from weightwise.experts.surgery import Method, NoiseTarget, Selection, StateHandling, UpcycleReport, upcycle_experts
 from weightwise.experts.utility import METRICS, PROJECTIONS, Allocation, ExpertUtility, Metric, Projection
-from weightwise.integrations.lightning import require_rewrappable_strategy, rewrap_ddp
+from weightwise.integrations.lightning import rewrap_ddp
 from weightwise.reporting.histograms import log_histogram
 
 DEFAULT_UTILITY_WINDOW = 20
@@ -42,8 +43,13 @@ class ExpertUpcycling(RestructuringCallback):
       loss on that batch is measured right before and right after the surgery
       (``weightwise/upcycle_loss_before|after``), and the routers' expert load before and after is
       logged (``weightwise/expert_load_*``) - the size of the function jump is visible, not assumed.
-    * DeepSpeed partitions parameters at engine start, so in-place surgery is not possible there:
-      save, upcycle the saved model with ``weightwise upcycle IN OUT --factor m``, and resume.
+    * Under DeepSpeed, ``ModelParallelStrategy`` (FSDP2) and FSDP the parameters and their optimizer
+      state are sharded when the fit starts, so the callback refuses at fit start with the command
+      that upcycles between two fits instead (``weightwise upcycle MODEL_DIR GROWN_DIR --checkpoint
+      CKPT --factor m``, filled in with the trainer's checkpoint directory and the model's prefix;
+      the offline copies follow the weight-norm utility, the reference configuration's metric, as
+      no gradients are at hand). The next fit loads the grown model with ``from_pretrained`` and a
+      fresh optimizer, as the reference's pipeline continues pre-training with fresh optimizer state.
 
     Args:
         at_step: global step at which to grow the experts.
@@ -63,6 +69,8 @@ class ExpertUpcycling(RestructuringCallback):
 
     Raises:
         ValueError: a bad setting, found at construction rather than when ``at_step`` arrives.
+        MisconfigurationException: at fit start, a sharding strategy (the message is the command to
+            upcycle between fits), another unsupported strategy, or several optimizers.
 
     Example::
 
@@ -151,12 +159,11 @@ class ExpertUpcycling(RestructuringCallback):
     # ------------------------------------------------------------------ utility window
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        require_rewrappable_strategy(
-            trainer,
-            "ExpertUpcycling",
-            "Train to the step, save the model (`save_pretrained`), run `weightwise upcycle IN OUT --factor m`"
-            " and continue training the grown model under DeepSpeed.",
-        )
+        options = f"--factor {self.factor} --method {self.method}"
+        if self.method == "duplicate":
+            weight_norm = f" --selection weight-norm --cap {self.cap}" if self.selection == "utility" else ""
+            options += f"{weight_norm} --router-noise {self.router_noise} --seed {self.seed}"
+        require_mid_fit_upcycling(trainer, "ExpertUpcycling", transformers_model(pl_module), options)
         if len(trainer.optimizers) > 1:
             raise MisconfigurationException("ExpertUpcycling supports one optimizer")
         if not self.done:

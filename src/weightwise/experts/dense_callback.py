@@ -14,7 +14,8 @@ from typing_extensions import override
 from weightwise.core.checkpoints import state_version, with_version
 from weightwise.experts.dense import TARGETS, DenseMethod, DenseState, DenseUpcycleReport, check_dense_settings, upcycle_dense
 from weightwise.experts.resume import RestructuringCallback
-from weightwise.integrations.lightning import require_rewrappable_strategy, rewrap_ddp
+from weightwise.experts.strategies import require_mid_fit_upcycling
+from weightwise.integrations.lightning import rewrap_ddp
 
 
 class DenseUpcycling(RestructuringCallback):
@@ -31,8 +32,11 @@ class DenseUpcycling(RestructuringCallback):
       rank draws the same routers and re-initialised units (``seed``).
     * With a mapping batch the model accepts, the loss right before and after is logged
       (``weightwise/upcycle_loss_before|after``): exact for ``"copy"`` and ``"granular"``.
-    * DeepSpeed and FSDP cannot change the parameters mid-run: save the dense model, run
-      ``weightwise upcycle --from-dense IN OUT --experts E --top-k K`` and train the result.
+    * DeepSpeed, ``ModelParallelStrategy`` (FSDP2) and FSDP shard the parameters and their optimizer
+      state when the fit starts: the callback refuses at fit start with the command that upcycles
+      between two fits instead (``weightwise upcycle --from-dense MODEL_DIR MOE_DIR --checkpoint CKPT
+      --experts E --top-k K``, with the trainer's checkpoint directory and the model's prefix); the
+      next fit trains the MoE from ``from_pretrained`` with a fresh optimizer, as the references do.
 
     Args:
         at_step: global step at which to upcycle.
@@ -44,6 +48,9 @@ class DenseUpcycling(RestructuringCallback):
 
     Raises:
         ValueError: a bad setting, found at construction.
+        MisconfigurationException: at fit start, no single dense model to upcycle, a sharding
+            strategy (the message is the command to upcycle between fits), another unsupported
+            strategy, or several optimizers.
 
     Example::
 
@@ -125,22 +132,24 @@ class DenseUpcycling(RestructuringCallback):
         parent_path, _, name = path.rpartition(".")
         return pl_module.get_submodule(parent_path), name, model
 
+    @staticmethod
+    def _path(pl_module: pl.LightningModule, model: nn.Module) -> str:
+        return next(path for path, module in pl_module.named_modules() if module is model)
+
     @override
     def restructure(self, pl_module: pl.LightningModule) -> None:
         self._upcycle(pl_module, None)  # the structure; the values are loaded next
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        require_rewrappable_strategy(
-            trainer,
-            "DenseUpcycling",
-            "Save the dense model (`save_pretrained`), run `weightwise upcycle --from-dense IN OUT --experts E --top-k K`"
-            " and train the MoE under DeepSpeed.",
-        )
+        located = None if self.done else self._locate(pl_module)  # fail now, not at at_step
+        options = f"--from-dense --experts {self.num_experts} --top-k {self.top_k} --method {self.method}"
+        options += f" --granularity {self.granularity}" if self.method == "granular" else ""
+        options += f" --drop-ratio {self.drop_ratio}" if self.method == "drop" else ""
+        model = None if located is None else (self._path(pl_module, located[2]), located[2])
+        require_mid_fit_upcycling(trainer, "DenseUpcycling", model, f"{options} --seed {self.seed}")
         if len(trainer.optimizers) > 1:
             raise MisconfigurationException("DenseUpcycling supports one optimizer")
-        if not self.done:
-            self._locate(pl_module)  # fail now, not at at_step
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
