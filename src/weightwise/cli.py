@@ -6,7 +6,8 @@
 * with ``--checkpoint CKPT [--prefix model.]`` the weights come from the checkpoint a Lightning fit
   wrote - a ``.ckpt`` file, a distributed (DCP) directory of ``ModelParallelStrategy``/FSDP, or a
   DeepSpeed ZeRO-1/2/3 directory (:mod:`weightwise.integrations.checkpoints`) - and ``IN`` only gives
-  the model's configuration (``config.json``).
+  the model's configuration (``config.json``); the model is built, upcycled and written in float32,
+  so the fp32 master weights of the checkpoint are kept exactly.
 
 This is the upcycling path for strategies that cannot change parameter shapes mid-fit (DeepSpeed
 ZeRO partitions the parameters at engine start, FSDP2 and FSDP shard them and their optimizer
@@ -36,7 +37,9 @@ def _load(args: argparse.Namespace) -> torch.nn.Module:
 
     if args.checkpoint is None:
         return AutoModelForCausalLM.from_pretrained(args.source)
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.source))
+    # float32 whatever the config's dtype: the checkpoint's fp32 master weights (ZeRO, FSDP) are kept exactly,
+    # and bf16 ones are widened without loss
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.source), dtype=torch.float32)
     kind = load_from_checkpoint(model, args.checkpoint, args.prefix)
     print(f"read the weights of {type(model).__name__} from {args.checkpoint} ({kind} checkpoint, prefix {args.prefix!r})")
     return model
