@@ -1,37 +1,60 @@
-"""Per-rank memory on CPU ranks: what each of 2 gloo ranks holds under DDP and ZeRO-1/2/3, measured.
+"""Per-rank memory on CPU ranks: what each of 2 gloo ranks holds under DDP, ZeRO-1/2/3 and FSDP2, measured.
 
 No GPU needed: every live tensor of the process is found (``gc``), de-duplicated by storage and
-counted once, in the first of these kinds that claims its storage:
+counted once, in the first of these kinds that claims its storage (a DTensor - FSDP2's parameters,
+gradients and Adam moments - by the storage of its local shard, ``to_local()``):
 
 * ``optimizer_state`` - the fp32 master partitions of a ZeRO optimizer and the base optimizer's
   state (Adam's moments);
 * ``parameters`` - the module's parameters and buffers (ZeRO-1/2: the flat buffers they are views
-  of; ZeRO-3: each rank's partitions ``ds_tensor``);
-* ``gradients`` - ``.grad`` of the parameters and of the master partitions, and the reduced
+  of; ZeRO-3: each rank's partitions ``ds_tensor``; FSDP2: each rank's shard of every parameter,
+  ``FSDPParam.sharded_param``);
+* ``gathered`` - FSDP2 only: the all-gathered unsharded parameters (``FSDPParam._unsharded_param``
+  and its all-gather output), alive from a group's forward (or pre-backward) all-gather until it
+  reshards;
+* ``gradients`` - ``.grad`` of the parameters and of the master partitions, the reduced
   gradient partitions a ZeRO optimizer holds before its step (ZeRO-1/2 ``averaged_gradients``,
-  ZeRO-3 ``grad_partitions_flat_buffer``);
+  ZeRO-3 ``grad_partitions_flat_buffer``), and FSDP2's sharded gradients and the unsharded ones
+  autograd produced before their group's reduce-scatter;
 * ``engine`` - any other tensor reachable from the ZeRO optimizer (gradient buckets, ZeRO-3's
-  gradient partitions and prefetch state);
-* ``other`` - the rest (batches, metrics, ...).
+  gradient partitions and prefetch state) or from FSDP2's states (the reduce-scatter input buffers
+  it keeps in flight, the all-gather buffers);
+* ``other`` - the rest (batches, activations, metrics, ...).
 
-Snapshots per rank: late in backward (when the gradient reaches the embeddings' output: every
-other gradient exists and ZeRO's reduce buckets are allocated), after backward
+Snapshots per rank: in the first decoder layer's backward (when the gradient reaches that layer's
+input: its weight gradients exist; under FSDP2 the layer is still gathered and its gradients not yet
+reduce-scattered - under DDP and ZeRO the same moment as the next), late in backward (when the
+gradient reaches the embeddings' output: every other gradient exists and ZeRO's reduce buckets are
+allocated), after backward
 (``on_before_optimizer_step``), after the optimizer step, and around every rebuild of the ZeRO optimizer by ``LayerwiseSampling``
 (right before the new optimizer is built: how many bytes of the *leaving* groups' masters and
 moments are still alive - the old ZeRO rebuild kept the previous optimizer alive there, and its loop
 variables the last group's). DDP's reducer buckets live in C++ and are not seen (4 B per trainable
-parameter, not counted); the expectation below leaves them out too.
+parameter, not counted); the expectation below leaves them out too. Each snapshot also records the
+bytes of optimizer state and gradients that *frozen* parameters hold (none, when freezing releases).
 
 Analytic expectation per rank (fp32, W ranks, P parameters, A trainable now):
 
 * parameters: 4P (DDP, ZeRO-1/2); 4P/W + parameters ZeRO-3 keeps whole (below the persistence
-  threshold) for ZeRO-3;
-* optimizer state: 8A (DDP: Adam's two moments) or 12A/W (ZeRO: fp32 master + two moments, sharded);
-* gradients after backward: 4A (DDP), 4A/W (ZeRO-2/3 partitions; ZeRO-1 reduces whole gradients).
+  threshold) for ZeRO-3; 4P/W for FSDP2;
+* optimizer state: 8A (DDP: Adam's two moments), 12A/W (ZeRO: fp32 master + two moments, sharded),
+  8A/W (FSDP2: the moments of each rank's shards; the fp32 parameter shard is the master);
+* gradients after backward: 4A (DDP), 4A/W (ZeRO-2/3 partitions, FSDP2's sharded gradients; ZeRO-1
+  reduces whole gradients);
+* FSDP2, gathered late in backward: 4 B per parameter outside the decoder layers (embeddings,
+  final norm, head): ``fully_shard`` keeps the root's group unsharded from forward to the end of
+  backward; every layer's group has resharded by then (``reshard_after_forward=True``); in the first
+  layer's backward, that layer's parameters too.
+  FSDP2 pads each parameter's dim 0 to a multiple of W: a rank's shard holds up to one row per
+  parameter tensor more (or, for the moments of the last rank's shorter shard, less), a gathered
+  parameter up to W - 1 rows more, and Adam keeps a 4-byte ``step`` per parameter tensor - the
+  ``slack`` recorded with each snapshot.
 
-Run: ``.venv/bin/python -m benchmarks.memory.per_rank`` (about 10 minutes on 2 cores; ``--quick``
+Run: ``.venv/bin/python -m benchmarks.memory.per_rank`` (about 12 minutes on 2 cores; ``--quick``
 for one configuration). The 2 ranks are Lightning's own strategies on CPU, bridged as the tests do
-(``tests/support/strategies.py``).
+(``tests/support/strategies.py``); FSDP2 is Lightning's ``ModelParallelStrategy`` as it is, with a
+data-parallel mesh of both ranks (its default, ``data_parallel_size=num_nodes``, would make the
+2 ranks one tensor-parallel group and shard nothing over a 1-rank data-parallel mesh).
 """
 
 from __future__ import annotations
@@ -48,24 +71,37 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
+
+from weightwise.layers import find_layer_stack
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 MIB = 2**20
-KINDS = ("parameters", "gradients", "optimizer_state", "engine", "other")
+KINDS = ("parameters", "gathered", "gradients", "optimizer_state", "engine", "other")
 RESULTS = Path(__file__).parent / "results"
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's shard on this rank (FSDP2's parameters, gradients, Adam moments), else ``t``."""
+    if isinstance(t, DTensor):
+        with torch.no_grad():
+            return t.to_local()
+    return t
+
+
 def _key(t: torch.Tensor) -> tuple[int, str] | None:
+    t = _local(t)
     if t.device.type == "meta" or t.is_sparse:
         return None
     storage = t.untyped_storage()
     return (storage.data_ptr(), str(t.device)) if storage.nbytes() else None
 
 
-def _reachable_tensors(root: Any, depth: int = 6) -> Iterator[torch.Tensor]:
-    """Tensors reachable from ``root`` through attributes, lists, tuples and dicts (not into modules)."""
+def _reachable_tensors(root: Any, depth: int = 6, within: str = "") -> Iterator[torch.Tensor]:
+    """Tensors reachable from ``root`` through attributes, lists, tuples and dicts (not into modules;
+    attributes only of objects whose class is defined in a module named ``within...``)."""
     seen: set[int] = set()
     frontier = [root]
     for _ in range(depth):
@@ -81,7 +117,7 @@ def _reachable_tensors(root: Any, depth: int = 6) -> Iterator[torch.Tensor]:
                 found += list(obj.values())
             elif isinstance(obj, (list, tuple, set)):
                 found += list(obj)
-            elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+            elif hasattr(obj, "__dict__") and not isinstance(obj, type) and type(obj).__module__.startswith(within):
                 found += list(vars(obj).values())
         frontier = found
 
@@ -93,6 +129,19 @@ def zero_optimizers_alive() -> int:
     return sum(isinstance(o, (DeepSpeedZeroOptimizer, DeepSpeedZeroOptimizer_Stage3)) for o in gc.get_objects())
 
 
+def fsdp_states(module: nn.Module) -> list[Any]:
+    """FSDP2's state of every ``fully_shard``-ed submodule (``FSDPModule._get_fsdp_state``, private)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m._get_fsdp_state() for m in module.modules() if isinstance(m, FSDPModule)]
+
+
+def fsdp_params(module: nn.Module) -> list[Any]:
+    """FSDP2's per-parameter records (``FSDPParam``: the sharded DTensor parameter, the all-gathered
+    unsharded one and its all-gather output) of every parameter group (private attributes)."""
+    return [p for state in fsdp_states(module) for group in state._fsdp_param_groups for p in group.fsdp_params]
+
+
 def breakdown(module: nn.Module, optimizer: Any, largest: dict[str, list] | None = None) -> dict[str, int]:
     """Bytes of every live tensor storage of this process, by kind (see the module doc). ``largest``,
     if given, receives the shapes and bytes of the 3 largest storages of each kind."""
@@ -102,6 +151,7 @@ def breakdown(module: nn.Module, optimizer: Any, largest: dict[str, list] | None
     zero = optimizer if type(optimizer).__name__.startswith("DeepSpeedZeroOptimizer") else None
     basic = zero.optimizer if zero is not None else optimizer
     masters = deepspeed.master_partitions(zero) if zero is not None else []
+    fsdp = fsdp_params(module)
     claims: dict[tuple[int, str], str] = {}
 
     def claim(kind: str, tensors: Iterable[torch.Tensor | None]) -> None:
@@ -110,21 +160,27 @@ def breakdown(module: nn.Module, optimizer: Any, largest: dict[str, list] | None
                 claims.setdefault(key, kind)
 
     params = list(module.parameters())
+    unsharded = [getattr(p, "_unsharded_param", None) for p in fsdp]
     claim("optimizer_state", masters)
     claim("optimizer_state", (v for state in basic.state.values() for v in state.values()))
+    claim("parameters", [p.sharded_param for p in fsdp])  # FSDP2: this rank's shards
+    claim("gathered", [*unsharded, *(t for p in fsdp for t in p.all_gather_outputs)])
     claim("parameters", params + list(module.buffers()) + [getattr(p, "ds_tensor", None) for p in params])
     claim("gradients", [p.grad for p in params] + [m.grad for m in masters])
+    claim("gradients", [p.sharded_param.grad for p in fsdp] + [u.grad for u in unsharded if u is not None])
+    claim("gradients", [p.unsharded_accumulated_grad for p in fsdp])
     if zero is not None:  # the reduced gradient partitions before the step: ZeRO-1/2, ZeRO-3
         claim("gradients", _reachable_tensors(getattr(zero, "averaged_gradients", None), depth=3))
         claim("gradients", [getattr(zero, "grad_partitions_flat_buffer", None)])
-    if zero is not None:
         claim("engine", _reachable_tensors(zero))
+    for state in fsdp_states(module):  # FSDP2's all-gather and reduce-scatter buffers
+        claim("engine", _reachable_tensors(state, depth=8, within="torch.distributed"))
     totals = dict.fromkeys(KINDS, 0)
     counted: set[tuple[int, str]] = set()
     for obj in gc.get_objects():
         if isinstance(obj, torch.Tensor) and (key := _key(obj)) is not None and key not in counted:
             counted.add(key)
-            kind, nbytes = claims.get(key, "other"), obj.untyped_storage().nbytes()
+            kind, nbytes = claims.get(key, "other"), _local(obj).untyped_storage().nbytes()
             totals[kind] += nbytes
             if largest is not None:
                 largest.setdefault(kind, []).append((nbytes, list(obj.shape), str(obj.dtype)))
@@ -139,16 +195,52 @@ def numel(p: torch.Tensor) -> int:
     return int(getattr(p, "ds_numel", p.numel()))
 
 
-def expected(module: nn.Module, strategy: str, world: int, persistence_threshold: int = 0) -> dict[str, float]:
-    """The analytic per-rank bytes (module doc) for the parameters trainable now."""
+def expected(
+    module: nn.Module, strategy: str, world: int, persistence_threshold: int = 0, moment: str = "step"
+) -> dict[str, float]:
+    """The analytic per-rank bytes (module doc) for the parameters trainable now, at ``moment``."""
     total = sum(numel(p) for p in module.parameters())
     active = sum(numel(p) for p in module.parameters() if p.requires_grad)
     whole = sum(numel(p) for p in module.parameters() if numel(p) < persistence_threshold)
     buffers = sum(b.numel() * b.element_size() for b in module.buffers())
     if strategy == "ddp":
         return {"parameters": 4 * total + buffers, "optimizer_state": 8 * active, "gradients": 4 * active}
+    if strategy == "fsdp2":
+        # the root's group (everything outside the decoder layers) stays gathered from forward to the end of backward
+        _, stack = find_layer_stack(module)
+        outside = total - sum(p.numel() for p in stack.parameters())
+        first = sum(p.numel() for p in stack[0].parameters())
+        gathered = {"in_backward": 4 * outside, "in_first_layer_backward": 4 * (outside + first)}.get(moment, 0)
+        return {"parameters": 4 * total / world + buffers, "gathered": gathered, "optimizer_state": 8 * active / world,
+                "gradients": 4 * active / world}
     params = 4 * (total - whole) / world + 4 * whole if strategy == "zero3" else 4 * total
     return {"parameters": params + buffers, "optimizer_state": 12 * active / world, "gradients": 4 * active / world}
+
+
+def slack(module: nn.Module, strategy: str, world: int) -> dict[str, int]:
+    """How far from :func:`expected` a rank may be by construction: FSDP2's dim-0 padding (a shard
+    has up to one row per parameter tensor more, a gathered tensor up to W - 1) and Adam's 4-byte
+    ``step`` per tensor; nothing for the other strategies."""
+    if strategy != "fsdp2":
+        return dict.fromkeys(("parameters", "gathered", "optimizer_state", "gradients"), 0)
+    rows = {p: numel(p) // p.shape[0] for p in module.parameters()}
+    active = [p for p in module.parameters() if p.requires_grad]
+    return {
+        "parameters": 4 * sum(rows.values()),
+        "gathered": 4 * (world - 1) * sum(rows.values()),
+        "optimizer_state": 8 * sum(rows[p] for p in active) + 4 * len(active),
+        "gradients": 4 * sum(rows[p] for p in active),
+    }
+
+
+def frozen_holding(module: nn.Module, optimizer: Any) -> dict[str, int]:
+    """Bytes of optimizer state and gradients (this rank's shards) that frozen parameters hold."""
+    frozen = [p for p in module.parameters() if not p.requires_grad]
+    state = getattr(optimizer, "state", {})
+    return {
+        "optimizer_state": sum(_local(v).untyped_storage().nbytes() for p in frozen for v in state.get(p, {}).values() if isinstance(v, torch.Tensor)),
+        "gradients": sum(_local(p.grad).untyped_storage().nbytes() for p in frozen if p.grad is not None),
+    }
 
 
 class PerRankMemory(pl.Callback):
@@ -175,9 +267,12 @@ class PerRankMemory(pl.Callback):
     def _record(self, trainer: pl.Trainer, pl_module: pl.LightningModule, moment: str, step: int) -> None:
         largest: dict[str, list] = {}
         measured = breakdown(pl_module, trainer.optimizers[0], largest)
-        analytic = expected(pl_module, self.strategy, trainer.world_size, self.persistence_threshold)
+        analytic = expected(pl_module, self.strategy, trainer.world_size, self.persistence_threshold, moment)
         active = sum(numel(p) for p in pl_module.parameters() if p.requires_grad)
-        self.records.append({"step": step, "moment": moment, "active": active, "measured": measured, "expected": analytic, "largest": largest})
+        self.records.append({
+            "step": step, "moment": moment, "active": active, "measured": measured, "expected": analytic, "largest": largest,
+            "slack": slack(pl_module, self.strategy, trainer.world_size), "frozen_holding": frozen_holding(pl_module, trainer.optimizers[0]),
+        })
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         engine = getattr(trainer.strategy, "deepspeed_engine", None)
@@ -236,17 +331,28 @@ class PerRankMemory(pl.Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         # In backward, when the gradient reaches the embeddings' output: every other gradient has been
-        # produced and ZeRO's reduce buckets are allocated - the late-backward peak.
+        # produced and ZeRO's reduce buckets are allocated - the late-backward peak. And one moment
+        # earlier, when it reaches the first layer's input: that layer's weight gradients exist and,
+        # under FSDP2, it is still gathered and its gradients not yet reduce-scattered.
         if not self._wanted(trainer.global_step):
             return
         embedding = next(m for m in pl_module.modules() if isinstance(m, nn.Embedding))
+        first_layer = find_layer_stack(pl_module)[1][0]
+
+        def snapshot_in_backward(moment: str, tensor: Any) -> None:
+            if isinstance(tensor, torch.Tensor) and tensor.requires_grad:  # not with nothing below trainable (BAdam)
+                tensor.register_hook(lambda grad: self._record(trainer, pl_module, moment, trainer.global_step))
 
         def on_output(module: nn.Module, args: Any, output: torch.Tensor) -> None:
-            handle.remove()
-            if output.requires_grad:  # not with frozen embeddings (BAdam): no late-backward snapshot then
-                    output.register_hook(lambda grad: self._record(trainer, pl_module, "in_backward", trainer.global_step))
+            handles[0].remove()
+            snapshot_in_backward("in_backward", output)
 
-        handle = embedding.register_forward_hook(on_output)
+        def on_layer_input(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            # registered after fully_shard's pre-forward hook: the tensor the layer itself receives
+            handles[1].remove()
+            snapshot_in_backward("in_first_layer_backward", args[0] if args else kwargs.get("hidden_states"))
+
+        handles = [embedding.register_forward_hook(on_output), first_layer.register_forward_pre_hook(on_layer_input, with_kwargs=True)]
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         if self._wanted(trainer.global_step):
@@ -270,6 +376,17 @@ class LlamaLM(pl.LightningModule):
             num_attention_heads=8, num_key_value_heads=8, tie_word_embeddings=False,
         )
         self.model = LlamaForCausalLM(config)
+
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy`` (FSDP2): ``fully_shard`` every decoder layer, then the root."""
+        from lightning.pytorch.strategies import ModelParallelStrategy
+        from torch.distributed.fsdp import fully_shard
+
+        if isinstance(self.trainer.strategy, ModelParallelStrategy):
+            mesh = self.device_mesh["data_parallel"]
+            for layer in self.model.model.layers:
+                fully_shard(layer, mesh=mesh)
+            fully_shard(self.model, mesh=mesh)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         return self.model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
@@ -300,6 +417,7 @@ def measure(
     """One 2-rank fit; returns this rank's records. ``bucket_elements`` sets the DeepSpeed config's
     bucket sizes (what a user sets for full training)."""
     from lightning.pytorch import seed_everything
+    from lightning.pytorch.strategies import ModelParallelStrategy
 
     from tests.support.strategies import CPUDeepSpeedStrategy
     from weightwise.callbacks import LayerwiseSampling
@@ -307,8 +425,8 @@ def measure(
 
     seed_everything(0)
     persistence = 0
-    if strategy == "ddp":
-        engine_strategy: Any = "ddp"
+    if strategy in ("ddp", "fsdp2"):
+        engine_strategy: Any = "ddp" if strategy == "ddp" else ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
     else:
         # Full training gets no rebuild: "sized" buckets are then set by hand to one layer's parameter count.
         buckets = {"reduce_bucket_size": bucket_elements, "allgather_bucket_size": bucket_elements} if bucket_elements else {}
@@ -318,7 +436,9 @@ def measure(
     probe = PerRankMemory(strategy, persistence, plant, snapshot_steps)
     callbacks: list[pl.Callback] = [probe]
     if method != "full":
-        policy = {"lisa": dict(n_layers=2, interval=steps // 2), "badam": dict(interval=steps // 2)}[method]
+        policy: dict[str, Any] = {"lisa": dict(n_layers=2, interval=steps // 2), "badam": dict(interval=steps // 2)}[method]
+        if plant == "frozen_state":  # frozen layers keep their Adam moments (not under ZeRO, which refuses it)
+            policy["optimizer_state"] = "keep"
         callbacks.append(LayerwiseSampling(method, **policy))
     original = deepspeed.ZeroLayerOptimizer.__init__
     if not size_buckets:
@@ -335,7 +455,7 @@ def measure(
         fit.fit(module, text_loader(steps * 2))
     finally:
         deepspeed.ZeroLayerOptimizer.__init__ = original
-    zero = fit.optimizers[0] if strategy != "ddp" else None
+    zero = fit.optimizers[0] if strategy.startswith("zero") else None
     return {
         "strategy": strategy, "method": method, "plant": plant, "size_buckets": size_buckets, "rank": fit.global_rank,
         "bucket_elements": bucket_elements,
@@ -345,11 +465,12 @@ def measure(
 
 
 CONFIGS = [
-    *[(s, m, None, True) for s in ("ddp", "zero1", "zero2", "zero3") for m in ("full", "lisa", "badam")],
+    *[(s, m, None, True) for s in ("ddp", "zero1", "zero2", "zero3", "fsdp2") for m in ("full", "lisa", "badam")],
     ("zero2", "lisa", None, False),
     ("zero3", "lisa", None, False),
     ("zero2", "lisa", "old_optimizer", True),
     ("zero2", "lisa", "loop_variables", True),
+    ("fsdp2", "lisa", "frozen_state", True),
 ]
 
 
@@ -357,20 +478,24 @@ def table(results: list[dict[str, Any]]) -> str:
     """Rank 0's bytes at the last step's snapshots, against the expectation (in parentheses), in MiB."""
     lines = [
         "| strategy | method | buckets sized | planted | trainable (M) | parameters | optimizer state | gradients after backward |"
-        " engine late in backward* | total late in backward* | total after step | leaving state alive at rebuild |",
-        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        " engine late in backward* | gathered late in backward* | total late in backward* | total after step |"
+        " leaving state alive at rebuild | frozen layers' state + gradients |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
     ]
     for r in results:
         at = {x["moment"]: x for x in r["records"]}
-        late, backward, step = at.get("in_backward", at["backward"])["measured"], at["backward"], at["step"]
+        late, backward, step = at.get("in_backward", at["backward"]), at["backward"], at["step"]
         e = step["expected"]
         alive = ", ".join(f"{x['leaving_alive_bytes'] / MIB:.1f} of {x['leaving_bytes'] / MIB:.1f}" for x in r["rebuilds"][1:]) or "-"
+        frozen = sum(step["frozen_holding"].values()) + backward["frozen_holding"]["gradients"]
         lines.append(
             f"| {r['strategy']} | {r['method']} | {'yes' if r['size_buckets'] else 'no'} | {r['plant'] or '-'} |"
             f" {step['active'] / 1e6:.2f} | {step['measured']['parameters'] / MIB:.1f} ({e['parameters'] / MIB:.1f}) |"
             f" {step['measured']['optimizer_state'] / MIB:.1f} ({e['optimizer_state'] / MIB:.1f}) |"
-            f" {backward['measured']['gradients'] / MIB:.1f} ({e['gradients'] / MIB:.1f}) | {late['engine'] / MIB:.1f} |"
-            f" {sum(late.values()) / MIB:.1f} | {sum(step['measured'].values()) / MIB:.1f} | {alive} |"
+            f" {backward['measured']['gradients'] / MIB:.1f} ({backward['expected']['gradients'] / MIB:.1f}) |"
+            f" {late['measured']['engine'] / MIB:.1f} | {late['measured'].get('gathered', 0) / MIB:.1f}"
+            f" ({late['expected'].get('gathered', 0) / MIB:.1f}) | {sum(late['measured'].values()) / MIB:.1f} |"
+            f" {sum(step['measured'].values()) / MIB:.1f} | {alive} | {frozen / MIB:.1f} |"
         )
     return "\n".join(lines)
 
@@ -382,12 +507,15 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None, help="strategy:method[:plant][:unsized] configurations to run")
     parser.add_argument("--out", type=Path, default=RESULTS / "per_rank.json")
     parser.add_argument("--bucket-elements", type=int, default=None, help="set the DeepSpeed config's bucket sizes (full training)")
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=8)
     args = parser.parse_args()
     configs = [("zero2", "lisa", None, True)] if args.quick else CONFIGS
     if args.only:
         configs = [c for c in CONFIGS if ":".join([c[0], c[1], *([c[2]] if c[2] else []), *([] if c[3] else ["unsized"])]) in args.only]
     results = [
-        measure(s, m, args.steps, plant, sized, snapshot_steps=(args.steps - 1,), bucket_elements=args.bucket_elements)
+        measure(s, m, args.steps, plant, sized, hidden=args.hidden, layers=args.layers, snapshot_steps=(args.steps - 1,),
+                bucket_elements=args.bucket_elements)
         for s, m, plant, sized in configs
     ]
     if results[0]["rank"] == 0:

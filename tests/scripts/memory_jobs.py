@@ -1,6 +1,7 @@
-"""2-process per-rank memory jobs (CPU, gloo), run by ``tests.scripts.suite``: LISA under ZeRO, each
-rank's live tensor bytes by kind (``benchmarks/memory/per_rank.py``), optionally with an old
-behaviour of the ZeRO rebuild planted back."""
+"""2-process per-rank memory jobs (CPU, gloo), run by ``tests.scripts.suite``: full training and LISA
+under ZeRO and FSDP2 (``ModelParallelStrategy``), each rank's live tensor bytes by kind
+(``benchmarks/memory/per_rank.py``), optionally with a mistake planted (an old behaviour of the ZeRO
+rebuild; frozen layers keeping their optimizer state)."""
 
 from benchmarks.memory.per_rank import measure
 from tests.scripts.ddp_jobs import save
