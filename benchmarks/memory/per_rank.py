@@ -21,11 +21,10 @@ gradients and Adam moments - by the storage of its local shard, ``to_local()``):
   it keeps in flight, the all-gather buffers);
 * ``other`` - the rest (batches, activations, metrics, ...).
 
-Snapshots per rank: in the first decoder layer's backward (when the gradient reaches that layer's
-input: its weight gradients exist; under FSDP2 the layer is still gathered and its gradients not yet
-reduce-scattered - under DDP and ZeRO the same moment as the next), late in backward (when the
-gradient reaches the embeddings' output: every other gradient exists and ZeRO's reduce buckets are
-allocated), after backward
+Snapshots per rank: under FSDP2, in each decoder layer's backward (when the gradient reaches the
+layer's input: the layer is still gathered, its weight gradients exist and are not yet
+reduce-scattered), late in backward (when the gradient reaches the embeddings' output: every other
+gradient exists and ZeRO's reduce buckets are allocated), after backward
 (``on_before_optimizer_step``), after the optimizer step, and around every rebuild of the ZeRO optimizer by ``LayerwiseSampling``
 (right before the new optimizer is built: how many bytes of the *leaving* groups' masters and
 moments are still alive - the old ZeRO rebuild kept the previous optimizer alive there, and its loop
@@ -43,7 +42,7 @@ Analytic expectation per rank (fp32, W ranks, P parameters, A trainable now):
   reduces whole gradients);
 * FSDP2, gathered late in backward: 4 B per parameter outside the decoder layers (embeddings,
   final norm, head): ``fully_shard`` keeps the root's group unsharded from forward to the end of
-  backward; every layer's group has resharded by then (``reshard_after_forward=True``); in the first
+  backward; every layer's group has resharded by then (``reshard_after_forward=True``); in a
   layer's backward, that layer's parameters too.
   FSDP2 pads each parameter's dim 0 to a multiple of W: a rank's shard holds up to one row per
   parameter tensor more (or, for the moments of the last rank's shorter shard, less), a gathered
@@ -60,6 +59,7 @@ data-parallel mesh of both ranks (its default, ``data_parallel_size=num_nodes``,
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -196,9 +196,10 @@ def numel(p: torch.Tensor) -> int:
 
 
 def expected(
-    module: nn.Module, strategy: str, world: int, persistence_threshold: int = 0, moment: str = "step"
+    module: nn.Module, strategy: str, world: int, persistence_threshold: int = 0, moment: str = "step", layer: int | None = None
 ) -> dict[str, float]:
-    """The analytic per-rank bytes (module doc) for the parameters trainable now, at ``moment``."""
+    """The analytic per-rank bytes (module doc) for the parameters trainable now, at ``moment`` (in
+    ``layer``'s backward for ``"in_layer_backward"``)."""
     total = sum(numel(p) for p in module.parameters())
     active = sum(numel(p) for p in module.parameters() if p.requires_grad)
     whole = sum(numel(p) for p in module.parameters() if numel(p) < persistence_threshold)
@@ -209,8 +210,9 @@ def expected(
         # the root's group (everything outside the decoder layers) stays gathered from forward to the end of backward
         _, stack = find_layer_stack(module)
         outside = total - sum(p.numel() for p in stack.parameters())
-        first = sum(p.numel() for p in stack[0].parameters())
-        gathered = {"in_backward": 4 * outside, "in_first_layer_backward": 4 * (outside + first)}.get(moment, 0)
+        gathered = 4 * outside if moment == "in_backward" else 0
+        if moment == "in_layer_backward":  # and the layer whose backward runs
+            gathered = 4 * (outside + sum(p.numel() for p in stack[layer].parameters()))
         return {"parameters": 4 * total / world + buffers, "gathered": gathered, "optimizer_state": 8 * active / world,
                 "gradients": 4 * active / world}
     params = 4 * (total - whole) / world + 4 * whole if strategy == "zero3" else 4 * total
@@ -234,8 +236,10 @@ def slack(module: nn.Module, strategy: str, world: int) -> dict[str, int]:
 
 
 def frozen_holding(module: nn.Module, optimizer: Any) -> dict[str, int]:
-    """Bytes of optimizer state and gradients (this rank's shards) that frozen parameters hold."""
-    frozen = [p for p in module.parameters() if not p.requires_grad]
+    """Bytes of optimizer state and gradients (this rank's shards) that frozen parameters hold (under
+    FSDP2 the sharded parameters: the optimizer's keys, also while a group is gathered)."""
+    params = [p.sharded_param for p in fsdp_params(module)] or list(module.parameters())
+    frozen = [p for p in params if not p.requires_grad]
     state = getattr(optimizer, "state", {})
     return {
         "optimizer_state": sum(_local(v).untyped_storage().nbytes() for p in frozen for v in state.get(p, {}).values() if isinstance(v, torch.Tensor)),
@@ -264,13 +268,13 @@ class PerRankMemory(pl.Callback):
     def _wanted(self, step: int) -> bool:
         return not self.steps or step in self.steps
 
-    def _record(self, trainer: pl.Trainer, pl_module: pl.LightningModule, moment: str, step: int) -> None:
+    def _record(self, trainer: pl.Trainer, pl_module: pl.LightningModule, moment: str, step: int, layer: int | None = None) -> None:
         largest: dict[str, list] = {}
         measured = breakdown(pl_module, trainer.optimizers[0], largest)
-        analytic = expected(pl_module, self.strategy, trainer.world_size, self.persistence_threshold, moment)
+        analytic = expected(pl_module, self.strategy, trainer.world_size, self.persistence_threshold, moment, layer)
         active = sum(numel(p) for p in pl_module.parameters() if p.requires_grad)
         self.records.append({
-            "step": step, "moment": moment, "active": active, "measured": measured, "expected": analytic, "largest": largest,
+            "step": step, "moment": moment, "layer": layer, "active": active, "measured": measured, "expected": analytic, "largest": largest,
             "slack": slack(pl_module, self.strategy, trainer.world_size), "frozen_holding": frozen_holding(pl_module, trainer.optimizers[0]),
         })
 
@@ -331,28 +335,30 @@ class PerRankMemory(pl.Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         # In backward, when the gradient reaches the embeddings' output: every other gradient has been
-        # produced and ZeRO's reduce buckets are allocated - the late-backward peak. And one moment
-        # earlier, when it reaches the first layer's input: that layer's weight gradients exist and,
-        # under FSDP2, it is still gathered and its gradients not yet reduce-scattered.
+        # produced and ZeRO's reduce buckets are allocated - the late-backward peak. Under FSDP2 also
+        # when it reaches each decoder layer's input: that layer is still gathered and its weight
+        # gradients not yet reduce-scattered - the peak is one of these.
         if not self._wanted(trainer.global_step):
             return
-        embedding = next(m for m in pl_module.modules() if isinstance(m, nn.Embedding))
-        first_layer = find_layer_stack(pl_module)[1][0]
 
-        def snapshot_in_backward(moment: str, tensor: Any) -> None:
-            if isinstance(tensor, torch.Tensor) and tensor.requires_grad:  # not with nothing below trainable (BAdam)
-                tensor.register_hook(lambda grad: self._record(trainer, pl_module, moment, trainer.global_step))
+        def snapshot_in_backward(tensor: Any, moment: str, **where: int) -> None:
+            if isinstance(tensor, torch.Tensor) and tensor.requires_grad:  # not below the lowest trainable layer
+                tensor.register_hook(lambda grad: self._record(trainer, pl_module, moment, trainer.global_step, **where))
 
         def on_output(module: nn.Module, args: Any, output: torch.Tensor) -> None:
-            handles[0].remove()
-            snapshot_in_backward("in_backward", output)
+            handles.pop("embedding").remove()
+            snapshot_in_backward(output, "in_backward")
 
-        def on_layer_input(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        def on_layer_input(index: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
             # registered after fully_shard's pre-forward hook: the tensor the layer itself receives
-            handles[1].remove()
-            snapshot_in_backward("in_first_layer_backward", args[0] if args else kwargs.get("hidden_states"))
+            handles.pop(index).remove()
+            snapshot_in_backward(args[0] if args else kwargs.get("hidden_states"), "in_layer_backward", layer=index)
 
-        handles = [embedding.register_forward_hook(on_output), first_layer.register_forward_pre_hook(on_layer_input, with_kwargs=True)]
+        embedding = next(m for m in pl_module.modules() if isinstance(m, nn.Embedding))
+        handles: dict[str | int, Any] = {"embedding": embedding.register_forward_hook(on_output)}
+        if self.strategy == "fsdp2":
+            for i, layer in enumerate(find_layer_stack(pl_module)[1]):
+                handles[i] = layer.register_forward_pre_hook(functools.partial(on_layer_input, i), with_kwargs=True)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         if self._wanted(trainer.global_step):
@@ -478,9 +484,9 @@ def table(results: list[dict[str, Any]]) -> str:
     """Rank 0's bytes at the last step's snapshots, against the expectation (in parentheses), in MiB."""
     lines = [
         "| strategy | method | buckets sized | planted | trainable (M) | parameters | optimizer state | gradients after backward |"
-        " engine late in backward* | gathered late in backward* | total late in backward* | total after step |"
-        " leaving state alive at rebuild | frozen layers' state + gradients |",
-        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
+        " engine late in backward* | gathered late in backward* | total late in backward* | peak in backward (where) |"
+        " total after step | leaving state alive at rebuild | frozen layers' state + gradients |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
     ]
     for r in results:
         at = {x["moment"]: x for x in r["records"]}
@@ -488,6 +494,8 @@ def table(results: list[dict[str, Any]]) -> str:
         e = step["expected"]
         alive = ", ".join(f"{x['leaving_alive_bytes'] / MIB:.1f} of {x['leaving_bytes'] / MIB:.1f}" for x in r["rebuilds"][1:]) or "-"
         frozen = sum(step["frozen_holding"].values()) + backward["frozen_holding"]["gradients"]
+        peak = max((x for x in r["records"] if x["moment"].startswith("in_")), key=lambda x: sum(x["measured"].values()), default=late)
+        where = f"layer {peak['layer']}" if peak.get("layer") is not None else peak["moment"].replace("_", " ")
         lines.append(
             f"| {r['strategy']} | {r['method']} | {'yes' if r['size_buckets'] else 'no'} | {r['plant'] or '-'} |"
             f" {step['active'] / 1e6:.2f} | {step['measured']['parameters'] / MIB:.1f} ({e['parameters'] / MIB:.1f}) |"
@@ -495,7 +503,8 @@ def table(results: list[dict[str, Any]]) -> str:
             f" {backward['measured']['gradients'] / MIB:.1f} ({backward['expected']['gradients'] / MIB:.1f}) |"
             f" {late['measured']['engine'] / MIB:.1f} | {late['measured'].get('gathered', 0) / MIB:.1f}"
             f" ({late['expected'].get('gathered', 0) / MIB:.1f}) | {sum(late['measured'].values()) / MIB:.1f} |"
-            f" {sum(step['measured'].values()) / MIB:.1f} | {alive} | {frozen / MIB:.1f} |"
+            f" {sum(peak['measured'].values()) / MIB:.1f} ({where}) | {sum(step['measured'].values()) / MIB:.1f} | {alive} |"
+            f" {frozen / MIB:.1f} |"
         )
     return "\n".join(lines)
 

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from tests.scripts.memory_jobs import LAYERS
 from tests.support.models import TinyLlama
 from weightwise.integrations.deepspeed import (
     GROUP_KEY,
@@ -145,7 +146,7 @@ def assert_fsdp2_rank_matches_the_expectation(rank: dict) -> None:
     """One rank of an FSDP2 (``ModelParallelStrategy``, ``fully_shard`` per layer and root) run at the
     last step, against the analytic bytes: parameter shards 4P/W, Adam moments 8A/W, sharded
     gradients after backward 4A/W; in backward the root's group (embeddings, norm, head) is gathered
-    whole, with the first layer while its gradients are computed, and nothing else is; after backward
+    whole, with each layer while its gradients are computed, and nothing else is; after backward
     nothing is; frozen parameters hold no moments and no gradients.
     Tolerance (``slack``, per kind): FSDP2 pads each parameter's dim 0 to a multiple of the 2 ranks, one
     row per parameter tensor at most (rank 1's moments are that much *under*), and Adam's 4-byte
@@ -156,9 +157,11 @@ def assert_fsdp2_rank_matches_the_expectation(rank: dict) -> None:
     for kind in ("parameters", "optimizer_state"):
         assert abs(step["measured"][kind] - step["expected"][kind]) <= step["slack"][kind], kind
     assert abs(backward["measured"]["gradients"] - backward["expected"]["gradients"]) <= backward["slack"]["gradients"]
-    for moment in ("in_first_layer_backward", "in_backward"):  # root group + layer 0, then the root group
-        gathered, expected = at[moment]["measured"]["gathered"], at[moment]["expected"]["gathered"]
-        assert expected > 0 and abs(gathered - expected) <= at[moment]["slack"]["gathered"], moment
+    in_backward = [r for r in rank["records"] if r["moment"] in ("in_layer_backward", "in_backward")]
+    assert [r["layer"] for r in in_backward] == [*reversed(range(LAYERS)), None]  # each layer's backward, then the embeddings'
+    for record in in_backward:  # the root group and the layer whose backward runs, then the root group
+        gathered, expected = record["measured"]["gathered"], record["expected"]["gathered"]
+        assert expected > 0 and abs(gathered - expected) <= record["slack"]["gathered"], record["layer"]
     assert step["measured"]["gathered"] == backward["measured"]["gathered"] == 0  # every group resharded
     for record in (backward, step):
         assert record["frozen_holding"] == {"optimizer_state": 0, "gradients": 0}

@@ -8,8 +8,9 @@ from tests.scripts.ddp_jobs import save
 
 STEPS = 4
 """LISA (BAdam) switches layers at step 2 (interval 2): one rebuild mid-run; snapshots at the last step."""
+LAYERS = 4
 
 
 def per_rank(out_dir: str, strategy: str, plant: str | None = None, method: str = "lisa") -> None:
-    result = measure(strategy, method, STEPS, plant=plant, hidden=128, layers=4, snapshot_steps=(STEPS - 1,))
+    result = measure(strategy, method, STEPS, plant=plant, hidden=128, layers=LAYERS, snapshot_steps=(STEPS - 1,))
     save(out_dir, result["rank"], result)
