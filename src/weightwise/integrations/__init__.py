@@ -11,6 +11,8 @@ installed and the tested versions otherwise.
 * :mod:`~weightwise.integrations.deepspeed` - rebuilding a ZeRO optimizer for a new set of
   trainable parameters (imports DeepSpeed lazily).
 * :mod:`~weightwise.integrations.torch` - the one private flag of ``torch.optim`` we set.
+* :mod:`~weightwise.integrations.checkpoints` - a model's weights out of Lightning's checkpoint
+  layouts (``weightwise upcycle --checkpoint``); public APIs only, kept here beside the layouts.
 * :mod:`~weightwise.integrations.versions` - ``require()``: the version check those modules run,
   raising ``UnsupportedVersionError`` with the installed and the tested versions.
 
