@@ -11,10 +11,10 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from tests.support.distributed import FIT_EPOCHS, FSDP_AGREEMENT, assert_equal_decisions, assert_same_training
-from tests.support.models import Classifier
+from tests.support.models import Classifier, TinyLlama
 from tests.support.strategies import CPUFSDPStrategy
 from tests.support.training import trainer
-from weightwise.callbacks import ExpertUpcycling, LayerwiseSampling
+from weightwise.callbacks import DenseUpcycling, ExpertUpcycling
 
 pytestmark = pytest.mark.slow
 
@@ -52,9 +52,9 @@ def test_ranks_with_different_data_take_the_same_decisions_under_fsdp(sharded_ru
     assert_equal_decisions(rank0, rank1)
 
 
-@pytest.mark.parametrize("callback", [LayerwiseSampling("lisa"), ExpertUpcycling(at_step=1)], ids=["layerwise", "upcycling"])
-def test_layer_and_expert_surgery_refuse_fsdp_naming_the_alternatives(callback):
+@pytest.mark.parametrize("callback", [ExpertUpcycling(at_step=1), DenseUpcycling(at_step=1)], ids=["experts", "dense"])
+def test_upcycling_refuses_fsdp_naming_the_between_fits_route_and_ddp(callback):
+    # LayerwiseSampling runs under FSDP (tests/distributed/test_layers_fsdp2.py); growing experts mid-fit does not
     run = trainer(devices=1, strategy=CPUFSDPStrategy(), max_steps=1, callbacks=[callback])
-    with pytest.raises(MisconfigurationException, match="cannot run under FSDP.*deepspeed_stage_2.*strategy='ddp'"):
-        hook = callback.setup if isinstance(callback, LayerwiseSampling) else callback.on_fit_start
-        hook(run, Classifier(), "fit") if hook == callback.setup else hook(run, Classifier())
+    with pytest.raises(MisconfigurationException, match="cannot run under FSDP.*`weightwise upcycle.*deepspeed_stage_2.*strategy='ddp'"):
+        callback.on_fit_start(run, TinyLlama(2) if isinstance(callback, DenseUpcycling) else Classifier())

@@ -120,6 +120,30 @@ SHARDED_JOBS = [
     ("deepspeed_jobs:fit", {"out_dir": "mid_epoch/fsdp/resumed", "name": "fsdp", "epochs": FIT_EPOCHS,
                             "resume_from": "mid_epoch/fsdp/first/last.ckpt"}),
     *[("agreement_jobs:decide", {"out_dir": f"agreement/fsdp/{n}", "case": n, "strategy": "fsdp"}) for n in FSDP_AGREEMENT],
+    # LayerwiseSampling under ModelParallelStrategy (FSDP2): every policy; LISA (state released) and IST (state kept)
+    # also under DDP and stopped after 2 of 4 epochs, then resumed from the sharded checkpoint
+    *[("fsdp2_jobs:layerwise", {"out_dir": f"layers_fsdp2/{p}/straight", "name": "fsdp2", "policy": p, "epochs": 4})
+      for p in ("lisa", "ist", "badam", "block_influence")],
+    ("fsdp2_jobs:layerwise", {"out_dir": "layers_fsdp2/lisa/bf16", "name": "fsdp2", "policy": "lisa", "epochs": 4, "bf16": True}),
+    *[
+        job
+        for p in ("lisa", "ist")
+        for job in (
+            ("fsdp2_jobs:layerwise", {"out_dir": f"layers_fsdp2/{p}/ddp", "name": "ddp", "policy": p, "epochs": 4}),
+            ("fsdp2_jobs:layerwise", {"out_dir": f"layers_fsdp2/{p}/first", "name": "fsdp2", "policy": p, "epochs": 2}),
+            ("fsdp2_jobs:layerwise", {"out_dir": f"layers_fsdp2/{p}/resumed", "name": "fsdp2", "policy": p, "epochs": 4,
+                                      "resume_from": f"layers_fsdp2/{p}/first/last.ckpt"}),
+        )
+    ],
+    # FSDPStrategy(use_orig_params=True), each decoder layer a unit: LISA straight, stopped and resumed; IST's probes
+    # and block influence's measurements (forwards outside the training step)
+    *[("fsdp2_jobs:layerwise", {"out_dir": f"layers_fsdp1/{p}/straight", "name": "fsdp1", "policy": p, "epochs": 4})
+      for p in ("lisa", "ist", "block_influence")],
+    ("fsdp2_jobs:layerwise", {"out_dir": "layers_fsdp1/lisa/first", "name": "fsdp1", "policy": "lisa", "epochs": 2}),
+    ("fsdp2_jobs:layerwise", {"out_dir": "layers_fsdp1/lisa/resumed", "name": "fsdp1", "policy": "lisa", "epochs": 4,
+                              "resume_from": "layers_fsdp1/lisa/first/last.ckpt"}),
+    # what FSDP1 (use_orig_params=True) holds for a layer frozen after wrapping: each decoder layer a unit, or one unit
+    *[("fsdp2_jobs:fsdp1_frozen", {"out_dir": f"layers_fsdp1/frozen/{wrap}", "wrap": wrap}) for wrap in ("layer", "model")],
 ]
 
 PATH_ARGUMENTS = ("out_dir", "resume_from", "model_dir", "phase1_dir", "source_dir", "trained_dir", "grown_dir", "checkpoint")

@@ -52,7 +52,7 @@ import contextlib
 import functools
 import re
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -181,12 +181,19 @@ def parameters_for_direct_forward(trainer: pl.Trainer) -> Iterator[None]:
         yield
 
 
-FSDP1_REASON = (
-    "FSDPStrategy (FSDP1) flattens each wrapped module's parameters into one flat parameter, so they cannot be"
-    " frozen, released or grown one layer or expert at a time (with use_orig_params=True the original parameters"
-    " can be frozen, but the flat parameter's gradient keeps its full size and every rank still reduce-scatters it"
-    " - docs/architecture.md, \"Memory is real\")."
-)
+def fsdp_keeps_original_parameters(trainer: pl.Trainer) -> bool:
+    """Whether ``FSDPStrategy`` wraps with ``use_orig_params=True`` (Lightning passes its extra
+    keyword arguments to FSDP through ``strategy.kwargs``)."""
+    return bool(getattr(trainer.strategy, "kwargs", {}).get("use_orig_params"))
+
+
+def layers_sharing_an_fsdp_unit(stack: Iterable[torch.nn.Module]) -> list[int]:
+    """The indices of the layers that are not an FSDP1 unit of their own (FSDP's ``auto_wrap_policy``
+    with the layer class makes each one a ``FullyShardedDataParallel`` module): their parameters share
+    a flat parameter, and with it a gradient, with other parameters."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return [i for i, layer in enumerate(stack) if not isinstance(layer, FullyShardedDataParallel)]
 
 
 def require_rewrappable_strategy(trainer: pl.Trainer, callback: str, deepspeed_fix: str) -> None:
@@ -201,27 +208,27 @@ def require_rewrappable_strategy(trainer: pl.Trainer, callback: str, deepspeed_f
             f"{callback} cannot run under DeepSpeed: ZeRO partitions the trainable parameters into its optimizer"
             f" when the engine starts, so they cannot change mid-run. {deepspeed_fix}"
         )
-    require_single_device_or_ddp(
-        trainer,
-        callback,
-        fsdp_fix=f"Upcycle between fits instead (`weightwise upcycle` on the saved model, e.g. between two"
-        f" strategy='deepspeed_stage_2' or 'deepspeed_stage_3' fits: {deepspeed_fix}), or use strategy='ddp'.",
-    )
+    if is_fsdp(trainer):
+        raise MisconfigurationException(
+            f"{callback} cannot run under FSDP: FSDPStrategy (FSDP1) flattens each wrapped module's parameters into one"
+            " flat parameter whose shape is fixed when it wraps them, so experts cannot be grown mid-fit. Upcycle between"
+            f" two fits instead (`weightwise upcycle` on the saved model: {deepspeed_fix}; the next fit may run under any"
+            " strategy, e.g. strategy='deepspeed_stage_2' or ModelParallelStrategy), or use strategy='ddp' to upcycle mid-fit."
+        )
+    require_single_device_or_ddp(trainer, callback)
 
 
-def require_single_device_or_ddp(trainer: pl.Trainer, callback: str, fsdp_fix: str) -> None:
-    """Raise for strategies other than single-device and DDP (the caller has dealt with DeepSpeed and
-    ``ModelParallelStrategy`` where it supports them).
+def require_single_device_or_ddp(trainer: pl.Trainer, callback: str) -> None:
+    """Raise for strategies other than single-device and DDP (the caller has dealt with the sharded
+    strategies it supports).
 
     Raises:
-        MisconfigurationException: FSDP (the message says why, then ``fsdp_fix``) or any other strategy.
+        MisconfigurationException: any other strategy.
     """
-    if is_fsdp(trainer):
-        raise MisconfigurationException(f"{callback} cannot run under FSDP: {FSDP1_REASON} {fsdp_fix}")
     if not isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)):
         raise MisconfigurationException(
-            f"{callback} supports single-device, DDP and (where stated) DeepSpeed and ModelParallelStrategy training,"
-            f" not {type(trainer.strategy).__name__}; use strategy='ddp'."
+            f"{callback} supports single-device, DDP and (where stated) DeepSpeed, FSDP and ModelParallelStrategy"
+            f" training, not {type(trainer.strategy).__name__}; use strategy='ddp'."
         )
 
 

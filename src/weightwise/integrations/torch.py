@@ -1,13 +1,23 @@
-"""The one private piece of ``torch.optim`` weightwise sets (tested with torch 2.2-2.13).
+"""The private pieces of ``torch`` weightwise touches (tested with torch 2.2-2.13; FSDP2's from 2.4).
 
-``torch.optim.lr_scheduler.LRScheduler`` warns "Detected call of ``lr_scheduler.step()`` before
-``optimizer.step()``" unless the optimizer it drives carries ``_opt_called`` (set by the wrapper
-it puts around ``optimizer.step``). Under DeepSpeed with layer sampling, the scheduler drives the
-user's optimizer while the parameters are stepped through a rebuilt ZeRO optimizer
-(:mod:`weightwise.integrations.deepspeed`), so the flag is set by hand.
+* ``torch.optim.lr_scheduler.LRScheduler`` warns "Detected call of ``lr_scheduler.step()`` before
+  ``optimizer.step()``" unless the optimizer it drives carries ``_opt_called`` (set by the wrapper
+  it puts around ``optimizer.step``). Under DeepSpeed with layer sampling, the scheduler drives the
+  user's optimizer while the parameters are stepped through a rebuilt ZeRO optimizer
+  (:mod:`weightwise.integrations.deepspeed`), so the flag is set by hand (:func:`mark_stepped`).
+* FSDP2 (``fully_shard``) decides each parameter group's gradient dtypes once, at its lazy init
+  (the root's first forward), from the parameters that require grad then
+  (``FSDPParamGroup._init_mp_dtypes``, reached through ``FSDPModule._get_fsdp_state()``): a layer
+  frozen at that moment gets none, and under a ``MixedPrecisionPolicy`` its bf16 gradients are not
+  cast back when it trains again (torch 2.13: "attempting to assign a gradient with dtype BFloat16
+  to a tensor with grad_dtype Float"). :func:`refresh_fsdp2_dtypes` recomputes them after layer
+  sampling changed what trains.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -15,3 +25,41 @@ import torch
 def mark_stepped(optimizer: torch.optim.Optimizer) -> None:
     """Tell LR schedulers that ``optimizer``'s parameters were stepped (by another optimizer)."""
     optimizer._opt_called = True  # type: ignore[attr-defined]
+
+
+def _fsdp2_param_groups(module: torch.nn.Module) -> Iterator[Any]:
+    """The FSDP2 parameter groups of every ``fully_shard``-ed module inside ``module``."""
+    for submodule in module.modules():
+        get_state = getattr(submodule, "_get_fsdp_state", None)
+        if get_state is None:
+            continue
+        state = get_state()
+        groups = getattr(state, "_fsdp_param_groups", None)
+        if groups is None:  # torch < 2.10: one group per module
+            group = getattr(state, "_fsdp_param_group", None)
+            groups = [] if group is None else [group]
+        yield from groups
+
+
+def missing_fsdp2_pieces(module: torch.nn.Module) -> list[str]:
+    """The private FSDP2 pieces :func:`refresh_fsdp2_dtypes` needs that this torch lacks (none: ``[]``)."""
+    groups = list(_fsdp2_param_groups(module))
+    if not groups:
+        return ["FSDPModule._get_fsdp_state() and its parameter groups"] if _is_fsdp2(module) else []
+    return [] if all(callable(getattr(g, "_init_mp_dtypes", None)) for g in groups) else ["FSDPParamGroup._init_mp_dtypes"]
+
+
+def _is_fsdp2(module: torch.nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return any(isinstance(m, FSDPModule) for m in module.modules())
+
+
+def refresh_fsdp2_dtypes(module: torch.nn.Module) -> None:
+    """Recompute the gradient dtypes of every FSDP2 parameter group in ``module`` from the parameters
+    that require grad now (groups not yet lazily initialised are left to their lazy init, which does it)."""
+    for group in _fsdp2_param_groups(module):
+        if hasattr(group, "_orig_dtype"):  # set by the lazy init (the class only annotates it)
+            group._init_mp_dtypes()

@@ -22,12 +22,18 @@ from weightwise.core.checkpoints import state_version, with_version
 from weightwise.integrations.lightning import (
     MethodPatch,
     check_trainer,
+    fsdp_keeps_original_parameters,
     is_deepspeed,
+    is_fsdp,
     is_model_parallel,
+    layers_sharing_an_fsdp_unit,
     model_parallel_checkpoint_meta,
+    parameters_for_direct_forward,
     require_single_device_or_ddp,
     rewrap_ddp,
 )
+from weightwise.integrations.torch import missing_fsdp2_pieces, refresh_fsdp2_dtypes
+from weightwise.integrations.versions import require
 from weightwise.layers.freezing import HostMasters, OptimizerStateStash, StateMode, activate_layers, optimizer_state_bytes
 from weightwise.layers.influence import influence_totals
 from weightwise.layers.policies import (
@@ -76,14 +82,6 @@ def _unsupported_under_deepspeed(problems: list[str]) -> MisconfigurationExcepti
     return MisconfigurationException("LayerwiseSampling under DeepSpeed does not support " + "; ".join(problems))
 
 
-FSDP1_FIX = (
-    "For LayerwiseSampling use ModelParallelStrategy (FSDP2: fully_shard each decoder layer, then the root, in"
-    " configure_model; each parameter is its own DTensor, so a frozen layer holds no gradient and no optimizer"
-    " state), DeepSpeed ZeRO (strategy='deepspeed_stage_2' or 'deepspeed_stage_3'; the ZeRO optimizer is rebuilt for"
-    " each period's layers) or strategy='ddp'."
-)
-
-
 class LayerwiseSampling(Callback):
     """Every ``interval`` steps, choose ``n_layers`` layers of the stack to train; freeze the others.
 
@@ -130,7 +128,8 @@ class LayerwiseSampling(Callback):
     ``weightwise/optimizer_state_mib``; at the end of the fit (also one that raised), with a
     ``WandbLogger``, the whole layer x period map as one table, ``weightwise/layer_map``.
 
-    Single device, DDP and DeepSpeed ZeRO-1/2/3. DDP only synchronises parameters that required
+    Single device, DDP, DeepSpeed ZeRO-1/2/3, ``ModelParallelStrategy`` (FSDP2) and ``FSDPStrategy``
+    (FSDP1, ``use_orig_params=True``, each layer its own unit). DDP only synchronises parameters that required
     gradients when the model was wrapped, so after every change of the active layers the module is
     wrapped anew (its buckets then hold only the trainable parameters - less communication, too).
     ZeRO keeps master weights and moments of every parameter trainable when its optimizer was built,
@@ -141,7 +140,16 @@ class LayerwiseSampling(Callback):
     and gradient buffers are those of the active layers only. The engine starts with period 0's
     layers already frozen, and resuming from a sharded checkpoint rebuilds the optimizer with the
     checkpoint's layout before DeepSpeed loads it. ZeRO-Offload, fp16 and optimizer states other
-    than ``"release"`` are refused under DeepSpeed.
+    than ``"release"`` are refused under DeepSpeed. Under FSDP2 (``fully_shard`` in ``configure_model``:
+    each parameter a DTensor shard) a frozen layer is all-gathered for the forward but gets no
+    gradient, no reduce-scatter and no optimizer state on any rank; resuming from the sharded
+    (``torch.distributed.checkpoint``) checkpoint first gives the optimizer the checkpoint's layout.
+    FSDP1 allocates no gradient for a unit whose parameters are all frozen but keeps the whole flat
+    gradient of a unit with any trainable parameter (measured, ``benchmarks/RESULTS.md``), so each
+    layer of the stack must be its own unit (``auto_wrap_policy={DecoderLayerClass}``); IST's probes
+    and block influence's measurements gather the whole model on every rank under FSDP1
+    (``summon_full_params``). ``frozen_dtype`` and ``optimizer_state="offload"`` are refused under
+    both, naming FSDP's own mixed precision and CPU offload.
 
     Args:
         policy: ``"lisa"``, ``"ist"``, ``"badam"``, ``"loss_credit"`` or ``"block_influence"``.
@@ -177,7 +185,10 @@ class LayerwiseSampling(Callback):
     Raises:
         ValueError: an unknown policy or a non-positive setting.
         MisconfigurationException: (at IST's first probe) a training set that cannot be indexed for the
-            probes' own batches (names ``probe_batch_size=None``).
+            probes' own batches (names ``probe_batch_size=None``); (at setup) settings a strategy does not
+            support - DeepSpeed's, FSDP's (``use_orig_params=False``, ``frozen_dtype``,
+            ``optimizer_state="offload"``), any strategy but single device, DDP, DeepSpeed and FSDP; (at fit
+            start, FSDP1) layers that share an FSDP unit with other parameters - each naming the fix.
 
     Example::
 
@@ -296,10 +307,12 @@ class LayerwiseSampling(Callback):
                 )
         if is_deepspeed(trainer):
             self._hook_deepspeed(trainer.strategy, pl_module, str(trainer.precision))
-        elif is_model_parallel(trainer):
-            self._hook_model_parallel(trainer.strategy, pl_module)
+        elif is_model_parallel(trainer) or is_fsdp(trainer):
+            self._check_sharded(trainer)
+            if is_model_parallel(trainer):
+                self._hook_model_parallel(trainer.strategy, pl_module)
         else:
-            require_single_device_or_ddp(trainer, "LayerwiseSampling", fsdp_fix=FSDP1_FIX)
+            require_single_device_or_ddp(trainer, "LayerwiseSampling")
 
     def _hook_deepspeed(self, strategy: Any, pl_module: pl.LightningModule, precision: str) -> None:
         """Wrap (on the instances, for this fit) the two moments the ZeRO layout is decided.
@@ -364,33 +377,68 @@ class LayerwiseSampling(Callback):
             MethodPatch(strategy, "load_checkpoint", make_load_checkpoint),
         ]
 
-    def _hook_model_parallel(self, strategy: Any, pl_module: pl.LightningModule) -> None:
-        """Under ``ModelParallelStrategy`` (FSDP2) every parameter is its own DTensor shard, so freezing
-        works as on one device: ``requires_grad=False`` and ``grad=None`` (FSDP2 all-gathers the frozen
-        layer for the forward, computes and reduce-scatters no gradient for it) and the optimizer state
-        of those DTensors popped. What needs a hand is the resume: Lightning loads the optimizer through
-        ``torch.distributed.checkpoint`` right after the strategy's setup, with a template that gives
-        state to every parameter requiring grad, and fails on state the checkpoint lacks (the frozen
-        layers'). So ``load_checkpoint`` first makes exactly the parameters that held state when the
-        checkpoint was written require grad; the first batch then applies the checkpoint's layers.
+    def _check_sharded(self, trainer: pl.Trainer) -> None:
+        """``ModelParallelStrategy`` (FSDP2) and ``FSDPStrategy(use_orig_params=True)`` (FSDP1) shard each
+        parameter (FSDP1: each unit's flat parameter) over the ranks; freezing works as on one device,
+        ``requires_grad=False`` and ``grad=None``, with the optimizer state of the sharded parameters
+        released (or kept). FSDP2 computes and reduce-scatters no gradient for a frozen parameter; FSDP1
+        allocates none for a unit whose original parameters are all frozen - but keeps the whole flat
+        gradient of a unit with any trainable parameter, so each layer must be a unit of its own
+        (checked in ``on_fit_start``, once FSDP has wrapped the model: :meth:`_require_layer_units`).
 
         Raises:
-            MisconfigurationException: ``frozen_dtype`` or ``optimizer_state="offload"``, each with its fix.
+            MisconfigurationException: FSDP1 without ``use_orig_params=True``, ``frozen_dtype`` or
+                ``optimizer_state="offload"``, each with its fix.
         """
+        label = "ModelParallelStrategy (FSDP2)" if is_model_parallel(trainer) else "FSDPStrategy (FSDP1)"
         problems = []
+        if is_fsdp(trainer) and not fsdp_keeps_original_parameters(trainer):
+            problems.append(
+                "use_orig_params=False (FSDP1 then registers only the flat parameters, whose requires_grad is fixed when it"
+                " wraps them): pass FSDPStrategy(use_orig_params=True, auto_wrap_policy={YourDecoderLayer}), or use"
+                " ModelParallelStrategy (FSDP2: fully_shard each decoder layer, then the root, in configure_model)"
+            )
         if self.masters is not None:
             problems.append(
-                "frozen_dtype (fully_shard fixes each DTensor shard's dtype; changing it breaks its all-gather): remove it,"
-                " and for bf16 weights in the forward pass fully_shard(..., mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))"
+                "frozen_dtype (FSDP fixes each shard's dtype when it wraps the model; changing it breaks its all-gather):"
+                " remove it; for bf16 weights in the forward pass use FSDP's mixed precision (FSDP2:"
+                " fully_shard(..., mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16)))"
             )
         if self.stash.mode == "offload":
             problems.append(
                 "optimizer_state='offload' (the parked moments are each rank's own shards, and Lightning saves callback state"
-                " from rank 0 only): use 'release' or 'keep', or fully_shard(..., offload_policy=CPUOffloadPolicy()) to keep"
-                " parameters, gradients and optimizer state in host memory"
+                " from rank 0 only): use 'release' or 'keep', or FSDP's CPU offload (FSDP2:"
+                " fully_shard(..., offload_policy=CPUOffloadPolicy())) to keep parameters, gradients and optimizer state in"
+                " host memory"
             )
         if problems:
-            raise MisconfigurationException("LayerwiseSampling under ModelParallelStrategy (FSDP2) does not support " + "; ".join(problems))
+            raise MisconfigurationException(f"LayerwiseSampling under {label} does not support " + "; ".join(problems))
+
+    def _require_layer_units(self, trainer: pl.Trainer) -> None:
+        """Under FSDP1, each layer of the stack must be an FSDP unit of its own (see :meth:`_check_sharded`).
+
+        Raises:
+            MisconfigurationException: a layer wrapped together with other parameters, naming the fix.
+        """
+        shared = layers_sharing_an_fsdp_unit(self.stack)
+        if shared:
+            layer_class = type(self.stack[shared[0]]).__name__
+            raise MisconfigurationException(
+                f"LayerwiseSampling under FSDPStrategy needs each layer of the stack to be an FSDP unit of its own, but"
+                f" layers {shared[:5]} share a flat parameter with other parameters: FSDP1 keeps that flat parameter's whole"
+                " gradient while any of its parameters trains, so freezing a layer would release no gradient memory"
+                " (measured, benchmarks/RESULTS.md). Pass FSDPStrategy(use_orig_params=True,"
+                f" auto_wrap_policy={{{layer_class}}}), or use ModelParallelStrategy (FSDP2)."
+            )
+
+    def _hook_model_parallel(self, strategy: Any, pl_module: pl.LightningModule) -> None:
+        """The resume under ``ModelParallelStrategy`` (FSDP2): Lightning loads the optimizer through
+        ``torch.distributed.checkpoint`` right after the strategy's setup, with a template that gives
+        state to every parameter requiring grad, and fails on state the checkpoint lacks (the frozen
+        layers'). So ``load_checkpoint`` first makes exactly the parameters that held state when the
+        checkpoint was written require grad; the first batch then applies the checkpoint's layers.
+        (FSDP1's sharded optimizer load reads only the states the checkpoint holds.)
+        """
 
         def make_load_checkpoint(load_checkpoint: Any) -> Any:
             def layerwise_load_checkpoint(checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
@@ -412,13 +460,13 @@ class LayerwiseSampling(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self._log_layer_map(trainer)
-            self._leave()
+            self._leave(pl_module)
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._log_layer_map(trainer)
         # Lightning calls no teardown hook when fit raises (or is interrupted): the module is given back here.
-        self._leave()
+        self._leave(pl_module)
 
     def _log_layer_map(self, trainer: pl.Trainer) -> None:
         """The run's layer x period map as one W&B table, ``weightwise/layer_map``: a row per period
@@ -436,7 +484,7 @@ class LayerwiseSampling(Callback):
         for logger in wandb_loggers:
             logger.experiment.log({"weightwise/layer_map": wandb.Table(columns=columns, data=rows)})
 
-    def _leave(self) -> None:
+    def _leave(self, pl_module: pl.LightningModule) -> None:
         """Give the module back as the user gave it (docs/architecture.md, contract 6): fp32 weights,
         each parameter's ``requires_grad`` as it was when fit started, the class methods. The
         schedule's state stays (a checkpoint saved after the fit still holds it). Safe to call more
@@ -446,6 +494,7 @@ class LayerwiseSampling(Callback):
         for p, requires_grad in self._user_requires_grad.items():
             p.requires_grad_(requires_grad)
         self._user_requires_grad = {}
+        refresh_fsdp2_dtypes(pl_module)  # FSDP2's gradient dtypes for what trains now (integrations/torch.py)
         for patch in self._patches:  # the class methods show through again
             patch.restore()
         self._patches = []
@@ -505,6 +554,10 @@ class LayerwiseSampling(Callback):
                 raise MisconfigurationException(str(error)) from error
             self._rebuild_zero(trainer.strategy)
         self._discover(pl_module)
+        if is_fsdp(trainer):
+            self._require_layer_units(trainer)
+        if is_model_parallel(trainer):  # the FSDP2 pieces refresh_fsdp2_dtypes reaches, probed now, not mid-run
+            require("torch", "2.4", ">=2.4,<2.14", missing_fsdp2_pieces(pl_module), purpose="LayerwiseSampling under ModelParallelStrategy")
         if self._masters_to_load is not None and self.masters is not None:  # resumed: the exact fp32 weights come back
             self.masters.load_state_dict(self._masters_to_load, dict(pl_module.named_parameters()))
             self._masters_to_load = None
@@ -531,7 +584,7 @@ class LayerwiseSampling(Callback):
                 self._end_period()  # a collective: every rank has losses of the same period here
             self._period = period
             if self.chooser.wants_influence(period):
-                self._measure_influence(pl_module, batch, period)
+                self._measure_influence(trainer, pl_module, batch, period)
             self._apply(trainer, self.chooser.choose(period))
             self.history.append(self.active)
         elif not self._applied:  # resumed mid-period: the fresh module has every layer trainable
@@ -542,19 +595,21 @@ class LayerwiseSampling(Callback):
         assert isinstance(self.chooser, ISTLayers)
         sets = self.chooser.probe_sets(step)
         batch = self.probe_batches(trainer, batch, step // self.chooser.probe_every - 1)  # probe rounds 0, 1, ...
-        local = torch.stack(
-            [probe(pl_module, batch, [self.stack[i] for i in layers], self.suppression, self.probe_loss).cpu() for layers in sets]
-        ).double()
+        with parameters_for_direct_forward(trainer):
+            local = torch.stack(
+                [probe(pl_module, batch, [self.stack[i] for i in layers], self.suppression, self.probe_loss).cpu() for layers in sets]
+            ).double()
         losses = (collectives.all_reduce_sum(local) / collectives.world_size()).tolist()
         self.chooser.learn(sets, losses)
         self._probed = step
 
-    def _measure_influence(self, pl_module: pl.LightningModule, batch: Any, period: int) -> None:
+    def _measure_influence(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, period: int) -> None:
         """Block influence on this step's batch or on ``influence_data`` (eval mode, no gradients),
         the token sums of every rank added before the mean is taken, so every rank records the same values."""
         assert isinstance(self.chooser, BlockInfluenceLayers)
         batches = [batch] if self.influence_data is None else (move_data_to_device(b, pl_module.device) for b in self.influence_data)
-        totals, tokens = influence_totals(pl_module, batches, self.stack, forward=self.probe_loss)
+        with parameters_for_direct_forward(trainer):
+            totals, tokens = influence_totals(pl_module, batches, self.stack, forward=self.probe_loss)
         reduced = collectives.all_reduce_sum(torch.cat([totals, tokens.reshape(1)]))
         self.chooser.record_influence(period, (reduced[:-1] / reduced[-1].clamp(min=1.0)).cpu())
 
@@ -573,6 +628,7 @@ class LayerwiseSampling(Callback):
         else:
             activate_layers(self.trainable, chosen, trainer.optimizers[0] if trainer.optimizers else None, self.stash, self.masters)
             rewrap_ddp(trainer)  # DDP's reducer covers the parameters that required grad when it was built
+            refresh_fsdp2_dtypes(trainer.lightning_module)  # FSDP2 sized its gradient dtypes for the old trainable set
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         self.active, self._applied = chosen, True
         # One value per layer and period (the whole map goes to W&B as one table at the end: _log_layer_map).
