@@ -9,6 +9,7 @@ then the root; per-parameter DTensors) and ``FSDPStrategy`` (FSDP1) on CPU with 
   step and optimizer state after it (this rank's), and at the end the whole parameters and each
   parameter's ``requires_grad``. Every run ends with a checkpoint (``last.ckpt``, a sharded directory
   under FSDP: ``torch.distributed.checkpoint``'s); ``resume_from`` continues one.
+* :func:`mesh` - what ``ModelParallelStrategy()``'s defaults shard on one node (nothing).
 * :func:`fsdp1_frozen` - FSDP1 (``FSDPStrategy(use_orig_params=True)``): the gradient and optimizer state
   each rank holds for a layer whose original parameters are frozen after wrapping.
 """
@@ -204,6 +205,28 @@ def fsdp1_frozen(out_dir: str, wrap: str) -> None:
             "flat_grad_numel": recorder.flat_grad_numel,
             "orig_grads": recorder.orig_grads,
             "orig_states": recorder.orig_states,
+        },
+        Path(out_dir) / f"rank{run.global_rank}.pt",
+    )
+
+
+def mesh(out_dir: str, defaults: bool) -> None:
+    """One step under ``ModelParallelStrategy()`` with its defaults (``defaults=True``) or over a 2-rank
+    data-parallel mesh: each rank's mesh, the distributed sampler's replicas and the parameter elements
+    it holds (benchmarks/RESULTS.md: on one node the defaults shard nothing)."""
+    strategy = ModelParallelStrategy() if defaults else strategy_for("fsdp2")
+    module = ShardedLlama(LAYERS)
+    numel = sum(p.numel() for p in module.parameters())
+    run = trainer(devices=2, strategy=strategy, max_steps=1)
+    run.fit(module, token_batches())
+    device_mesh = run.strategy.device_mesh
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    torch.save(
+        {
+            "mesh": dict(zip(device_mesh.mesh_dim_names, device_mesh.shape)),
+            "replicas": run.strategy.distributed_sampler_kwargs["num_replicas"],
+            "local_numel": sum(local(p).numel() for p in module.parameters()),
+            "numel": numel,
         },
         Path(out_dir) / f"rank{run.global_rank}.pt",
     )
