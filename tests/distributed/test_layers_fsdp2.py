@@ -56,6 +56,12 @@ def test_the_module_is_given_back_trainable_and_unpatched(sharded_runs, fsdp, po
         assert all(rank["requires_grad"]) and not rank["patched"]
 
 
+def test_the_module_is_given_back_when_fit_raises_mid_period(sharded_runs):
+    for rank in sharded_runs("layers_fsdp2/lisa/raised"):  # raised at step 4, two of six layers trainable then
+        assert len(rank["active"]) == 4 and set(rank["active"][-1]) != set(range(LAYERS))
+        assert all(rank["requires_grad"]) and not rank["patched"]
+
+
 def test_fsdp2_mixed_precision_trains_layers_frozen_when_fsdp2_initialised(sharded_runs):
     """bf16 weights (MixedPrecisionPolicy): FSDP2 fixes a group's gradient dtypes at its first forward, from
     what requires grad then; LayerwiseSampling recomputes them, so layers frozen at that moment train later

@@ -7,7 +7,7 @@ then the root; per-parameter DTensors) and ``FSDPStrategy`` (FSDP1) on CPU with 
   (``FSDPStrategy(use_orig_params=True)``, a unit per decoder layer) or ``"ddp"`` (the same module, not
   sharded), per step: the active layers, which layers' parameters hold a gradient before the optimizer
   step and optimizer state after it (this rank's), and at the end the whole parameters and each
-  parameter's ``requires_grad``. Every run ends with a checkpoint (``last.ckpt``, a sharded directory
+  parameter's ``requires_grad`` (``raise_at``: after a fit that raised there). Every run ends with a checkpoint (``last.ckpt``, a sharded directory
   under FSDP: ``torch.distributed.checkpoint``'s); ``resume_from`` continues one.
 * :func:`mesh` - what ``ModelParallelStrategy()``'s defaults shard on one node (nothing).
 * :func:`fsdp1_frozen` - FSDP1 (``FSDPStrategy(use_orig_params=True)``): the gradient and optimizer state
@@ -115,7 +115,20 @@ class StateRecorder(pl.Callback):
         self.outside.append((all(p.grad is not None for p in outside), all(p in state for p in outside)))
 
 
-def layerwise(out_dir: str, name: str, policy: str, epochs: int, resume_from: str | None = None, bf16: bool = False) -> None:
+class RaiseAt(pl.Callback):
+    """Raise in the middle of the fit, at step ``step`` (contract 6: the module is given back when fit raises)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise RuntimeError("raised mid-fit by the test")
+
+
+def layerwise(
+    out_dir: str, name: str, policy: str, epochs: int, resume_from: str | None = None, bf16: bool = False, raise_at: int = -1
+) -> None:
     out_dir = Path(out_dir)
     seed_everything(0)
     sampling = LayerwiseSampling(policy, **POLICIES[policy])
@@ -124,13 +137,19 @@ def layerwise(out_dir: str, name: str, policy: str, epochs: int, resume_from: st
         devices=2,
         strategy=strategy_for(name),
         max_epochs=epochs,  # 2 steps an epoch (4 samples a rank, batches of 2); a first run stops at an epoch's end
-        callbacks=[sampling, recorder, ModelCheckpoint(dirpath=out_dir, save_last=True)],
+        callbacks=[sampling, recorder, ModelCheckpoint(dirpath=out_dir, save_last=True), RaiseAt(raise_at)],
         default_root_dir=out_dir,
         enable_checkpointing=True,
     )
     module = ShardedLlama(LAYERS, bf16=bf16)
     numel = sum(p.numel() for p in module.parameters())  # before FSDP1 makes each parameter a view of this rank's shard
-    run.fit(module, token_batches(), ckpt_path=resume_from)
+    try:
+        run.fit(module, token_batches(), ckpt_path=resume_from)
+    except RuntimeError as error:
+        if raise_at < 0:
+            raise
+        out_dir.mkdir(parents=True, exist_ok=True)
+        print(f"rank {run.global_rank}: {error}")
     torch.save(
         {
             "params": full_parameters(module),

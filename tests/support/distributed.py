@@ -125,6 +125,7 @@ SHARDED_JOBS = [
     *[("fsdp2_jobs:layerwise", {"out_dir": f"layers_fsdp2/{p}/straight", "name": "fsdp2", "policy": p, "epochs": 4})
       for p in ("lisa", "ist", "badam", "block_influence")],
     ("fsdp2_jobs:layerwise", {"out_dir": "layers_fsdp2/lisa/bf16", "name": "fsdp2", "policy": "lisa", "epochs": 4, "bf16": True}),
+    ("fsdp2_jobs:layerwise", {"out_dir": "layers_fsdp2/lisa/raised", "name": "fsdp2", "policy": "lisa", "epochs": 4, "raise_at": 4}),
     *[
         job
         for p in ("lisa", "ist")

@@ -169,9 +169,10 @@ def model_parallel_checkpoint_meta(checkpoint_path: str | Path) -> dict[str, Any
 @contextlib.contextmanager
 def parameters_for_direct_forward(trainer: pl.Trainer) -> Iterator[None]:
     """Inside the block, the LightningModule can run a forward outside Lightning's training step
-    (a scoring pass): FSDP's sharded flat parameters are gathered for it (``summon_full_params``,
-    the whole model on every rank for the block); ZeRO-3 gathers by its own module hooks, DDP and
-    one device need nothing."""
+    (a scoring pass, IST's probes, a block-influence measurement): FSDP1's sharded flat parameters
+    are gathered for it (``summon_full_params``, the whole model on every rank for the block);
+    ZeRO-3 and FSDP2 (``fully_shard``) gather by their own module hooks, DDP and one device need
+    nothing."""
     if is_fsdp(trainer):
         from torch.distributed.fsdp import FullyShardedDataParallel
 
