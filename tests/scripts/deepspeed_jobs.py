@@ -9,8 +9,6 @@ sharded checkpoints are the real ones.
 * :func:`layerwise` - LayerwiseSampling on a tiny Llama with two AdamW param groups and a per-step
   LR schedule; per step the layers, learning rates and optimizer memory; run names ``ddp``,
   ``zero1|2|3``, optionally followed by ``bf16`` (bf16-mixed) and/or ``lora`` (peft LoRA adapters).
-* :func:`moe_phase` - a saved transformers MoE trained a few steps under ZeRO (the way out that
-  ExpertUpcycling's DeepSpeed error names: train, consolidate, upcycle the saved model, train on).
 """
 
 import gc
@@ -22,7 +20,6 @@ import torch
 from lightning.pytorch import seed_everything
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.strategies import DeepSpeedStrategy
-from torch.utils.data import DataLoader
 
 from tests.support.models import Classifier, TinyLlama, indexed_loader, token_batches
 from tests.support.strategies import CPUDeepSpeedStrategy, CPUFSDPStrategy
@@ -196,61 +193,3 @@ def layerwise(out_dir: str, name: str, epochs: int, resume_from: str | None = No
         },
         out_dir / f"rank{run.global_rank}.pt",
     )
-
-
-class PretrainedLM(pl.LightningModule):
-    def __init__(self, path: str) -> None:
-        super().__init__()
-        from transformers import AutoModelForCausalLM
-
-        self.model = AutoModelForCausalLM.from_pretrained(path)
-        self.losses: list[float] = []
-
-    def training_step(self, batch, batch_idx):
-        loss = self.model(input_ids=batch, labels=batch).loss
-        self.losses.append(float(loss))
-        return loss
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=1e-3)
-
-
-def moe_phase(out_dir: str, stage: int, model_dir: str, steps: int) -> None:
-    """Writes the sharded checkpoint ``OUT_DIR/last.ckpt`` and ``OUT_DIR/losses.pt`` (rank 0)."""
-    out_dir = Path(out_dir)
-    pl.seed_everything(0)
-    module = PretrainedLM(model_dir)
-    tokens = torch.randint(0, module.model.config.vocab_size, (8 * steps, 12), generator=torch.Generator().manual_seed(0))
-    run = trainer(
-        devices=2, strategy=CPUDeepSpeedStrategy(stage=stage), max_steps=steps, enable_checkpointing=True,
-        callbacks=[ModelCheckpoint(dirpath=out_dir, save_last=True)],
-    )
-    run.fit(module, DataLoader(tokens, batch_size=4))
-    if run.global_rank == 0:
-        torch.save(module.losses, out_dir / "losses.pt")
-
-
-def upcycle_saved(phase1_dir: str, source_dir: str, trained_dir: str, grown_dir: str, options: list[str]) -> None:
-    """Between two fits, on rank 0 (the other rank waits): consolidate the first fit's ZeRO shards,
-    load them into the saved model, save it, and run ``weightwise upcycle TRAINED GROWN *options``."""
-    import torch.distributed as dist
-
-    if dist.get_rank() == 0:
-        from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
-        from transformers import AutoModelForCausalLM
-
-        from weightwise.cli import main
-
-        consolidated = Path(phase1_dir) / "consolidated.pt"
-        convert_zero_checkpoint_to_fp32_state_dict(Path(phase1_dir) / "last.ckpt", consolidated)
-        state = torch.load(consolidated, weights_only=False)["state_dict"]
-        model = AutoModelForCausalLM.from_pretrained(source_dir)
-        model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
-        model.save_pretrained(trained_dir)
-        main(["upcycle", trained_dir, grown_dir, *options])
-    dist.barrier()
-
-
-def moe_upcycle_saved(phase1_dir: str, source_dir: str, trained_dir: str, grown_dir: str) -> None:
-    """Between the phases: grow the trained MoE with the ``weightwise upcycle`` command (granular, exact)."""
-    upcycle_saved(phase1_dir, source_dir, trained_dir, grown_dir, ["--factor", "2", "--method", "granular"])

@@ -17,7 +17,6 @@ import torch.distributed as dist
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.utils.data import DataLoader
 
-from tests.scripts.deepspeed_jobs import PretrainedLM
 from tests.support.strategies import CPUDeepSpeedStrategy
 from tests.support.training import gathered, trainer
 
@@ -32,6 +31,25 @@ def strategy_for(name: str):
     if name == "fsdp2":
         return ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
     return CPUDeepSpeedStrategy(stage=int(name.removeprefix("zero")))
+
+
+class PretrainedLM(pl.LightningModule):
+    """A saved transformers causal LM trained with AdamW on token rows; keeps each step's loss."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(path)
+        self.losses: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        loss = self.model(input_ids=batch, labels=batch).loss
+        self.losses.append(float(loss))
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
 
 
 class ShardedLM(PretrainedLM):

@@ -94,10 +94,6 @@ SHARDED_JOBS = [
     ],
     *[("deepspeed_jobs:layerwise", {"out_dir": f"layerwise/zero{s}bf16", "name": f"zero{s}bf16", "epochs": 3}) for s in (2, 3)],
     *[("deepspeed_jobs:layerwise", {"out_dir": f"layerwise/{n}", "name": n, "epochs": 5}) for n in ("ddplora", "zero2lora")],
-    ("deepspeed_jobs:moe_phase", {"out_dir": "moe/phase1", "stage": 3, "model_dir": "moe/E", "steps": 3}),
-    ("deepspeed_jobs:moe_upcycle_saved", {"phase1_dir": "moe/phase1", "source_dir": "moe/E", "trained_dir": "moe/E_trained",
-                                          "grown_dir": "moe/2E"}),
-    ("deepspeed_jobs:moe_phase", {"out_dir": "moe/phase2", "stage": 3, "model_dir": "moe/2E", "steps": 2}),
     # Drop-Upcycling under DDP: random routers *and* re-initialised units, which every rank must draw alike
     ("dense_jobs:dense_upcycling", {"out_dir": "dense/drop", "method": "drop"}),
     # upcycling between two fits under FSDP2 and ZeRO-3: fit, `weightwise upcycle --checkpoint`, fit the written model
