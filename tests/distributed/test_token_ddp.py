@@ -30,7 +30,11 @@ def single_process(method: str) -> tuple[torch.Tensor, dict]:
 
 
 def test_rho1_selects_the_global_top_k_and_the_ranks_agree(ddp_runs):
-    ranks = ddp_runs("tokens/rho1")
+    assert_global_top_k(ddp_runs("tokens/rho1"))
+
+
+def assert_global_top_k(ranks: list[dict]) -> None:
+    """Each micro-batch's selection is the global top k% of both ranks' excess losses; the ledgers agree."""
     micro_batches = token_jobs.STEPS * token_jobs.ACCUMULATE
     assert len(ranks[0]["seen"]) == len(ranks[1]["seen"]) == micro_batches
     total = 0

@@ -1,4 +1,5 @@
-"""2-process DDP jobs of ComputeBudget (CPU, gloo), run by ``tests.scripts.suite``; each rank saves what it spent."""
+"""2-process DDP (or ZeRO, FSDP2: ``strategy``, see ``sharded_language_jobs``) jobs of ComputeBudget (CPU,
+gloo), run by ``tests.scripts.suite``; each rank saves what it spent."""
 
 import lightning.pytorch as pl
 import torch
@@ -7,8 +8,9 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 from tests.scripts.ddp_jobs import save
+from tests.scripts.sharded_language_jobs import for_strategy, strategy_for, whole_parameters
 from tests.support.models import TinyLlama, real_bytes
-from tests.support.training import flat_params, trainer
+from tests.support.training import trainer
 from weightwise.compute import ComputeBudget
 
 LENGTHS = (16, 8)
@@ -25,14 +27,14 @@ class RankLengths(pl.LightningDataModule):
         return DataLoader([{"input_ids": row} for row in text], batch_size=2)
 
 
-def budget(out_dir: str, tokens: int) -> None:
+def budget(out_dir: str, tokens: int, strategy: str = "ddp") -> None:
     """Train to a token budget; each rank also counts its own step's forward with FlopCounterMode."""
     seed_everything(0)
-    model, callback = TinyLlama(layers=2), ComputeBudget(tokens=tokens)
-    fit = trainer(devices=2, strategy="ddp", max_epochs=-1, callbacks=[callback], use_distributed_sampler=False)
+    model, callback = for_strategy(TinyLlama)(layers=2), ComputeBudget(tokens=tokens)
+    fit = trainer(devices=2, strategy=strategy_for(strategy), max_epochs=-1, callbacks=[callback], use_distributed_sampler=False)
     fit.fit(model, datamodule=RankLengths())
     x = torch.zeros(2, LENGTHS[fit.global_rank], dtype=torch.long)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model.model(input_ids=x, labels=x)
-    result = {"spent": callback.spent, "step": fit.global_step, "forward": counter.get_total_flops(), "params": flat_params(model)}
+    result = {"spent": callback.spent, "step": fit.global_step, "forward": counter.get_total_flops(), "params": whole_parameters(model)}
     save(out_dir, fit.global_rank, result)

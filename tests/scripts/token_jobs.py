@@ -1,5 +1,6 @@
-"""2-process DDP jobs of token weighting (CPU, gloo), run by ``tests.scripts.suite``; each rank saves
-what it selected and trained (``tests/weighting/test_token_ddp.py``).
+"""2-process DDP (or ZeRO, FSDP2: ``strategy``, see ``sharded_language_jobs``) jobs of token weighting (CPU,
+gloo), run by ``tests.scripts.suite``; each rank saves what it selected and trained
+(``tests/distributed/test_token_ddp.py``, ``test_sharded_language_callbacks.py``).
 
 The ranks get different data: Lightning's DistributedSampler deals the rows of
 ``padded_token_batches`` alternately, and every other row is padded, so rank 1 holds fewer valid
@@ -11,8 +12,9 @@ from pathlib import Path
 import torch
 from lightning.pytorch import seed_everything
 
+from tests.scripts.sharded_language_jobs import for_strategy, strategy_for, whole_parameters
 from tests.support.models import TokenLossLM, padded_token_batches
-from tests.support.training import flat_params, trainer
+from tests.support.training import trainer
 from weightwise.callbacks import SelectiveTokens, TokenWeighting
 
 ROWS, ROWS_PER_RANK, ACCUMULATE, STEPS = 16, 2, 2, 2
@@ -44,12 +46,12 @@ def make_callback(method: str):
     return RecordedSelection(reference_model()) if method == "rho1" else TokenWeighting("dft")
 
 
-def token_weighting(out_dir: str, method: str) -> None:
-    """``method`` ("rho1" or "dft") under DDP with gradient accumulation."""
+def token_weighting(out_dir: str, method: str, strategy: str = "ddp") -> None:
+    """``method`` ("rho1" or "dft") under ``strategy`` (``sharded_language_jobs.strategy_for``) with gradient accumulation."""
     seed_everything(0)
-    module, callback = TokenLossLM(), make_callback(method)
-    fit = trainer(devices=2, strategy="ddp", max_steps=STEPS, accumulate_grad_batches=ACCUMULATE, callbacks=[callback])
+    module, callback = for_strategy(TokenLossLM)(), make_callback(method)
+    fit = trainer(devices=2, strategy=strategy_for(strategy), max_steps=STEPS, accumulate_grad_batches=ACCUMULATE, callbacks=[callback])
     fit.fit(module, padded_token_batches(n=ROWS, batch_size=ROWS_PER_RANK))
-    result = {"params": flat_params(module), "ledger": dict(callback.ledger), "seen": getattr(callback, "seen", [])}
+    result = {"params": whole_parameters(module), "ledger": dict(callback.ledger), "seen": getattr(callback, "seen", [])}
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     torch.save(result, Path(out_dir) / f"rank{fit.global_rank}.pt")

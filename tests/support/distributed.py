@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from tests.scripts.sharded_language_jobs import SHARDED_LANGUAGE_JOBS
 from tests.support.contracts import CASES
 from tests.support.processes import ranks, run_suite
 
@@ -142,6 +143,7 @@ SHARDED_JOBS = [
     # what FSDP1 (use_orig_params=True) holds for a layer frozen after wrapping: each decoder layer a unit, or one unit
     *[("fsdp2_jobs:fsdp1_frozen", {"out_dir": f"layers_fsdp1/frozen/{wrap}", "wrap": wrap}) for wrap in ("layer", "model")],
 ]
+SHARDED_JOBS += SHARDED_LANGUAGE_JOBS  # TokenWeighting, SelectiveTokens, ComputeBudget, DomainMixing, streams under ZeRO-2/3, FSDP2
 
 PATH_ARGUMENTS = ("out_dir", "resume_from", "model_dir", "phase1_dir", "source_dir", "trained_dir", "grown_dir", "checkpoint")
 """Job arguments that name directories: relative to the group's root."""
