@@ -15,10 +15,16 @@ Arms (``--arms``), every one a plain PyTorch loop with AdamW:
 * ``moe-E``: a Mixtral with E experts of the same size, top-K (the small MoE, continued);
 * ``moe-mE``: m·E experts, top-K, from scratch (the big model) - K fixed, so a token costs
   about the same in all three (the router's product is the difference, and it is counted);
-* ``dense->moe-mE`` (``copy``, ``drop``): the dense model until ``--upcycle-at`` of the budget, then
-  :func:`weightwise.experts.upcycle_dense` into the m·E model (Komatsuzaki et al., ICLR 2023:
-  every expert a copy of the MLP, function preserved; ``drop``: Drop-Upcycling, Nakamura et al.,
-  ICLR 2025, r = 0.5), the references' fresh optimizer state for experts and routers;
+  experts have I/G units (``--granularity``): with the defaults, top-2 of experts half the MLP's
+  size, so a token costs what it costs the dense model. Top-1 is a trap with Mixtral's router: it
+  renormalises the top-K weights, so with K = 1 the weight is exactly 1 and the router gets no
+  gradient from the language-model loss (only from the load-balancing loss);
+* ``dense->moe-mE`` (``copy``, ``drop``, ``granular``): the dense model until ``--upcycle-at`` of
+  the budget, then :func:`weightwise.experts.upcycle_dense` into the m·E model (Komatsuzaki et al.,
+  ICLR 2023: every expert a copy of the MLP, function preserved; ``drop``: Drop-Upcycling, Nakamura
+  et al., ICLR 2025, r = 0.5; ``granular``: He et al. 2024 / Megatron-LM, the MLP split into
+  ``--granularity`` G shards, experts of I/G units, exact with top-K a multiple of G), the
+  references' fresh optimizer state for experts and routers;
 * ``moe-E->moe-mE`` (``dup``, ``util``): E experts, then :func:`weightwise.experts.upcycle_experts`
   by m (duplication, top-K fixed, Adam state copied - the Expert Upcycling reference's defaults;
   ``util``: copies allocated by :class:`weightwise.experts.ExpertUtility` over the last 50 steps).
@@ -50,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -94,11 +101,12 @@ COMPARISONS = {
     "dense->moe-mE:granular": ("dense", "moe-mE"),
     "moe-E->moe-mE:dup": ("moe-E", "moe-mE"),
     "moe-E->moe-mE:util": ("moe-E", "moe-mE"),
-    "moe-mE": ("dense", "moe-E"),
+    "moe-mE": ("dense", "moe-E", "dense->moe-mE:granular", "dense->moe-mE:copy", "moe-E->moe-mE:dup"),
     "moe-E": ("dense",),
 }
-"""Arm -> the baselines it is compared with: continuing the small model, and the big one from scratch;
-the from-scratch rows are the capacity gap itself."""
+"""Arm -> the baselines it is compared with: continuing the small model, and the big one from scratch
+(the from-scratch rows against the small models are the capacity gap itself; against an upcycled
+run, the share of the budget the big model from scratch needs to match what upcycling reached)."""
 
 UTILITY_WINDOW = 50
 """Optimizer steps before the surgery that ``util``'s expert utility averages (the benchmark of issue 11's)."""
@@ -257,9 +265,41 @@ def comparisons(runs: Sequence[dict[str, Any]]) -> str:
                   if r["method"] in (baseline, *arms)]
         rows = analysis.summarize(chosen)
         plain_flops = next(r["points"][-1]["flops"] for r in chosen if r["method"] == "plain" and r["fraction"] == 1.0)
-        text = analysis.table(rows, None, plain_flops).replace("plain", baseline)
+        lines = analysis.table(rows, None, plain_flops).replace("plain", baseline).split("\n")
+        curves = {r["method"] for r in chosen if r["fraction"] < 1.0}
+        for i, row in enumerate(rows, start=2):  # one budget: no curve to read the compute off (see along_the_run)
+            if row["method"] not in curves and row["method"] != "plain":
+                cells = lines[i].split(" | ")
+                lines[i] = " | ".join([*cells[:4], "- (one budget)", *cells[5:]])
+        text = "\n".join(lines)
         out.append(f"### against {baseline}\n\n{text}")
     return "\n\n".join(out)
+
+
+def along_the_run(runs: Sequence[dict[str, Any]]) -> str:
+    """Per arm and baseline, paired by seed: the FLOPs at which the arm's main-budget run first reaches
+    the baseline's final loss, read off its own held-out checkpoints (log-linear between them), as a
+    share of the baseline's FLOPs. The checkpoints lie before the run's schedule has annealed, where a
+    run with a budget ending there would be lower: an upper bound, for when no budget curve was run."""
+    main = {(r["method"], r["seed"]): r for r in runs if r["fraction"] == 1.0}
+    lines = ["| arm | baseline | compute to reach the baseline's final loss along the run, % of its FLOPs (per seed) | mean (95% CI) |",
+             "| --- | --- | --- | ---: |"]
+    for arm, baselines in COMPARISONS.items():
+        for baseline in baselines:
+            seeds = sorted(s for (m, s) in main if m == arm and (baseline, s) in main)
+            if not seeds:
+                continue
+            ratios = []
+            for seed in seeds:
+                base = main[baseline, seed]["points"][-1]
+                points = [(p["flops"], p["heldout_loss"]) for p in main[arm, seed]["points"]]
+                reached, _ = analysis.flops_to_reach(points, base["heldout_loss"])
+                ratios.append(reached / base["flops"] if reached <= points[-1][0] else math.inf)
+            cells = ", ".join("not reached" if math.isinf(r) else f"{100 * r:.0f}%" for r in ratios)
+            mean, half = analysis.interval(ratios) if not any(math.isinf(r) for r in ratios) else (math.inf, math.nan)
+            mean = "-" if math.isinf(mean) else f"{100 * mean:.1f}%" + ("" if math.isnan(half) else f" ± {100 * half:.1f}")
+            lines.append(f"| {arm} | {baseline} | {cells} | {mean} |")
+    return "\n".join(lines)
 
 
 def jumps(runs: Sequence[dict[str, Any]]) -> str:
@@ -287,19 +327,19 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--from-runs", metavar="JSONL", nargs="+", help="no training: report the runs.jsonl files of earlier invocations")
     parser.add_argument("--target", help="held-out text: DIR/<domain>/*.txt")
     parser.add_argument("--eval-rows", type=int, default=384, help="held-out rows evaluated (the first ones)")
-    parser.add_argument("--arms", default="dense,moe-E,moe-mE,dense->moe-mE:copy,moe-E->moe-mE:dup", help=f"of {list(ARMS)}")
+    parser.add_argument("--arms", default="dense,moe-E,moe-mE,dense->moe-mE:granular,moe-E->moe-mE:dup", help=f"of {list(ARMS)}")
     parser.add_argument("--curve-arms", default="", help="arms that also run at --fractions below 1 (budget curves)")
-    parser.add_argument("--fractions", default="1", help="budget fractions for --curve-arms, e.g. 0.5,0.75,1")
+    parser.add_argument("--fractions", default="1", help="the budget fractions --curve-arms run at, e.g. 0.5,0.75,1 (leave 1 out when the main runs exist)")
     parser.add_argument("--seeds", default="0")
-    parser.add_argument("--steps", type=int, default=2000, help="the budget: this many steps of the dense model")
+    parser.add_argument("--steps", type=int, default=1500, help="the budget: this many steps of the dense model")
     parser.add_argument("--upcycle-at", type=float, default=0.5, help="surgery when this fraction of a run's budget is spent")
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--inter", type=int, default=128, help="MLP / expert intermediate units")
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--experts", type=int, default=4, help="E, the small MoE's experts")
     parser.add_argument("--factor", type=int, default=2, help="m: the big MoE has m·E experts")
-    parser.add_argument("--top-k", type=int, default=1)
-    parser.add_argument("--granularity", type=int, default=1, help="G: experts of --inter/G units (dense->moe-mE:granular needs G > 1)")
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--granularity", type=int, default=2, help="G: experts of --inter/G units (dense->moe-mE:granular needs G > 1)")
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-3)
@@ -316,7 +356,7 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("give --corpus DIR and --target DIR (e.g. from --make-corpus OUT: OUT/train and OUT/target)")
     if unknown := [a for a in (args.arms + "," + args.curve_arms).split(",") if a and a not in ARMS]:
         parser.error(f"unknown arms {unknown}; choose from {list(ARMS)}")
-    dense_arms = {a for a in (args.arms + "," + args.curve_arms).split(",") if a.startswith("dense->")}
+    dense_arms = {a for a in (args.arms + "," + args.curve_arms).split(",") if a.startswith("dense->") and not args.from_runs}
     if args.granularity > 1 and dense_arms - {"dense->moe-mE:granular"}:
         parser.error("dense->moe-mE:copy and :drop make experts of the dense MLP's size: give --granularity 1")
     if args.granularity == 1 and "dense->moe-mE:granular" in dense_arms:
@@ -346,7 +386,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     forward, backward = flops_per_row(LlamaForCausalLM(dense_config(args)), args.seq)
     budget_flops = float(args.steps * args.batch * (forward + backward))
     arms, curve_arms = args.arms.split(","), [a for a in args.curve_arms.split(",") if a]
-    fractions = sorted({float(f) for f in args.fractions.split(",")} | {1.0})
+    fractions = sorted({float(f) for f in args.fractions.split(",")})  # a curve arm runs at exactly these
     plan = [(name, seed, f) for seed in (int(s) for s in args.seeds.split(",")) for name in arms
             for f in (fractions if name in curve_arms else [1.0])]
     print(f"pool {len(pool.rows)} rows of {args.seq} bytes ({len(pool.rows) * args.seq / 1e6:.1f} MB), budget {budget_flops:.3g} FLOPs"
@@ -376,7 +416,7 @@ def report(runs: Sequence[dict[str, Any]], args: argparse.Namespace, out: Path |
         mine = [r for r in runs if r["method"] == name and r["fraction"] == 1.0]
         losses = ", ".join(f"{r['points'][-1]['heldout_loss']:.4f}" for r in mine)
         finals.append(f"| {name} | {losses} | {mine[0]['steps']} |")
-    text = "\n\n".join([config, "\n".join(finals), jumps(runs), comparisons(runs)])
+    text = "\n\n".join([config, "\n".join(finals), jumps(runs), comparisons(runs), along_the_run(runs)])
     print(text)
     if out:
         (out / "results.md").write_text(text + "\n")

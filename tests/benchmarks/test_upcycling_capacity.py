@@ -23,9 +23,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
                 lines = text.splitlines()
                 kept = [line for line in lines if line.lstrip().startswith("#") == (domain == "docs")] or lines
                 (folder / f"{name}.txt").write_text("\n".join(kept))
-    arms = "dense,moe-mE,dense->moe-mE:copy,moe-E->moe-mE:dup"
+    arms = "dense,moe-mE,dense->moe-mE:copy,moe-E->moe-mE:dup"  # top-1: both surgeries are exact
     return upcycling_capacity.main(["--smoke", "--corpus", str(root / "train"), "--target", str(root / "target"),
-                                    "--arms", arms, "--curve-arms", "dense->moe-mE:copy", "--fractions", "0.5,1"])
+                                    "--arms", arms, "--top-k", "1", "--granularity", "1", "--curve-arms", "dense->moe-mE:copy", "--fractions", "0.5,1"])
 
 
 def test_every_run_stops_at_its_budget_within_one_step(runs: list[dict]) -> None:
