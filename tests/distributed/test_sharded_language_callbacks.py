@@ -28,11 +28,19 @@ pytestmark = pytest.mark.slow
 
 SGD_ATOL, ADAMW_ATOL = 1e-7, 1e-5
 EXACT_TOKEN_RUNS = [(m, s) for m, s in TOKEN_RUNS if not s.endswith("-lightning")]
+LAYOUT = {"zero2": "whole", "zero3": "partitioned", "fsdp2": "dtensor"}
+"""How each rank holds the parameters after the fit (``sharded_language_jobs.layout``): ZeRO-2 partitions gradients
+and optimizer state only; ZeRO-3 partitions every parameter (persistence threshold 0), FSDP2 makes them DTensor shards."""
+
+
+def assert_sharded(ranks: list[dict], strategy: str) -> None:
+    assert [rank["layout"] for rank in ranks] == [LAYOUT[strategy]] * 2
 
 
 @pytest.mark.parametrize(("method", "strategy"), EXACT_TOKEN_RUNS)
 def test_token_weighting_decides_and_trains_like_ddp(ddp_runs, sharded_runs, method, strategy):
     ranks, ddp = sharded_runs(f"language/tokens/{method}/{strategy}"), ddp_runs(f"tokens/{method}")
+    assert_sharded(ranks, strategy)
     if method == "rho1":
         assert_global_top_k(ranks)  # the global top k% of both ranks' excess losses, every micro-batch
         for rank, reference in zip(ranks, ddp):
@@ -59,6 +67,7 @@ def test_lightning_deepspeed_divides_an_accumulated_loss_twice(ddp_runs, sharded
 def test_compute_budget_counts_what_ddp_counts_and_stops_at_its_step(ddp_runs, sharded_runs, strategy):
     assert BUDGET_TOKENS == COMPUTE_BUDGET_TOKENS
     ranks, ddp = sharded_runs(f"language/compute/{strategy}"), ddp_runs("compute_budget")
+    assert_sharded(ranks, strategy)
     for rank, reference in zip(ranks, ddp):
         assert rank["step"] == reference["step"] == 4
         assert rank["spent"] == reference["spent"]  # FLOPs (forward, backward, by source) and tokens, summed over ranks
@@ -72,6 +81,8 @@ def test_compute_budget_counts_what_ddp_counts_and_stops_at_its_step(ddp_runs, s
 def test_domain_mixing_ranks_agree_and_resume_where_ddp_goes(ddp_runs, sharded_runs, kind, strategy):
     first, resumed = (sharded_runs(f"language/mixing/{kind}/{strategy}/{run}") for run in ("first", "resumed"))
     straight = ddp_runs(f"mixing/{kind}")
+    assert_sharded(first, strategy)
+    assert_sharded(resumed, strategy)
     for rank in (0, 1):  # the first fit drew DDP's batches and decided its weights, then resumed exactly
         assert first[rank]["batches"] == straight[rank]["batches"][:3]
         assert all(torch.equal(a, b) for a, b in zip(first[rank]["weights"] + resumed[rank]["weights"], straight[rank]["weights"]))
@@ -86,6 +97,8 @@ def test_domain_mixing_ranks_agree_and_resume_where_ddp_goes(ddp_runs, sharded_r
 def test_a_resumed_sharded_stream_continues_where_ddp_goes(ddp_runs, sharded_runs, strategy):
     first, resumed = (sharded_runs(f"language/stream/{strategy}/{run}") for run in ("first", "resumed"))
     straight = ddp_runs("stream_straight")
+    assert_sharded(first, strategy)
+    assert_sharded(resumed, strategy)
     for rank in (0, 1):
         assert len(first[rank]["seen"]) == STREAM_SAVE_AT
         assert torch.equal(torch.cat([first[rank]["seen"], resumed[rank]["seen"]]), straight[rank]["seen"])

@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 from tests.scripts.ddp_jobs import save
-from tests.scripts.sharded_language_jobs import for_strategy, strategy_for, whole_parameters
+from tests.scripts.sharded_language_jobs import for_strategy, layout, strategy_for, whole_parameters
 from tests.support.models import TinyLlama, real_bytes
 from tests.support.training import trainer
 from weightwise.compute import ComputeBudget
@@ -33,8 +33,12 @@ def budget(out_dir: str, tokens: int, strategy: str = "ddp") -> None:
     model, callback = for_strategy(TinyLlama)(layers=2), ComputeBudget(tokens=tokens)
     fit = trainer(devices=2, strategy=strategy_for(strategy), max_epochs=-1, callbacks=[callback], use_distributed_sampler=False)
     fit.fit(model, datamodule=RankLengths())
+    held = layout(model)  # before the forward below: FSDP2 keeps the root unsharded after a forward
     x = torch.zeros(2, LENGTHS[fit.global_rank], dtype=torch.long)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model.model(input_ids=x, labels=x)
-    result = {"spent": callback.spent, "step": fit.global_step, "forward": counter.get_total_flops(), "params": whole_parameters(model)}
+    result = {
+        "spent": callback.spent, "step": fit.global_step, "forward": counter.get_total_flops(),
+        "params": whole_parameters(model), "layout": held,
+    }  # fmt: skip
     save(out_dir, fit.global_rank, result)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from lightning.pytorch import Callback, seed_everything
 from torch.utils.data import DataLoader
 
-from tests.scripts.sharded_language_jobs import for_strategy, strategy_for, whole_parameters
+from tests.scripts.sharded_language_jobs import for_strategy, layout, strategy_for, whole_parameters
 from tests.support.models import Classifier, blobs
 from tests.support.training import trainer
 from weightwise import IndexedDataset
@@ -64,6 +64,6 @@ def fit(out_dir: str, kind: str = "mapped", steps: int = 8, save_at: int | None 
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     result = {
         "batches": record.batches, "weights": record.weights, "rewards": mixing.policy.rewards, "ledger": mixing.ledger,
-        "params": whole_parameters(model),
+        "params": whole_parameters(model), "layout": layout(model),
     }  # fmt: skip
     torch.save(result, Path(out_dir) / f"rank{run.global_rank}.pt")

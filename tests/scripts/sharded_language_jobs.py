@@ -49,7 +49,8 @@ def strategy_for(name: str):
     if name == "ddp" or name == "fsdp2":
         return fsdp2_jobs.strategy_for(name)
     stage, as_is = int(name[len("zero")]), name.endswith("-lightning")
-    return CPUDeepSpeedStrategy(stage=stage, precision_plugin=None if as_is else AccumulationOnce("32-true"))
+    persistence = {"param_persistence_threshold": 0} if stage == 3 else {}  # partition the tiny models' parameters too
+    return CPUDeepSpeedStrategy(stage=stage, precision_plugin=None if as_is else AccumulationOnce("32-true"), **persistence)
 
 
 def _fully_shard(self: pl.LightningModule) -> None:
@@ -69,6 +70,17 @@ def _fully_shard(self: pl.LightningModule) -> None:
 def for_strategy(cls: type[pl.LightningModule]) -> type[pl.LightningModule]:
     """``cls`` with a ``configure_model`` that applies FSDP2 under ``ModelParallelStrategy`` (and does nothing else)."""
     return type(cls.__name__, (cls,), {"configure_model": _fully_shard})
+
+
+def layout(module: torch.nn.Module) -> str:
+    """How this rank holds the parameters: ``"partitioned"`` (ZeRO-3 holds a partition of each), ``"dtensor"``
+    (FSDP2's shards) or ``"whole"`` - so that a test sees the sharded runs sharded."""
+    from torch.distributed.tensor import DTensor
+
+    params = list(module.parameters())
+    if all(hasattr(p, "ds_tensor") and p.ds_tensor.numel() < p.ds_numel for p in params):
+        return "partitioned"
+    return "dtensor" if all(isinstance(p, DTensor) for p in params) else "whole"
 
 
 def whole_parameters(module: torch.nn.Module) -> torch.Tensor:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch import seed_everything
 
-from tests.scripts.sharded_language_jobs import for_strategy, strategy_for, whole_parameters
+from tests.scripts.sharded_language_jobs import for_strategy, layout, strategy_for, whole_parameters
 from tests.support.models import TokenLossLM, padded_token_batches
 from tests.support.training import trainer
 from weightwise.callbacks import SelectiveTokens, TokenWeighting
@@ -52,6 +52,9 @@ def token_weighting(out_dir: str, method: str, strategy: str = "ddp") -> None:
     module, callback = for_strategy(TokenLossLM)(), make_callback(method)
     fit = trainer(devices=2, strategy=strategy_for(strategy), max_steps=STEPS, accumulate_grad_batches=ACCUMULATE, callbacks=[callback])
     fit.fit(module, padded_token_batches(n=ROWS, batch_size=ROWS_PER_RANK))
-    result = {"params": whole_parameters(module), "ledger": dict(callback.ledger), "seen": getattr(callback, "seen", [])}
+    result = {
+        "params": whole_parameters(module), "layout": layout(module), "ledger": dict(callback.ledger),
+        "seen": getattr(callback, "seen", []),
+    }  # fmt: skip
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     torch.save(result, Path(out_dir) / f"rank{fit.global_rank}.pt")
