@@ -51,7 +51,7 @@ def test_token_weighting_decides_and_trains_like_ddp(ddp_runs, sharded_runs, met
 
 
 def test_lightning_deepspeed_divides_an_accumulated_loss_twice(ddp_runs, sharded_runs):
-    """Why the ZeRO runs use ``AccumulationOnce``: Lightning's DeepSpeed precision as it is trains DFT with
+    """Why the ZeRO runs use ``DeepSpeedLossDividedOnce`` (weightwise.integrations.lightning): Lightning's DeepSpeed precision as it is trains DFT with
     accumulate_grad_batches=2 at half DDP's update (SGD: the update is linear in the gradient; the second step's
     gradient, taken at slightly other parameters, makes the ratio 0.5 to ~1e-5, measured 0.49999)."""
     from tests.support.models import TokenLossLM

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.plugins.precision import DeepSpeedPrecision
+
+from weightwise.integrations.lightning import DeepSpeedLossDividedOnce
 
 STRATEGIES = ("zero2", "zero3", "fsdp2")
 TOKEN_RUNS = (("rho1", "zero2"), ("rho1", "zero3"), ("rho1", "fsdp2"), ("dft", "zero3"), ("dft", "fsdp2"), ("dft", "zero2-lightning"))
@@ -25,22 +26,8 @@ BUDGET_TOKENS = int(3.5 * 2 * (16 + 8))
 """``distributed.COMPUTE_BUDGET_TOKENS``, the DDP run's budget (the test checks they are equal)."""
 
 
-class AccumulationOnce(DeepSpeedPrecision):
-    """Lightning's DeepSpeed precision, with the loss divided by the accumulation steps once, not twice.
-
-    Lightning divides each micro-batch's loss by ``accumulate_grad_batches`` and then calls
-    ``DeepSpeedEngine.backward``, which divides it by ``gradient_accumulation_steps`` again (its
-    ``scale_wrt_gas=True`` default; Lightning sets that to ``accumulate_grad_batches``): with k micro-batches
-    the gradients are 1/k of DDP's (measured here: SGD updates 0.50x at k = 2; Lightning issue #6170).
-    ``scale_wrt_gas=False`` leaves Lightning's division the only one (accelerate does the converse).
-    """
-
-    def backward(self, tensor, model, optimizer, *args, **kwargs) -> None:
-        super().backward(tensor, model, optimizer, *args, scale_wrt_gas=False, **kwargs)
-
-
 def strategy_for(name: str):
-    """``"ddp"``; ``"zero2"``/``"zero3"``: ``CPUDeepSpeedStrategy`` with :class:`AccumulationOnce`, and with
+    """``"ddp"``; ``"zero2"``/``"zero3"``: ``CPUDeepSpeedStrategy`` with weightwise's ``DeepSpeedLossDividedOnce``, and with
     ``"-lightning"`` appended Lightning's DeepSpeed precision as it is; ``"fsdp2"``: ``ModelParallelStrategy`` over a
     2-rank data-parallel mesh (``fsdp2_jobs.strategy_for``)."""
     from tests.scripts import fsdp2_jobs
@@ -50,7 +37,7 @@ def strategy_for(name: str):
         return fsdp2_jobs.strategy_for(name)
     stage, as_is = int(name[len("zero")]), name.endswith("-lightning")
     persistence = {"param_persistence_threshold": 0} if stage == 3 else {}  # partition the tiny models' parameters too
-    return CPUDeepSpeedStrategy(stage=stage, precision_plugin=None if as_is else AccumulationOnce("32-true"), **persistence)
+    return CPUDeepSpeedStrategy(stage=stage, precision_plugin=None if as_is else DeepSpeedLossDividedOnce("32-true"), **persistence)
 
 
 def _fully_shard(self: pl.LightningModule) -> None:

@@ -59,6 +59,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+from lightning.pytorch.plugins.precision import DeepSpeedPrecision
 from lightning.pytorch.strategies import (
     DDPStrategy,
     DeepSpeedStrategy,
@@ -91,6 +92,53 @@ def check_trainer(trainer: pl.Trainer) -> None:
     if not all(hasattr(trainer.fit_loop, name) for name in ("_data_fetcher", "_combined_loader")):
         missing.append("Trainer.fit_loop._data_fetcher and _combined_loader")
     require("lightning", MINIMUM, TESTED, missing, purpose="weightwise's Lightning callbacks")
+    warn_if_deepspeed_divides_twice(trainer)
+
+
+class DeepSpeedAccumulationWarning(UserWarning):
+    """Lightning's DeepSpeed strategy divides an accumulated micro-batch loss twice (see
+    :class:`DeepSpeedLossDividedOnce`)."""
+
+
+class DeepSpeedLossDividedOnce(DeepSpeedPrecision):
+    """Lightning's DeepSpeed precision, with each micro-batch's loss divided by the accumulation steps once.
+
+    Lightning's automatic optimization divides each micro-batch's loss by ``accumulate_grad_batches``
+    and then calls ``DeepSpeedEngine.backward``, which divides it again by
+    ``gradient_accumulation_steps`` (its ``scale_wrt_gas=True`` default; Lightning sets that to
+    ``accumulate_grad_batches``): with k micro-batches the gradients are 1/k of DDP's (measured with
+    Lightning 2.6.6 and DeepSpeed 0.19.8: SGD updates 0.5x at k = 2, ZeRO-2 on 2 ranks; Lightning issue
+    #6170 reports the symptom). Adam is nearly blind to the scale; SGD, gradient clipping, logged
+    gradient norms and weight decay relative to the update are not. ``scale_wrt_gas=False`` leaves
+    Lightning's division the only one, so DeepSpeed trains like DDP (tested on 2 ranks under ZeRO-2
+    and ZeRO-3 with every weightwise callback that carries accumulation).
+
+    Example::
+
+        strategy = DeepSpeedStrategy(stage=2, precision_plugin=DeepSpeedLossDividedOnce("bf16-mixed"))
+    """
+
+    def backward(self, tensor: torch.Tensor, model: pl.LightningModule, optimizer: Any, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("scale_wrt_gas", False)
+        super().backward(tensor, model, optimizer, *args, **kwargs)
+
+
+def warn_if_deepspeed_divides_twice(trainer: pl.Trainer) -> None:
+    """Warn (:class:`DeepSpeedAccumulationWarning`) when the fit runs Lightning's DeepSpeed strategy with
+    ``accumulate_grad_batches > 1`` and its own precision plugin: the gradients are 1/k of DDP's."""
+    if not is_deepspeed(trainer) or trainer.accumulate_grad_batches <= 1:
+        return
+    if isinstance(trainer.strategy.precision_plugin, DeepSpeedLossDividedOnce):
+        return
+    k = trainer.accumulate_grad_batches
+    warnings.warn(
+        f"Under Lightning's DeepSpeedStrategy with accumulate_grad_batches={k}, each micro-batch's loss is divided by"
+        f" {k} twice (by Lightning, then by DeepSpeedEngine.backward), so the gradients are 1/{k} of DDP's. Pass"
+        " precision_plugin=weightwise.integrations.lightning.DeepSpeedLossDividedOnce(<precision>) to the"
+        " DeepSpeedStrategy to divide once.",
+        DeepSpeedAccumulationWarning,
+        stacklevel=2,
+    )
 
 
 def is_logging_step(trainer: pl.Trainer) -> bool:
