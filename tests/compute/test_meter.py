@@ -155,3 +155,25 @@ def test_every_call_counts_value_dependent_flops():
         spent[measure] = meter.spent.forward_flops
     assert spent["every_call"] == sum(expected)
     assert spent["per_signature"] == len(batches) * expected[0]
+
+
+@pytest.mark.parametrize("backward", ["rule", "measured"])
+def test_moe_experts_through_grouped_mm_count_what_eager_experts_count(backward):
+    """transformers 5 runs a MoE's experts with ``torch._grouped_mm``, which FlopCounterMode has no
+    formula for (the experts would count zero); weightwise's formula counts the products the eager
+    per-expert loop does - every routed token through its experts - forward and backward."""
+    from tests.support.models import tiny_moe
+
+    x = torch.randint(0, 97, (2, 12))
+    spent = {}
+    for implementation in ("eager", "grouped_mm"):
+        torch.manual_seed(0)
+        model = tiny_moe("mixtral", num_experts=4, top_k=2)
+        model.config._experts_implementation = implementation
+        with ComputeMeter(model, backward=backward) as meter:
+            loss = model(input_ids=x, labels=x).loss
+            with meter.backward():
+                loss.backward()
+        spent[implementation] = meter.spent
+    assert spent["grouped_mm"].forward_flops == spent["eager"].forward_flops
+    assert spent["grouped_mm"].backward_flops == spent["eager"].backward_flops

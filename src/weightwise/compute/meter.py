@@ -12,7 +12,10 @@ hooks a step, not one per module call).
 
 What is counted, and how (``torch.utils.flop_counter.FlopCounterMode`` does the counting: matrix
 products, convolutions and attention, the operations that dominate a network's cost; elementwise
-operations count zero):
+operations count zero). It lacks a formula for ``torch._grouped_mm``, the product transformers 5 runs
+a Mixture-of-Experts' experts with: weightwise passes one (``integrations/torch.py``; a top-K MoE then
+counts what its eager per-expert loop counts, tested). What it still misses: the CPU SDPA kernel
+(use ``attn_implementation="eager"`` for counted attention on CPU).
 
 * **Forward**: the first call with a given *signature* - the module and its size, its inputs'
   shapes and dtypes, its other (scalar) arguments, grad mode and train/eval mode - runs under
@@ -63,6 +66,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
+
+from weightwise.integrations.torch import EXTRA_FLOP_FORMULAS
 
 SOURCES = ("model", "selection_forward", "reference_model", "scoring", "probes", "no_grad_forward")
 """Where FLOPs are spent; :attr:`Spent.by_source` has one entry for each."""
@@ -423,7 +428,7 @@ class ComputeMeter:
             source = _SPENDING[-1] if _SPENDING else "no_grad_forward"
         counter = None
         if key is None or self.measure == "every_call" or key not in self._forward_cache:
-            counter = FlopCounterMode(display=False)
+            counter = FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS)
             counter.__enter__()
         else:
             self._watch_roots_only()
@@ -482,7 +487,7 @@ class ComputeMeter:
         counter = None
         if self.measure == "every_call" or key not in self._backward_cache:
             if self.backward_count == "measured":
-                counter = FlopCounterMode(display=False)
+                counter = FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS)
                 counter.__enter__()
             else:
                 self._backward_cache[key] = sum(backward_by_rule(parts, inputs) for _, inputs, parts in grad_calls)

@@ -129,6 +129,13 @@ def upcycle_experts(
 ) -> UpcycleReport:
     """Grow every MoE block of ``model`` from E to ``factor * E`` experts, in place.
 
+    Call it between steps with no autograd graph of an earlier forward alive (drop references to
+    earlier losses in a hand-written loop, e.g. ``del loss``; Lightning's loop and
+    :class:`~weightwise.callbacks.ExpertUpcycling` keep none): the parameters keep their identity
+    and grow in place, and while an old graph lives autograd keeps each parameter's gradient
+    accumulator with the old shape, so the next backward fails with "invalid gradient ... expected
+    shape compatible with [E, ...]".
+
     Args:
         model: a transformers MoE model (Mixtral, Qwen2/Qwen3-MoE, OLMoE) or any model with ``adapters``.
         factor: m, the growth factor.

@@ -12,6 +12,10 @@
   cast back when it trains again (torch 2.13: "attempting to assign a gradient with dtype BFloat16
   to a tensor with grad_dtype Float"). :func:`refresh_fsdp2_dtypes` recomputes them after layer
   sampling changed what trains.
+* ``FlopCounterMode`` has no formula for ``aten._grouped_mm`` (torch 2.13), the product transformers 5
+  runs a Mixture-of-Experts' experts with by default (``config._experts_implementation="grouped_mm"``):
+  the experts' FLOPs would count as zero. :data:`EXTRA_FLOP_FORMULAS` gives it one, passed to
+  ``FlopCounterMode(custom_mapping=...)`` by :mod:`weightwise.compute` (nothing is registered globally).
 """
 
 from __future__ import annotations
@@ -63,3 +67,22 @@ def refresh_fsdp2_dtypes(module: torch.nn.Module) -> None:
     for group in _fsdp2_param_groups(module):
         if hasattr(group, "_orig_dtype"):  # set by the lazy init (the class only annotates it)
             group._init_mp_dtypes()
+
+
+def grouped_mm_flops(a_shape: torch.Size, b_shape: torch.Size, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    """FLOPs of ``torch._grouped_mm(a, b, offs)``: 2 x the multiply-adds of its groups, for every layout.
+
+    2-D x 3-D (``a [ΣM, K]``, ``b [G, K, N]``, groups along M) and 3-D x 3-D: ``2 · a.numel() · N``;
+    2-D x 2-D (``a [M, ΣK]``, ``b [ΣK, N]``, groups along K, the weights' gradient): the same;
+    3-D x 2-D (``a [G, M, K]``, ``b [K, ΣN]``, groups along N): ``2 · b.numel() · M``. Rows past the
+    last offset (padding) are counted as computed.
+    """
+    if len(a_shape) == 3 and len(b_shape) == 2:
+        return 2 * b_shape.numel() * a_shape[-2]
+    return 2 * a_shape.numel() * b_shape[-1]
+
+
+EXTRA_FLOP_FORMULAS: dict[Any, Any] = (
+    {torch.ops.aten._grouped_mm: grouped_mm_flops} if hasattr(torch.ops.aten, "_grouped_mm") else {}
+)
+"""Formulas ``FlopCounterMode`` lacks, keyed by aten operator (empty on a torch without the op)."""
