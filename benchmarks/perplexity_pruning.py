@@ -47,7 +47,7 @@ def windows(data: torch.Tensor) -> torch.Tensor:
     return data[: n * WINDOW].view(n, WINDOW)
 
 
-def corpus(seed: int, per_source: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+def corpus(seed: int, per_source: int, held_out_rows: int = 1500) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """(pool, reference split, source of each pool window, held-out windows by domain)."""
     news_train, news_val = news_bytes()
     code = stdlib_bytes(3_000_000)
@@ -60,7 +60,7 @@ def corpus(seed: int, per_source: int) -> tuple[torch.Tensor, torch.Tensor, torc
     order = torch.randperm(len(mixture), generator=torch.Generator().manual_seed(1000 + seed))
     mixture, kinds = mixture[order], kinds[order]
     split = len(mixture) // 5  # a fifth trains the reference, the rest is the pool
-    held_out = {"news": windows(news_val)[:1500], "python": windows(code_val)[:1500]}
+    held_out = {"news": windows(news_val)[:held_out_rows], "python": windows(code_val)[:held_out_rows]}
     return mixture[split:], mixture[:split], kinds[split:], held_out
 
 
@@ -119,12 +119,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--reference-steps", type=int, default=300)
     parser.add_argument("--per-source", type=int, default=6000, help="windows of news and of Python (junk: half that)")
+    parser.add_argument("--held-out", type=int, default=1500, help="held-out windows of news and of Python")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
     for seed in map(int, args.seeds.split(",")):
-        pool, reference_rows, kinds, held_out = corpus(seed, args.per_source)
+        pool, reference_rows, kinds, held_out = corpus(seed, args.per_source, args.held_out)
         reference = train_reference(reference_rows, args)
         print(f"seed {seed}: pool {len(pool)} windows (news/python/junk {[(kinds == k).sum().item() for k in range(3)]}),"
               f" reference trained on {len(reference_rows)}", flush=True)

@@ -10,7 +10,7 @@ pytestmark = pytest.mark.slow  # trains a reference and three small models
 
 
 def test_the_benchmark_scores_the_pool_once_and_reports_every_selection(monkeypatch, capsys):
-    argv = ["perplexity_pruning", "--seeds", "0", "--steps", "2", "--reference-steps", "2", "--per-source", "60",
+    argv = ["perplexity_pruning", "--seeds", "0", "--steps", "2", "--reference-steps", "2", "--per-source", "60", "--held-out", "64",
             "--methods", "random,low,high"]
     monkeypatch.setattr(sys, "argv", argv)
     perplexity_pruning.main()
