@@ -94,7 +94,7 @@ class DenseUpcycling(RestructuringCallback):
         self.losses: dict[str, float | None] = {}
 
     def _upcycle(self, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer | None) -> nn.Module:
-        parent, name, dense = self._locate(pl_module)
+        path, dense = self._locate(pl_module)
         moe = upcycle_dense(
             dense,
             self.num_experts,
@@ -106,17 +106,17 @@ class DenseUpcycling(RestructuringCallback):
             optimizer_state=self.optimizer_state,
             generator=torch.Generator().manual_seed(self.seed),
         )
-        setattr(parent, name, moe)
+        parent_path, _, name = path.rpartition(".")
+        setattr(pl_module.get_submodule(parent_path), name, moe)
         return moe
 
-    def _locate(self, pl_module: pl.LightningModule) -> tuple[nn.Module, str, nn.Module]:
-        """The dense model's parent module, attribute name and the model itself."""
+    def _locate(self, pl_module: pl.LightningModule) -> tuple[str, nn.Module]:
+        """The dense model's dotted path in ``pl_module`` and the model itself."""
         from transformers import PreTrainedModel  # lazily: importing weightwise costs no transformers
 
         if self.attribute is not None:
-            path, _, name = self.attribute.rpartition(".")
-            parent = pl_module.get_submodule(path)
-            return parent, name, getattr(parent, name)
+            parent_path, _, name = self.attribute.rpartition(".")
+            return self.attribute, getattr(pl_module.get_submodule(parent_path), name)
         found = []
         for path, module in pl_module.named_modules():
             inside = any(path.startswith(f"{other}.") for other, _ in found)
@@ -128,13 +128,7 @@ class DenseUpcycling(RestructuringCallback):
                 f"DenseUpcycling found {len(dense)} dense transformers models ({sorted(TARGETS)}) in {type(pl_module).__name__};"
                 " name the one to upcycle with attribute='dotted.path'"
             )
-        path, model = dense[0]
-        parent_path, _, name = path.rpartition(".")
-        return pl_module.get_submodule(parent_path), name, model
-
-    @staticmethod
-    def _path(pl_module: pl.LightningModule, model: nn.Module) -> str:
-        return next(path for path, module in pl_module.named_modules() if module is model)
+        return dense[0]
 
     @override
     def restructure(self, pl_module: pl.LightningModule) -> None:
@@ -142,11 +136,10 @@ class DenseUpcycling(RestructuringCallback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        located = None if self.done else self._locate(pl_module)  # fail now, not at at_step
+        model = None if self.done else self._locate(pl_module)  # fail now, not at at_step
         options = f"--from-dense --experts {self.num_experts} --top-k {self.top_k} --method {self.method}"
         options += f" --granularity {self.granularity}" if self.method == "granular" else ""
         options += f" --drop-ratio {self.drop_ratio}" if self.method == "drop" else ""
-        model = None if located is None else (self._path(pl_module, located[2]), located[2])
         require_mid_fit_upcycling(trainer, "DenseUpcycling", model, f"{options} --seed {self.seed}")
         if len(trainer.optimizers) > 1:
             raise MisconfigurationException("DenseUpcycling supports one optimizer")
@@ -156,7 +149,7 @@ class DenseUpcycling(RestructuringCallback):
         if self.done or trainer.global_step < self.at_step:
             return
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
-        before = self._loss(self._locate(pl_module)[2], batch)
+        before = self._loss(self._locate(pl_module)[1], batch)
         moe = self._upcycle(pl_module, optimizer)
         rewrap_ddp(trainer)  # DDP's reducer was built for the dense parameters
         self.done = True
