@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from weightwise.integrations.versions import require
+
 
 def mark_stepped(optimizer: torch.optim.Optimizer) -> None:
     """Tell LR schedulers that ``optimizer``'s parameters were stepped (by another optimizer)."""
@@ -43,6 +45,20 @@ def _fsdp2_param_groups(module: torch.nn.Module) -> Iterator[Any]:
             group = getattr(state, "_fsdp_param_group", None)
             groups = [] if group is None else [group]
         yield from groups
+
+
+FSDP2_MINIMUM = "2.4"
+FSDP2_TESTED = ">=2.4,<2.14"
+
+
+def check_fsdp2(module: torch.nn.Module) -> None:
+    """Raise, naming the versions, if this torch lacks the FSDP2 pieces :func:`refresh_fsdp2_dtypes`
+    reaches in ``module`` (probed when a fit starts, not mid-run).
+
+    Raises:
+        UnsupportedVersionError: torch older than 2.4, or a piece missing.
+    """
+    require("torch", FSDP2_MINIMUM, FSDP2_TESTED, missing_fsdp2_pieces(module), purpose="LayerwiseSampling under ModelParallelStrategy")
 
 
 def missing_fsdp2_pieces(module: torch.nn.Module) -> list[str]:

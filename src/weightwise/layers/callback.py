@@ -32,8 +32,7 @@ from weightwise.integrations.lightning import (
     require_single_device_or_ddp,
     rewrap_ddp,
 )
-from weightwise.integrations.torch import missing_fsdp2_pieces, refresh_fsdp2_dtypes
-from weightwise.integrations.versions import require
+from weightwise.integrations.torch import check_fsdp2, refresh_fsdp2_dtypes
 from weightwise.layers.freezing import HostMasters, OptimizerStateStash, StateMode, activate_layers, optimizer_state_bytes
 from weightwise.layers.influence import influence_totals
 from weightwise.layers.policies import (
@@ -556,8 +555,8 @@ class LayerwiseSampling(Callback):
         self._discover(pl_module)
         if is_fsdp(trainer):
             self._require_layer_units(trainer)
-        if is_model_parallel(trainer):  # the FSDP2 pieces refresh_fsdp2_dtypes reaches, probed now, not mid-run
-            require("torch", "2.4", ">=2.4,<2.14", missing_fsdp2_pieces(pl_module), purpose="LayerwiseSampling under ModelParallelStrategy")
+        if is_model_parallel(trainer):
+            check_fsdp2(pl_module)
         if self._masters_to_load is not None and self.masters is not None:  # resumed: the exact fp32 weights come back
             self.masters.load_state_dict(self._masters_to_load, dict(pl_module.named_parameters()))
             self._masters_to_load = None
