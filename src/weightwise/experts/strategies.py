@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-from weightwise.integrations.lightning import require_rewrappable_strategy
+from weightwise.integrations.lightning import require_single_device_or_ddp
 
 SHARDING_REASONS: tuple[tuple[type, str, str], ...] = (
     (DeepSpeedStrategy, "DeepSpeed", "ZeRO partitions the parameters into its engine and optimizer when the engine starts"),
@@ -28,9 +28,14 @@ SHARDING_REASONS: tuple[tuple[type, str, str], ...] = (
         "ModelParallelStrategy (FSDP2)",
         "fully_shard makes every parameter and its optimizer state a shard per rank",
     ),
+    (
+        FSDPStrategy,
+        "FSDP (FSDPStrategy, FSDP1)",
+        "it flattens each wrapped module's parameters into one flat parameter whose shape is fixed when it wraps them",
+    ),
 )
-"""Strategies refused here, with the command; FSDP (FSDP1) is refused by
-:func:`~weightwise.integrations.lightning.require_rewrappable_strategy`, which names the command too."""
+"""The sharding strategies refused at fit start, with the command that upcycles between fits instead.
+``DeepSpeedStrategy`` subclasses ``DDPStrategy``: these are told apart before plain DDP is accepted."""
 
 
 def require_mid_fit_upcycling(trainer: pl.Trainer, callback: str, model: tuple[str, nn.Module] | None, options: str) -> None:
@@ -50,14 +55,15 @@ def require_mid_fit_upcycling(trainer: pl.Trainer, callback: str, model: tuple[s
     command = upcycle_command(trainer, model, options)
     refused = next(((label, why) for kind, label, why in SHARDING_REASONS if isinstance(trainer.strategy, kind)), None)
     if refused is None:
-        require_rewrappable_strategy(trainer, callback, f"`{command}`")  # FSDP (FSDP1) is refused there, naming it
+        require_single_device_or_ddp(trainer, callback)
         return
     label, reason = refused
     raise MisconfigurationException(
         f"{callback} cannot run under {label}: {reason}, so the experts cannot change mid-fit. Upcycle between two fits"
         f" instead: train to the step, save a checkpoint, run `{command}` and start the next fit from"
         " AutoModelForCausalLM.from_pretrained(GROWN_DIR) with a fresh optimizer (optimizer state does not cross the fits;"
-        " the references also start the upcycled phase with a new optimizer)."
+        " the references also start the upcycled phase with a new optimizer). The next fit may run under any strategy"
+        " (e.g. strategy='deepspeed_stage_2' or ModelParallelStrategy); or use strategy='ddp' to upcycle mid-fit."
     )
 
 

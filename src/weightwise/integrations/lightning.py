@@ -245,28 +245,6 @@ def layers_sharing_an_fsdp_unit(stack: Iterable[torch.nn.Module]) -> list[int]:
     return [i for i, layer in enumerate(stack) if not isinstance(layer, FullyShardedDataParallel)]
 
 
-def require_rewrappable_strategy(trainer: pl.Trainer, callback: str, deepspeed_fix: str) -> None:
-    """Raise unless the fit runs on one device or under plain DDP; the message names the way out.
-
-    Raises:
-        MisconfigurationException: DeepSpeed (with ``deepspeed_fix``), FSDP (the between-fits route
-            and DDP) or another strategy.
-    """
-    if is_deepspeed(trainer):
-        raise MisconfigurationException(
-            f"{callback} cannot run under DeepSpeed: ZeRO partitions the trainable parameters into its optimizer"
-            f" when the engine starts, so they cannot change mid-run. {deepspeed_fix}"
-        )
-    if is_fsdp(trainer):
-        raise MisconfigurationException(
-            f"{callback} cannot run under FSDP: FSDPStrategy (FSDP1) flattens each wrapped module's parameters into one"
-            " flat parameter whose shape is fixed when it wraps them, so experts cannot be grown mid-fit. Upcycle between"
-            f" two fits instead (`weightwise upcycle` on the saved model: {deepspeed_fix}; the next fit may run under any"
-            " strategy, e.g. strategy='deepspeed_stage_2' or ModelParallelStrategy), or use strategy='ddp' to upcycle mid-fit."
-        )
-    require_single_device_or_ddp(trainer, callback)
-
-
 def require_single_device_or_ddp(trainer: pl.Trainer, callback: str) -> None:
     """Raise for strategies other than single-device and DDP (the caller has dealt with the sharded
     strategies it supports).
